@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs what sac needs and skips what is already there. Safe to run again.
+#   - Debian packages: MPICH (+ libclang for rsmpi's bindgen), Fashion-MNIST, pkg-config
+#   - .venv/ with torch==2.13.0 (libtorch for tch) and the test/benchmark Python packages
+# Set SAC_SKIP_APT=1 on a machine where you cannot use apt (a cluster): then provide MPI yourself.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
+
+apt_pkgs=(mpich libmpich-dev libclang-dev pkg-config dataset-fashion-mnist fonts-dejavu-core)
+if [[ "${SAC_SKIP_APT:-0}" != 1 ]]; then
+  missing=()
+  for p in "${apt_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    sudo_cmd=()
+    [[ $(id -u) == 0 ]] || sudo_cmd=(sudo)
+    aptlog="$(mktemp)"
+    if ! { "${sudo_cmd[@]}" apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$aptlog" 2>&1; then
+      cat "$aptlog" >&2
+      log "apt-get failed (output above)"
+      exit 1
+    fi
+    rm -f "$aptlog"
+  else
+    log "Debian packages present"
+  fi
+fi
+
+venv="$root/.venv"
+stamp="$venv/.sac-requirements"
+want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  log "Python virtualenv up to date (.venv)"
+else
+  log "creating .venv and installing requirements.txt (torch is a large download, about a minute)"
+  [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -r requirements.txt
+  echo "$want" >"$stamp"
+fi
+# A stable path to the wheel's libtorch (include/ + lib/) for .cargo/config.toml, whatever the Python version.
+torch_dir="$("$venv/bin/python" -c 'import pathlib, torch; print(pathlib.Path(torch.__file__).parent)')"
+ln -sfn "$torch_dir" "$venv/libtorch"
+log "done"

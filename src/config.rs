@@ -1,0 +1,573 @@
+//! `config.toml`: the schema, its defaults, validation, and the flag / `--set` overrides.
+//!
+//! Order of precedence: built-in defaults < the file < `--set section.key=value` < dedicated flags.
+//! Every error names the key and where it came from (the file, with line and column, or `--set`).
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The whole config file. Every section and key is optional; missing ones take the defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub paths: Paths,
+    pub dataset: DatasetCfg,
+    pub image: ImageCfg,
+    pub model: ModelCfg,
+    pub train: TrainCfg,
+    pub evaluate: EvaluateCfg,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Paths {
+    pub data_dir: PathBuf,
+    pub checkpoint_dir: PathBuf,
+    pub output_dir: PathBuf,
+    pub log_file: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Self {
+            data_dir: "data".into(),
+            checkpoint_dir: "checkpoints".into(),
+            output_dir: "output".into(),
+            log_file: "sac.log".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// FGVC/COCO `metadata.json` (Herbarium, iNaturalist).
+    Coco,
+    /// One sub-directory per class (torchvision's ImageFolder).
+    Folder,
+    /// MNIST-style IDX files.
+    Idx,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Place {
+    Copy,
+    Hardlink,
+    Symlink,
+}
+
+/// How much of the source to take: a fraction in (0, 1] or an absolute count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sample {
+    Fraction(f64),
+    Count(u64),
+}
+
+impl Sample {
+    /// The number of items to draw from `total`.
+    pub fn count_of(self, total: usize) -> usize {
+        match self {
+            Sample::Fraction(f) => ((total as f64) * f).round() as usize,
+            Sample::Count(n) => (n as usize).min(total),
+        }
+    }
+
+    fn check(self) -> std::result::Result<(), String> {
+        match self {
+            Sample::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
+                Err(format!("{f} is not a fraction in (0, 1] (use a whole number for a count)"))
+            }
+            Sample::Count(0) => Err("a count of 0 images selects nothing".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Sample {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Sample::Fraction(x) => write!(f, "{x:?}"),
+            Sample::Count(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl FromStr for Sample {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let s = s.trim();
+        let sample = if s.contains(['.', 'e', 'E']) {
+            Sample::Fraction(s.parse().map_err(|_| format!("`{s}` is not a number"))?)
+        } else {
+            Sample::Count(s.parse().map_err(|_| format!("`{s}` is not a fraction or a whole count"))?)
+        };
+        sample.check()?;
+        Ok(sample)
+    }
+}
+
+impl Serialize for Sample {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match *self {
+            Sample::Fraction(f) => s.serialize_f64(f),
+            Sample::Count(n) => s.serialize_u64(n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Sample {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Float(f64),
+        }
+        let sample = match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a fraction like 0.1 or a count like 5000"))?
+        {
+            Raw::Int(n) if n < 0 => return Err(serde::de::Error::custom(format!("{n} is negative"))),
+            Raw::Int(n) => Sample::Count(n as u64),
+            Raw::Float(f) => Sample::Fraction(f),
+        };
+        sample.check().map_err(serde::de::Error::custom)?;
+        Ok(sample)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatasetCfg {
+    pub format: Format,
+    pub source: PathBuf,
+    pub sample: Sample,
+    pub test_fraction: f64,
+    pub stratify: bool,
+    pub seed: u64,
+    pub place: Place,
+}
+
+impl Default for DatasetCfg {
+    fn default() -> Self {
+        Self {
+            format: Format::Idx,
+            source: "/usr/share/datasets/fashion-mnist".into(),
+            sample: Sample::Fraction(0.1),
+            test_fraction: 0.2,
+            stratify: false,
+            seed: 0,
+            place: Place::Copy,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImageCfg {
+    pub width: u32,
+    pub height: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for ImageCfg {
+    fn default() -> Self {
+        Self { width: 64, height: 64, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] }
+    }
+}
+
+/// The architectures, named as in the original script; each maps to one torchvision model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// torchvision resnet18
+    Resnet18,
+    /// torchvision resnet34
+    Resnet34,
+    /// torchvision alexnet
+    Alexnet,
+    /// torchvision vgg11_bn
+    Vgg,
+    /// torchvision squeezenet1_0
+    Squeezenet,
+    /// torchvision densenet121
+    Densenet,
+    /// torchvision inception_v3 (aux_logits=False); needs at least 75x75 input
+    Inception,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 7] =
+        [Arch::Resnet18, Arch::Resnet34, Arch::Alexnet, Arch::Vgg, Arch::Squeezenet, Arch::Densenet, Arch::Inception];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Resnet18 => "resnet18",
+            Arch::Resnet34 => "resnet34",
+            Arch::Alexnet => "alexnet",
+            Arch::Vgg => "vgg",
+            Arch::Squeezenet => "squeezenet",
+            Arch::Densenet => "densenet",
+            Arch::Inception => "inception",
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelCfg {
+    pub name: Arch,
+    /// Optional torchvision-named `.safetensors` to start from; empty for none.
+    pub pretrained: PathBuf,
+    pub feature_extract: bool,
+}
+
+impl Default for ModelCfg {
+    fn default() -> Self {
+        Self { name: Arch::Resnet18, pretrained: PathBuf::new(), feature_extract: false }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adam,
+    Sgd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadImage {
+    Skip,
+    Fail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainCfg {
+    pub epochs: u32,
+    pub batch_size: usize,
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub validate: bool,
+    pub device: DeviceKind,
+    pub threads: usize,
+    pub cache: bool,
+    pub on_bad_image: OnBadImage,
+}
+
+impl Default for TrainCfg {
+    fn default() -> Self {
+        Self {
+            epochs: 3,
+            batch_size: 64,
+            optimizer: OptimizerKind::Adam,
+            lr: 4e-4,
+            validate: true,
+            device: DeviceKind::Cpu,
+            threads: 0,
+            cache: true,
+            on_bad_image: OnBadImage::Skip,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvaluateCfg {
+    pub batch_size: usize,
+    /// Empty: `<checkpoint_dir>/<model.name>/model.safetensors`.
+    pub checkpoint: PathBuf,
+}
+
+impl Default for EvaluateCfg {
+    fn default() -> Self {
+        Self { batch_size: 32, checkpoint: PathBuf::new() }
+    }
+}
+
+/// Overrides from dedicated flags; `None` leaves the config's value.
+#[derive(Debug, Default, Clone)]
+pub struct FlagOverrides {
+    pub sample: Option<Sample>,
+    pub seed: Option<u64>,
+    pub source: Option<PathBuf>,
+    pub model: Option<Arch>,
+    pub epochs: Option<u32>,
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// A loaded, overridden, validated config with every path made absolute.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    /// The file it came from.
+    pub file: PathBuf,
+}
+
+impl Settings {
+    /// Reads `file`, applies `--set` overrides and flag overrides, validates, resolves paths.
+    pub fn load(file: &Path, sets: &[String], flags: &FlagOverrides) -> Result<Settings> {
+        let text = std::fs::read_to_string(file).with_context(|| {
+            format!("cannot read config file {} (pass --config PATH to use another)", file.display())
+        })?;
+        let mut config = parse_with_sets(&text, sets).with_context(|| format!("in config file {}", file.display()))?;
+        flags.apply(&mut config);
+        config.validate().with_context(|| format!("in config file {}", file.display()))?;
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let base = std::path::absolute(&base).with_context(|| format!("resolving {}", base.display()))?;
+        config.resolve_paths(&base);
+        Ok(Settings { config, file: file.to_path_buf() })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.paths.data_dir
+    }
+
+    /// `<checkpoint_dir>/<model>/`.
+    pub fn model_dir(&self) -> PathBuf {
+        self.config.paths.checkpoint_dir.join(self.config.model.name.name())
+    }
+
+    /// The checkpoint `evaluate` reads.
+    pub fn eval_checkpoint(&self) -> PathBuf {
+        if self.config.evaluate.checkpoint.as_os_str().is_empty() {
+            self.model_dir().join("model.safetensors")
+        } else {
+            self.config.evaluate.checkpoint.clone()
+        }
+    }
+
+    pub fn pretrained(&self) -> Option<&Path> {
+        let p = &self.config.model.pretrained;
+        (!p.as_os_str().is_empty()).then_some(p.as_path())
+    }
+}
+
+impl FlagOverrides {
+    fn apply(&self, c: &mut Config) {
+        if let Some(s) = self.sample {
+            c.dataset.sample = s;
+        }
+        if let Some(s) = self.seed {
+            c.dataset.seed = s;
+        }
+        if let Some(s) = &self.source {
+            // A flag path is relative to the working directory, not to the config file.
+            c.dataset.source = std::path::absolute(s).unwrap_or_else(|_| s.clone());
+        }
+        if let Some(m) = self.model {
+            c.model.name = m;
+        }
+        if let Some(e) = self.epochs {
+            c.train.epochs = e;
+        }
+        if let Some(p) = &self.checkpoint {
+            c.evaluate.checkpoint = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        }
+    }
+}
+
+/// Parses the file text, then merges each `section.key=value` of `sets` into it.
+fn parse_with_sets(text: &str, sets: &[String]) -> Result<Config> {
+    // First the file alone, so its errors carry line and column.
+    let config: Config = toml::from_str(text)?;
+    if sets.is_empty() {
+        return Ok(config);
+    }
+    let mut table = toml::Table::try_from(&config).context("re-encoding the config")?;
+    let known = toml::Table::try_from(Config::default()).context("encoding the defaults")?;
+    for set in sets {
+        let (key, value) = parse_set(set)?;
+        let (section, field) = key
+            .split_once('.')
+            .filter(|(s, f)| !s.is_empty() && !f.is_empty())
+            .with_context(|| format!("--set {set}: the key must be section.key, e.g. train.lr"))?;
+        let Some(toml::Value::Table(known_section)) = known.get(section) else {
+            let sections: Vec<_> = known.keys().map(String::as_str).collect();
+            bail!("--set {set}: unknown section `{section}`; sections are {}", sections.join(", "));
+        };
+        if !known_section.contains_key(field) {
+            let keys: Vec<_> = known_section.keys().map(String::as_str).collect();
+            bail!("--set {set}: unknown key `{field}` in [{section}]; keys are {}", keys.join(", "));
+        }
+        let Some(toml::Value::Table(sec)) = table.get_mut(section) else { unreachable!("all sections encode") };
+        sec.insert(field.to_string(), value);
+        Config::deserialize(toml::Value::Table(table.clone()))
+            .map_err(|e| anyhow::anyhow!("--set {set}: invalid value for {key}: {}", e.message().trim()))?;
+    }
+    Ok(Config::deserialize(toml::Value::Table(table))?)
+}
+
+/// `key=value` with `value` read as TOML, or as a string when it is a bare word.
+fn parse_set(set: &str) -> Result<(String, toml::Value)> {
+    let (key, raw) = set.split_once('=').with_context(|| format!("--set {set}: expected section.key=value"))?;
+    let key = key.trim().to_string();
+    let raw = raw.trim();
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    Ok((key, value))
+}
+
+impl Config {
+    /// Range checks the types cannot express. Errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        fn check(ok: bool, key: &str, what: impl fmt::Display) -> Result<()> {
+            if ok {
+                Ok(())
+            } else {
+                bail!("{key}: {what}")
+            }
+        }
+        let d = &self.dataset;
+        check(
+            d.test_fraction > 0.0 && d.test_fraction < 1.0,
+            "dataset.test_fraction",
+            format!("{} must be in (0, 1)", d.test_fraction),
+        )?;
+        let i = &self.image;
+        check(i.width >= 8 && i.width <= 4096, "image.width", format!("{} must be in 8..=4096", i.width))?;
+        check(i.height >= 8 && i.height <= 4096, "image.height", format!("{} must be in 8..=4096", i.height))?;
+        check(i.std.iter().all(|s| *s > 0.0), "image.std", "every entry must be > 0")?;
+        check(i.mean.iter().chain(&i.std).all(|v| v.is_finite()), "image.mean/std", "must be finite")?;
+        let (min_w, min_h) = crate::models::min_input_size(self.model.name);
+        check(
+            i.width >= min_w && i.height >= min_h,
+            "image.width/height",
+            format!("{}x{} is below {}'s minimum input of {min_w}x{min_h}", i.width, i.height, self.model.name),
+        )?;
+        let t = &self.train;
+        check(t.epochs >= 1, "train.epochs", "must be at least 1")?;
+        check(t.batch_size >= 1, "train.batch_size", "must be at least 1")?;
+        check(t.lr > 0.0 && t.lr.is_finite(), "train.lr", format!("{} must be > 0", t.lr))?;
+        check(t.threads <= 1024, "train.threads", format!("{} is not a plausible thread count", t.threads))?;
+        check(self.evaluate.batch_size >= 1, "evaluate.batch_size", "must be at least 1")?;
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.paths.data_dir);
+        abs(&mut self.paths.checkpoint_dir);
+        abs(&mut self.paths.output_dir);
+        abs(&mut self.paths.log_file);
+        abs(&mut self.dataset.source);
+        abs(&mut self.model.pretrained);
+        abs(&mut self.evaluate.checkpoint);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let c = parse_with_sets("", &[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.dataset.sample, Sample::Fraction(0.1));
+        assert_eq!(c.train.lr, 4e-4);
+    }
+
+    #[test]
+    fn committed_config_parses_and_validates() {
+        let text = include_str!("../config.toml");
+        let c = parse_with_sets(text, &[]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.model.name, Arch::Resnet18);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = parse_with_sets("[train]\nepochs = 2\nlearning_rate = 0.1\n", &[]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("learning_rate"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let msg = format!("{:#}", parse_with_sets("[train]\nepochs = \"many\"\n", &[]).unwrap_err());
+        assert!(msg.contains("epochs") || msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn set_overrides_any_key_and_reads_toml_values() {
+        let sets = vec!["train.lr=0.01".into(), "model.name=vgg".into(), "image.mean=[0.5,0.5,0.5]".into()];
+        let c = parse_with_sets("", &sets).unwrap();
+        assert_eq!(c.train.lr, 0.01);
+        assert_eq!(c.model.name, Arch::Vgg);
+        assert_eq!(c.image.mean, [0.5; 3]);
+    }
+
+    #[test]
+    fn set_with_unknown_key_lists_the_valid_ones() {
+        let msg = format!("{:#}", parse_with_sets("", &["train.epoch=3".into()]).unwrap_err());
+        assert!(msg.contains("unknown key `epoch`") && msg.contains("epochs"), "{msg}");
+        let msg = format!("{:#}", parse_with_sets("", &["trian.epochs=3".into()]).unwrap_err());
+        assert!(msg.contains("unknown section `trian`"), "{msg}");
+    }
+
+    #[test]
+    fn set_with_bad_value_names_the_key() {
+        let msg = format!("{:#}", parse_with_sets("", &["model.name=resnet99".into()]).unwrap_err());
+        assert!(msg.contains("model.name") && msg.contains("resnet18"), "{msg}");
+    }
+
+    #[test]
+    fn sample_is_a_fraction_or_a_count() {
+        assert_eq!("0.1".parse::<Sample>().unwrap(), Sample::Fraction(0.1));
+        assert_eq!("1.0".parse::<Sample>().unwrap(), Sample::Fraction(1.0));
+        assert_eq!("500".parse::<Sample>().unwrap(), Sample::Count(500));
+        assert!("1.5".parse::<Sample>().unwrap_err().contains("(0, 1]"));
+        assert!("0.0".parse::<Sample>().is_err());
+        assert!("-0.2".parse::<Sample>().is_err());
+        assert!("0".parse::<Sample>().is_err());
+        assert_eq!(Sample::Fraction(0.1).count_of(70_000), 7_000);
+        assert_eq!(Sample::Count(10).count_of(3), 3);
+        let msg = format!("{:#}", parse_with_sets("[dataset]\nsample = 1.5\n", &[]).unwrap_err());
+        assert!(msg.contains("sample") && msg.contains("(0, 1]"), "{msg}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key() {
+        let c = parse_with_sets("[dataset]\ntest_fraction = 1.5\n", &[]).unwrap();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("dataset.test_fraction"));
+        let c = parse_with_sets("[model]\nname = \"inception\"\n[image]\nwidth = 64\nheight = 64\n", &[]).unwrap();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("inception's minimum input of 75x75"));
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_dir() {
+        let mut c = Config::default();
+        c.resolve_paths(Path::new("/proj"));
+        assert_eq!(c.paths.data_dir, Path::new("/proj/data"));
+        assert_eq!(c.dataset.source, Path::new("/usr/share/datasets/fashion-mnist"));
+        assert!(c.model.pretrained.as_os_str().is_empty());
+    }
+}

@@ -1,0 +1,125 @@
+//! Seeded sampling and train/test splitting. ChaCha8 with a fixed algorithm (a partial
+//! Fisher–Yates shuffle written here), so a seed gives the same split on every platform and
+//! with every version of the `rand` crate.
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::Source;
+use crate::config::Sample;
+
+/// Indices into `Source::items`, each list in source order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    pub train: Vec<usize>,
+    pub test: Vec<usize>,
+}
+
+/// The first `k` entries of `v` become a uniform random `k`-subset, in random order.
+fn partial_shuffle(v: &mut [usize], k: usize, rng: &mut ChaCha8Rng) {
+    for i in 0..k.min(v.len()) {
+        let j = rng.random_range(i..v.len());
+        v.swap(i, j);
+    }
+}
+
+pub fn choose(source: &Source, sample: Sample, test_fraction: f64, stratify: bool, seed: u64) -> Result<Split> {
+    let total = source.items.len();
+    let k = sample.count_of(total);
+    if k == 0 {
+        bail!("the sample is empty: {sample} of {total} images selects none (dataset.sample / --sample)");
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut all: Vec<usize> = (0..total).collect();
+    partial_shuffle(&mut all, k, &mut rng);
+    let mut chosen = all;
+    chosen.truncate(k);
+
+    let (mut train, mut test) = if stratify {
+        chosen.sort_unstable();
+        let mut by_class: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+        for i in chosen {
+            by_class.entry(source.items[i].category_id).or_default().push(i);
+        }
+        let (mut train, mut test) = (Vec::new(), Vec::new());
+        for (_, mut members) in by_class {
+            let n_test = ((members.len() as f64) * test_fraction).round() as usize;
+            partial_shuffle(&mut members, n_test, &mut rng);
+            test.extend_from_slice(&members[..n_test]);
+            train.extend_from_slice(&members[n_test..]);
+        }
+        (train, test)
+    } else {
+        let n_test = ((k as f64) * test_fraction).round() as usize;
+        let test = chosen[..n_test].to_vec();
+        (chosen[n_test..].to_vec(), test)
+    };
+    if test.is_empty() || train.is_empty() {
+        bail!(
+            "a sample of {k} images with test_fraction {test_fraction} leaves the {} split empty: sample more images",
+            if test.is_empty() { "test" } else { "train" }
+        );
+    }
+    train.sort_unstable();
+    test.sort_unstable();
+    Ok(Split { train, test })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::{ImageData, Item};
+
+    fn source(n: usize, classes: i64) -> Source {
+        Source {
+            items: (0..n)
+                .map(|i| Item {
+                    data: ImageData::Idx { set: 0, index: i },
+                    rel: format!("{i}.png").into(),
+                    category_id: i as i64 % classes,
+                    image_id: i as i64,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn fraction_sample_splits_eighty_twenty() {
+        let s = choose(&source(70_000, 10), Sample::Fraction(0.1), 0.2, false, 0).unwrap();
+        assert_eq!((s.train.len(), s.test.len()), (5_600, 1_400));
+        let mut all: Vec<_> = s.train.iter().chain(&s.test).collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 7_000, "train and test are disjoint");
+    }
+
+    #[test]
+    fn same_seed_same_split_other_seed_other_split() {
+        let src = source(1_000, 3);
+        let a = choose(&src, Sample::Count(100), 0.2, false, 7).unwrap();
+        assert_eq!(a, choose(&src, Sample::Count(100), 0.2, false, 7).unwrap());
+        assert_ne!(a, choose(&src, Sample::Count(100), 0.2, false, 8).unwrap());
+    }
+
+    #[test]
+    fn stratified_split_keeps_each_class_share() {
+        let src = source(1_000, 4);
+        let s = choose(&src, Sample::Fraction(1.0), 0.2, true, 1).unwrap();
+        for c in 0..4 {
+            let n = s.test.iter().filter(|&&i| src.items[i].category_id == c).count();
+            assert_eq!(n, 50, "class {c}");
+        }
+    }
+
+    #[test]
+    fn too_small_sample_is_an_error() {
+        let src = source(10, 2);
+        let e = choose(&src, Sample::Count(2), 0.2, false, 0).unwrap_err();
+        assert!(e.to_string().contains("leaves the test split empty"), "{e}");
+        let e = choose(&src, Sample::Fraction(0.01), 0.2, false, 0).unwrap_err();
+        assert!(e.to_string().contains("the sample is empty"), "{e}");
+    }
+}

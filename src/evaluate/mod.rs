@@ -1,0 +1,159 @@
+//! `sac evaluate`: a checkpoint on test.csv through the pipeline, then metrics and reports.
+//!
+//! With N ≥ 4 ranks: rank 0 reads files, rank 1 decodes and resizes, rank 2 normalizes, ranks
+//! 3..N-1 predict (a free predictor gets the next batch). With fewer ranks, the same stages run
+//! as threads of rank 0. Either way rank 0 collects the predictions and writes the outputs.
+pub mod metrics;
+pub mod pipeline;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::nn::{self, ModuleT};
+use tch::Device;
+use tracing::info;
+
+use crate::checkpoint;
+use crate::config::{Arch, Settings};
+use crate::data::{self, Geometry};
+use crate::dist::Dist;
+use pipeline::{Ctx, RankReport, Stage};
+
+/// Checks a checkpoint's architecture and class count from its metadata, without building a model.
+pub fn check_checkpoint(path: &Path, arch: Arch, classes: usize) -> Result<()> {
+    if !path.is_file() {
+        bail!("checkpoint {} not found: train first (`sac train`) or pass --checkpoint PATH", path.display());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not a safetensors checkpoint", path.display()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    if let Some(a) = meta.get("arch") {
+        if a != arch.name() {
+            bail!("checkpoint {} is a {a} model, the config asks for {arch} (model.name / --model)", path.display());
+        }
+    }
+    if let Some(k) = meta.get("num_classes") {
+        if k != &classes.to_string() {
+            bail!(
+                "checkpoint {} has {k} classes, classes.csv has {classes}: it was trained on another data set",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The model with the checkpoint's weights, for inference.
+pub struct Predictor {
+    net: Box<dyn ModuleT>,
+    _vs: nn::VarStore,
+    pub device: Device,
+    pub classes: usize,
+}
+
+impl Predictor {
+    pub fn load(path: &Path, arch: Arch, classes: usize, device: Device) -> Result<Predictor> {
+        let vs = nn::VarStore::new(device);
+        let net = crate::models::build(&vs.root(), arch, classes as i64);
+        let vars: BTreeMap<String, tch::Tensor> = vs.variables().into_iter().collect();
+        let (tensors, _) = checkpoint::read_safetensors(path)?;
+        checkpoint::load_into(&vars, &tensors, &|_| false, &path.display().to_string())?;
+        Ok(Predictor { net, _vs: vs, device, classes })
+    }
+
+    pub fn predict(&self, g: &Geometry, b: pipeline::TensorBatch) -> pipeline::ResultBatch {
+        pipeline::predict(self.net.as_ref(), self.classes, self.device, g, b)
+    }
+}
+
+/// The subcommand.
+pub fn run(dist: &Dist, s: &Settings) -> Result<()> {
+    let cfg = &s.config;
+    let t_start = Instant::now();
+    let threads = crate::train::set_threads(cfg.train.threads, dist);
+    let device = crate::train::pick_device(cfg.train.device, dist)?;
+    let arch = cfg.model.name;
+    let ckpt = s.eval_checkpoint();
+    let test_file = s.data_dir().join("test.csv");
+
+    // Rank 0 reads the CSVs and checks the checkpoint before any rank starts working.
+    let (mut classes, mut rows, mut header) = (Vec::new(), Vec::new(), Vec::new());
+    if dist.is_root() {
+        classes = data::read_classes(&s.data_dir().join("classes.csv"))?;
+        rows = data::read_rows(&test_file)?;
+        if rows.is_empty() {
+            bail!("{} has no rows", test_file.display());
+        }
+        data::check_labels(&rows, classes.len(), &test_file)?;
+        check_checkpoint(&ckpt, arch, classes.len())?;
+        header = classes.len().to_string().into_bytes();
+    }
+    dist.broadcast_bytes(0, &mut header);
+    let k: usize = String::from_utf8_lossy(&header).parse().context("class count from rank 0")?;
+
+    let pipelined = dist.size() >= 4;
+    let needs_model = if pipelined { dist.rank() >= 3 } else { dist.is_root() };
+    let model = if needs_model { Some(Predictor::load(&ckpt, arch, k, device)?) } else { None };
+    let geometry = Geometry::from_config(&cfg.image);
+    let ctx = Ctx { root: s.data_dir(), geometry, on_bad: cfg.train.on_bad_image };
+    let mut predict = |b: pipeline::TensorBatch| match &model {
+        Some(m) => m.predict(&geometry, b),
+        None => unreachable!("only predicting ranks get batches"),
+    };
+    if dist.is_root() {
+        if pipelined {
+            info!(
+                "evaluating {} on {} images: pipeline over {} ranks (read, decode, normalize, {} predictor(s)), batch {}",
+                ckpt.display(),
+                rows.len(),
+                dist.size(),
+                dist.size() - 3,
+                cfg.evaluate.batch_size
+            );
+        } else {
+            info!(
+                "evaluating {} on {} images: {} rank(s) < 4, so all stages run as threads of one process, batch {}, {threads} torch thread(s)",
+                ckpt.display(),
+                rows.len(),
+                dist.size(),
+                cfg.evaluate.batch_size
+            );
+        }
+    }
+
+    dist.barrier();
+    let t0 = Instant::now();
+    let cpu0 = pipeline::cpu_seconds();
+    let (outcome, stats) = if pipelined {
+        pipeline::mpi_pipeline(dist, &ctx, &rows, cfg.evaluate.batch_size, &mut predict)?
+    } else if dist.is_root() {
+        (Some(pipeline::local_pipeline(&ctx, &rows, cfg.evaluate.batch_size, &mut predict)?), Default::default())
+    } else {
+        (None, Default::default())
+    };
+    let wall = t0.elapsed().as_secs_f64();
+    let mine = RankReport {
+        stage: pipelined.then(|| Stage::of_rank(dist.rank())),
+        stats,
+        cpu_seconds: pipeline::cpu_seconds() - cpu0,
+    };
+    let reports = dist.gather_bytes(0, serde_json::to_vec(&mine)?);
+    if let (Some(outcome), Some(reports)) = (outcome, reports) {
+        let reports: Vec<RankReport> =
+            reports.iter().map(|b| serde_json::from_slice(b)).collect::<std::result::Result<_, _>>()?;
+        let run = report::Run {
+            ranks: dist.size(),
+            pipelined,
+            wall_seconds: wall,
+            total_seconds: t_start.elapsed().as_secs_f64(),
+            checkpoint: ckpt.clone(),
+            batch_size: cfg.evaluate.batch_size,
+        };
+        report::write(s, &classes, &rows, outcome, &reports, &run)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,534 @@
+//! The stages of evaluation and the messages between them.
+//!
+//! read (file bytes) → decode (+ resize) → normalize (float CHW) → predict (top-k, loss).
+//! Each stage is a plain function on a batch, so the same code runs as MPI ranks (`mpi_pipeline`)
+//! or as threads of one process (`local_pipeline`). Both keep a bounded number of batches in
+//! flight (credits), so memory stays bounded whatever the size of the test set.
+use std::path::Path;
+use std::sync::mpsc::sync_channel;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tch::nn::ModuleT;
+use tch::{Device, Kind};
+
+use super::metrics::Prediction;
+use crate::config::OnBadImage;
+use crate::data::{self, Geometry, Row};
+use crate::dist::Dist;
+
+/// Batches a link may hold ahead of its consumer.
+pub const IN_FLIGHT: usize = 2;
+
+/// An image that could not be read or decoded: its row and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Failure {
+    pub row: usize,
+    pub error: String,
+}
+
+/// What travels with every batch: its rows (indices into test.csv) and labels (-1: none).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Meta {
+    pub seq: u64,
+    pub rows: Vec<usize>,
+    pub labels: Vec<i64>,
+    pub failed: Vec<Failure>,
+}
+
+impl Meta {
+    /// Drops entry `i` (it failed) and records why.
+    fn fail(&mut self, i: usize, error: String) {
+        self.failed.push(Failure { row: self.rows[i], error });
+    }
+
+    fn keep(&mut self, ok: &[bool]) {
+        let mut it = ok.iter();
+        self.rows.retain(|_| *it.next().expect("one flag per row"));
+        let mut it = ok.iter();
+        self.labels.retain(|_| *it.next().expect("one flag per row"));
+    }
+}
+
+pub struct RawBatch {
+    pub meta: Meta,
+    pub files: Vec<Vec<u8>>,
+}
+
+pub struct DecodedBatch {
+    pub meta: Meta,
+    /// `rows.len()` RGB HWC images, concatenated.
+    pub pixels: Vec<u8>,
+}
+
+pub struct TensorBatch {
+    pub meta: Meta,
+    pub values: Vec<f32>,
+}
+
+pub struct ResultBatch {
+    pub meta: Meta,
+    pub preds: Vec<Prediction>,
+}
+
+/// Busy time and images of one stage.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct StageStats {
+    pub busy: f64,
+    pub images: u64,
+}
+
+/// Per-rank report after the pipeline: its stage's stats and its CPU time.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RankReport {
+    pub stage: Option<Stage>,
+    pub stats: StageStats,
+    pub cpu_seconds: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Read,
+    Decode,
+    Normalize,
+    Predict,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::Read, Stage::Decode, Stage::Normalize, Stage::Predict];
+
+    pub fn of_rank(rank: usize) -> Stage {
+        match rank {
+            0 => Stage::Read,
+            1 => Stage::Decode,
+            2 => Stage::Normalize,
+            _ => Stage::Predict,
+        }
+    }
+}
+
+/// What every stage needs to know.
+pub struct Ctx<'a> {
+    pub root: &'a Path,
+    pub geometry: Geometry,
+    pub on_bad: OnBadImage,
+}
+
+impl Ctx<'_> {
+    fn bad(&self, what: &str, row: usize, rel: &str, e: &anyhow::Error) -> Result<String> {
+        let msg = format!("{}: {e:#}", self.root.join(rel).display());
+        if self.on_bad == OnBadImage::Fail {
+            bail!("cannot {what} test.csv row {} ({msg}) and train.on_bad_image = \"fail\"", row + 2);
+        }
+        tracing::warn!("skipping {msg}");
+        Ok(msg)
+    }
+}
+
+/// Stage 1: the files' bytes.
+pub fn read(ctx: &Ctx, rows: &[Row], seq: u64, idx: &[usize]) -> Result<RawBatch> {
+    let mut meta =
+        Meta { seq, rows: idx.to_vec(), labels: idx.iter().map(|&i| rows[i].label).collect(), failed: vec![] };
+    let mut files = Vec::with_capacity(idx.len());
+    let mut ok = vec![true; idx.len()];
+    for (k, &i) in idx.iter().enumerate() {
+        let path = ctx.root.join(&rows[i].path);
+        match std::fs::read(&path) {
+            Ok(b) => files.push(b),
+            Err(e) => {
+                let msg = ctx.bad("read", i, &rows[i].path, &anyhow::Error::new(e))?;
+                meta.fail(k, msg);
+                ok[k] = false;
+            }
+        }
+    }
+    meta.keep(&ok);
+    Ok(RawBatch { meta, files })
+}
+
+/// Stage 2: decode and resize.
+pub fn decode(ctx: &Ctx, rows: Option<&[Row]>, mut b: RawBatch) -> Result<DecodedBatch> {
+    let mut pixels = Vec::with_capacity(b.files.len() * ctx.geometry.image_bytes());
+    let mut ok = vec![true; b.files.len()];
+    for (k, bytes) in b.files.iter().enumerate() {
+        match data::decode_resize(bytes, &ctx.geometry) {
+            Ok(img) => pixels.extend_from_slice(&img),
+            Err(e) => {
+                let row = b.meta.rows[k];
+                let rel = rows.map_or_else(|| format!("row {}", row + 2), |r| r[row].path.clone());
+                let msg = ctx.bad("decode", row, &rel, &e)?;
+                b.meta.fail(k, msg);
+                ok[k] = false;
+            }
+        }
+    }
+    b.meta.keep(&ok);
+    Ok(DecodedBatch { meta: b.meta, pixels })
+}
+
+/// Stage 3: normalized float CHW values.
+pub fn normalize(ctx: &Ctx, b: DecodedBatch) -> TensorBatch {
+    let images: Vec<&[u8]> = b.pixels.chunks_exact(ctx.geometry.image_bytes()).collect();
+    let mut values = Vec::new();
+    data::normalize_into(&images, &ctx.geometry, &mut values);
+    TensorBatch { meta: b.meta, values }
+}
+
+/// Stage 4: forward pass; top-k labels and the loss of labeled images.
+pub fn predict(net: &dyn ModuleT, classes: usize, device: Device, g: &Geometry, b: TensorBatch) -> ResultBatch {
+    let n = b.meta.rows.len();
+    if n == 0 {
+        return ResultBatch { meta: b.meta, preds: vec![] };
+    }
+    let preds = tch::no_grad(|| {
+        let x = data::batch_tensor(&b.values, n, g).to_device(device);
+        let logp = net.forward_t(&x, false).log_softmax(1, Kind::Float).to_device(Device::Cpu);
+        let k = classes.min(5) as i64;
+        let (_, top) = logp.topk(k, 1, true, true);
+        let top = Vec::<i64>::try_from(top.reshape([-1])).expect("int64 indices");
+        let logp_flat = Vec::<f32>::try_from(logp.reshape([-1])).expect("float");
+        (0..n)
+            .map(|i| {
+                let label = usize::try_from(b.meta.labels[i]).ok();
+                Prediction {
+                    row: b.meta.rows[i],
+                    label,
+                    top: top[i * k as usize..(i + 1) * k as usize].iter().map(|&c| c as usize).collect(),
+                    loss: label.map(|y| -logp_flat[i * classes + y]),
+                }
+            })
+            .collect()
+    });
+    ResultBatch { meta: b.meta, preds }
+}
+
+/// Everything the pipeline produced, on the coordinating rank.
+#[derive(Default)]
+pub struct Outcome {
+    pub preds: Vec<Prediction>,
+    pub failed: Vec<Failure>,
+    pub stats: Vec<(Stage, StageStats)>,
+}
+
+fn timed<T>(stats: &mut StageStats, images: usize, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let out = f();
+    stats.busy += t.elapsed().as_secs_f64();
+    stats.images += images as u64;
+    out
+}
+
+/// All four stages as threads of this process, joined by bounded channels.
+pub fn local_pipeline(
+    ctx: &Ctx,
+    rows: &[Row],
+    batch: usize,
+    predictor: &mut dyn FnMut(TensorBatch) -> ResultBatch,
+) -> Result<Outcome> {
+    let batches: Vec<Vec<usize>> = (0..rows.len()).collect::<Vec<_>>().chunks(batch).map(<[usize]>::to_vec).collect();
+    let (tx_raw, rx_raw) = sync_channel::<RawBatch>(IN_FLIGHT);
+    let (tx_dec, rx_dec) = sync_channel::<DecodedBatch>(IN_FLIGHT);
+    let (tx_norm, rx_norm) = sync_channel::<TensorBatch>(IN_FLIGHT);
+    let mut out = Outcome::default();
+    let mut predict_stats = StageStats::default();
+    let (read_stats, decode_stats, normalize_stats) = std::thread::scope(|s| -> Result<_> {
+        let reader = s.spawn(move || -> Result<StageStats> {
+            let mut st = StageStats::default();
+            for (seq, idx) in batches.iter().enumerate() {
+                let b = timed(&mut st, idx.len(), || read(ctx, rows, seq as u64, idx))?;
+                if tx_raw.send(b).is_err() {
+                    break; // a later stage stopped: its error is reported
+                }
+            }
+            Ok(st)
+        });
+        let decoder = s.spawn(move || -> Result<StageStats> {
+            let mut st = StageStats::default();
+            for b in rx_raw {
+                let n = b.files.len();
+                let d = timed(&mut st, n, || decode(ctx, Some(rows), b))?;
+                if tx_dec.send(d).is_err() {
+                    break;
+                }
+            }
+            Ok(st)
+        });
+        let normalizer = s.spawn(move || -> Result<StageStats> {
+            let mut st = StageStats::default();
+            for b in rx_dec {
+                let n = b.meta.rows.len();
+                let t = timed(&mut st, n, || normalize(ctx, b));
+                if tx_norm.send(t).is_err() {
+                    break;
+                }
+            }
+            Ok(st)
+        });
+        for b in rx_norm {
+            let n = b.meta.rows.len();
+            let r = timed(&mut predict_stats, n, || predictor(b));
+            out.failed.extend(r.meta.failed);
+            out.preds.extend(r.preds);
+        }
+        let join = |h: std::thread::ScopedJoinHandle<'_, Result<StageStats>>| -> Result<StageStats> {
+            h.join().map_err(|_| anyhow::anyhow!("a pipeline thread panicked"))?
+        };
+        Ok((join(reader)?, join(decoder)?, join(normalizer)?))
+    })?;
+    out.stats = vec![
+        (Stage::Read, read_stats),
+        (Stage::Decode, decode_stats),
+        (Stage::Normalize, normalize_stats),
+        (Stage::Predict, predict_stats),
+    ];
+    Ok(out)
+}
+
+// ---- the MPI pipeline ----------------------------------------------------------------------
+
+const TAG_FORWARD: i32 = 10;
+const TAG_CREDIT: i32 = 11;
+const TAG_RESULT: i32 = 12;
+const KIND_DATA: u8 = 1;
+const KIND_END: u8 = 2;
+
+/// `[kind][header length u32][header JSON][payload]`.
+fn encode<H: Serialize>(kind: u8, header: &H, payload: &[u8]) -> Vec<u8> {
+    let h = serde_json::to_vec(header).expect("serializable header");
+    let mut out = Vec::with_capacity(5 + h.len() + payload.len());
+    out.push(kind);
+    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(payload);
+    out
+}
+
+fn decode_msg<H: DeserializeOwned>(bytes: &[u8]) -> Result<(u8, H, &[u8])> {
+    let kind = *bytes.first().context("empty message")?;
+    let len = u32::from_le_bytes(bytes.get(1..5).context("short message")?.try_into().expect("4 bytes")) as usize;
+    let header =
+        serde_json::from_slice(bytes.get(5..5 + len).context("short message")?).context("bad message header")?;
+    Ok((kind, header, &bytes[5 + len..]))
+}
+
+fn end_msg() -> Vec<u8> {
+    encode(KIND_END, &Meta::default(), &[])
+}
+
+#[derive(Serialize, Deserialize)]
+struct RawHeader {
+    meta: Meta,
+    lens: Vec<usize>,
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bytes_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+}
+
+#[derive(Serialize, Deserialize)]
+struct ResultMsg {
+    meta: Meta,
+    preds: Vec<(usize, Option<usize>, Vec<usize>, Option<f32>)>,
+}
+
+/// Receives one credit (or predictor request) from `src`: returns the sender.
+fn take_credit(dist: &Dist, src: Option<usize>) -> usize {
+    dist.recv_bytes(src, TAG_CREDIT).0
+}
+
+fn give_credit(dist: &Dist, dest: usize) {
+    dist.send_bytes(dest, TAG_CREDIT, &[]);
+}
+
+/// This rank's part of the MPI pipeline (N ≥ 4). Rank 0 returns the outcome, others None.
+pub fn mpi_pipeline(
+    dist: &Dist,
+    ctx: &Ctx,
+    rows: &[Row],
+    batch: usize,
+    predictor: &mut dyn FnMut(TensorBatch) -> ResultBatch,
+) -> Result<(Option<Outcome>, StageStats)> {
+    let n = dist.size();
+    let mut st = StageStats::default();
+    match Stage::of_rank(dist.rank()) {
+        Stage::Read => {
+            let batches: Vec<Vec<usize>> =
+                (0..rows.len()).collect::<Vec<_>>().chunks(batch).map(<[usize]>::to_vec).collect();
+            let mut out = Outcome::default();
+            let predictors = n - 3;
+            let mut ended = 0;
+            let mut credits_left = IN_FLIGHT + batches.len(); // the decoder sends this many in all
+            let collect = |out: &mut Outcome, ended: &mut usize| -> Result<bool> {
+                // Drain whatever results have arrived; true if something was received.
+                let mut got = false;
+                while let Some((_, _, bytes)) = dist.try_recv_bytes(None, TAG_RESULT) {
+                    got = true;
+                    let (kind, msg, _): (u8, ResultMsg, _) = decode_msg(&bytes)?;
+                    if kind == KIND_END {
+                        *ended += 1;
+                        continue;
+                    }
+                    out.failed.extend(msg.meta.failed);
+                    out.preds.extend(msg.preds.into_iter().map(|(row, label, top, loss)| Prediction {
+                        row,
+                        label,
+                        top,
+                        loss,
+                    }));
+                }
+                Ok(got)
+            };
+            for (seq, idx) in batches.iter().enumerate() {
+                // Wait for room at the decoder, collecting results meanwhile.
+                loop {
+                    if dist.try_recv_bytes(Some(1), TAG_CREDIT).is_some() {
+                        credits_left -= 1;
+                        break;
+                    }
+                    if !collect(&mut out, &mut ended)? {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+                let b = timed(&mut st, idx.len(), || read(ctx, rows, seq as u64, idx))?;
+                let lens = b.files.iter().map(Vec::len).collect();
+                let payload: Vec<u8> = b.files.concat();
+                let msg = encode(KIND_DATA, &RawHeader { meta: b.meta, lens }, &payload);
+                dist.send_bytes(1, TAG_FORWARD, &msg);
+            }
+            dist.send_bytes(1, TAG_FORWARD, &end_msg());
+            while ended < predictors {
+                if !collect(&mut out, &mut ended)? {
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+            }
+            // The decoder's last credits: take them so no message is left unmatched.
+            for _ in 0..credits_left {
+                take_credit(dist, Some(1));
+            }
+            Ok((Some(out), st))
+        }
+        Stage::Decode => {
+            for _ in 0..IN_FLIGHT {
+                give_credit(dist, 0);
+            }
+            loop {
+                let (_, _, bytes) = dist.recv_bytes(Some(0), TAG_FORWARD);
+                let (kind, h, payload): (u8, RawHeader, _) = decode_msg(&bytes)?;
+                if kind == KIND_END {
+                    dist.send_bytes(2, TAG_FORWARD, &end_msg());
+                    break;
+                }
+                let mut files = Vec::with_capacity(h.lens.len());
+                let mut off = 0;
+                for len in h.lens {
+                    files.push(payload[off..off + len].to_vec());
+                    off += len;
+                }
+                let images = files.len();
+                let d = timed(&mut st, images, || decode(ctx, None, RawBatch { meta: h.meta, files }))?;
+                take_credit(dist, Some(2));
+                dist.send_bytes(2, TAG_FORWARD, &encode(KIND_DATA, &d.meta, &d.pixels));
+                give_credit(dist, 0);
+            }
+            // The normalizer gives IN_FLIGHT credits up front and one per batch; `batches` were used.
+            for _ in 0..IN_FLIGHT {
+                take_credit(dist, Some(2));
+            }
+            Ok((None, st))
+        }
+        Stage::Normalize => {
+            for _ in 0..IN_FLIGHT {
+                give_credit(dist, 1);
+            }
+            let predictors: Vec<usize> = (3..n).collect();
+            let mut sent = vec![0usize; n];
+            let mut requests = vec![0usize; n];
+            loop {
+                let (_, _, bytes) = dist.recv_bytes(Some(1), TAG_FORWARD);
+                let (kind, meta, payload): (u8, Meta, _) = decode_msg(&bytes)?;
+                if kind == KIND_END {
+                    for &p in &predictors {
+                        dist.send_bytes(p, TAG_FORWARD, &end_msg());
+                    }
+                    break;
+                }
+                let images = meta.rows.len();
+                let t = timed(&mut st, images, || normalize(ctx, DecodedBatch { meta, pixels: payload.to_vec() }));
+                // Work on demand: the first predictor that asks gets the batch.
+                let p = take_credit(dist, None);
+                requests[p] += 1;
+                sent[p] += 1;
+                dist.send_bytes(p, TAG_FORWARD, &encode(KIND_DATA, &t.meta, &f32_bytes(&t.values)));
+                give_credit(dist, 1);
+            }
+            // Each predictor asks IN_FLIGHT times up front and once per batch it finishes.
+            for &p in &predictors {
+                while requests[p] < IN_FLIGHT + sent[p] {
+                    take_credit(dist, Some(p));
+                    requests[p] += 1;
+                }
+            }
+            Ok((None, st))
+        }
+        Stage::Predict => {
+            for _ in 0..IN_FLIGHT {
+                give_credit(dist, 2);
+            }
+            loop {
+                let (_, _, bytes) = dist.recv_bytes(Some(2), TAG_FORWARD);
+                let (kind, meta, payload): (u8, Meta, _) = decode_msg(&bytes)?;
+                if kind == KIND_END {
+                    dist.send_bytes(0, TAG_RESULT, &end_msg());
+                    break;
+                }
+                let images = meta.rows.len();
+                let r = timed(&mut st, images, || predictor(TensorBatch { meta, values: bytes_f32(payload) }));
+                let msg = ResultMsg {
+                    preds: r.preds.into_iter().map(|p| (p.row, p.label, p.top, p.loss)).collect(),
+                    meta: r.meta,
+                };
+                dist.send_bytes(0, TAG_RESULT, &encode(KIND_DATA, &msg, &[]));
+                give_credit(dist, 2);
+            }
+            Ok((None, st))
+        }
+    }
+}
+
+/// User + system CPU seconds of this process (all its threads).
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let meta = Meta { seq: 3, rows: vec![4, 5], labels: vec![1, -1], failed: vec![] };
+        let bytes = encode(KIND_DATA, &meta, &f32_bytes(&[1.5, -2.0]));
+        let (kind, m, payload): (u8, Meta, _) = decode_msg(&bytes).unwrap();
+        assert_eq!((kind, m.rows, bytes_f32(payload)), (KIND_DATA, vec![4, 5], vec![1.5, -2.0]));
+    }
+
+    #[test]
+    fn failed_rows_leave_the_batch_and_are_recorded() {
+        let mut m = Meta { seq: 0, rows: vec![7, 8, 9], labels: vec![0, 1, 2], failed: vec![] };
+        m.fail(1, "corrupt".into());
+        m.keep(&[true, false, true]);
+        assert_eq!(m.rows, [7, 9]);
+        assert_eq!(m.labels, [0, 2]);
+        assert_eq!(m.failed, [Failure { row: 8, error: "corrupt".into() }]);
+    }
+}

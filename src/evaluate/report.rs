@@ -1,0 +1,172 @@
+//! The outputs of `sac evaluate`: predictions.csv (FGVC/Kaggle submission format), metrics.json,
+//! per_class.csv, confusion.png, and a summary on stdout. Each file is written atomically.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use polars::df;
+use polars::prelude::{CsvWriter, DataFrame, SerWriter};
+use serde::Serialize;
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::metrics;
+use super::pipeline::{Outcome, RankReport, Stage, StageStats};
+use crate::checkpoint::write_atomic;
+use crate::config::Settings;
+use crate::data::{Class, Row};
+
+/// How the evaluation ran.
+pub struct Run {
+    pub ranks: usize,
+    pub pipelined: bool,
+    pub wall_seconds: f64,
+    pub total_seconds: f64,
+    pub checkpoint: PathBuf,
+    pub batch_size: usize,
+}
+
+#[derive(Serialize)]
+struct StageReport {
+    ranks: usize,
+    busy_seconds: f64,
+    /// Busy time over the wall time of the ranks (or threads) running the stage.
+    busy_share: f64,
+    images: u64,
+    /// Images per busy second: what the stage could sustain alone.
+    images_per_busy_second: f64,
+}
+
+fn csv_bytes(df: &mut DataFrame) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    CsvWriter::new(&mut out).include_header(true).finish(df)?;
+    Ok(out)
+}
+
+pub fn write(
+    s: &Settings,
+    classes: &[Class],
+    rows: &[Row],
+    mut outcome: Outcome,
+    reports: &[RankReport],
+    run: &Run,
+) -> Result<()> {
+    let dir = &s.config.paths.output_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    outcome.preds.sort_by_key(|p| p.row);
+    outcome.failed.sort_by_key(|f| f.row);
+    let images = outcome.preds.len();
+
+    // Stage figures: from the ranks in the pipeline, from the threads otherwise.
+    let mut stages: Vec<(Stage, usize, StageStats)> = Vec::new();
+    for stage in Stage::ALL {
+        let (n, st) = if run.pipelined {
+            let mine: Vec<&RankReport> = reports.iter().filter(|r| r.stage == Some(stage)).collect();
+            let busy = mine.iter().map(|r| r.stats.busy).sum();
+            let imgs = mine.iter().map(|r| r.stats.images).sum();
+            (mine.len(), StageStats { busy, images: imgs })
+        } else {
+            (1, outcome.stats.iter().find(|(s, _)| *s == stage).map(|(_, st)| *st).unwrap_or_default())
+        };
+        stages.push((stage, n, st));
+    }
+    let stage_json: serde_json::Map<String, serde_json::Value> = stages
+        .iter()
+        .map(|(stage, n, st)| {
+            let r = StageReport {
+                ranks: *n,
+                busy_seconds: st.busy,
+                busy_share: st.busy / (run.wall_seconds * *n as f64).max(1e-9),
+                images: st.images,
+                images_per_busy_second: st.images as f64 / st.busy.max(1e-9),
+            };
+            (format!("{stage:?}").to_lowercase(), serde_json::to_value(r).expect("serializable"))
+        })
+        .collect();
+    let cpu_seconds: f64 = reports.iter().map(|r| r.cpu_seconds).sum();
+
+    let m = metrics::compute(&outcome.preds, classes.len());
+    let ips = images as f64 / run.wall_seconds.max(1e-9);
+    let metrics_json = json!({
+        "images": images,
+        "skipped_images": outcome.failed.len(),
+        "labeled": m.is_some(),
+        "top1": m.as_ref().map(|m| m.top1),
+        "top5": m.as_ref().map(|m| m.top5),
+        "macro_f1": m.as_ref().map(|m| m.macro_f1),
+        "loss": m.as_ref().map(|m| m.loss),
+        "wall_seconds": run.wall_seconds,
+        "total_seconds": run.total_seconds,
+        "images_per_second": ips,
+        "cpu_seconds": cpu_seconds,
+        "cpu_seconds_per_image": cpu_seconds / (images.max(1) as f64),
+        "ranks": run.ranks,
+        "mode": if run.pipelined { "pipeline" } else { "single-process" },
+        "batch_size": run.batch_size,
+        "checkpoint": run.checkpoint,
+        "stages": stage_json,
+        "skipped": outcome.failed.iter().map(|f| json!({"path": rows[f.row].path, "error": f.error})).collect::<Vec<_>>(),
+    });
+
+    // predictions.csv: Id = image id, Predicted = category id of the top-1 class.
+    let mut preds = df!(
+        "Id" => outcome.preds.iter().map(|p| rows[p.row].image_id).collect::<Vec<_>>(),
+        "Predicted" => outcome.preds.iter().map(|p| classes[p.top[0]].category_id).collect::<Vec<_>>(),
+    )?;
+    write_atomic(&dir.join("predictions.csv"), &csv_bytes(&mut preds)?)?;
+    write_atomic(&dir.join("metrics.json"), &(serde_json::to_string_pretty(&metrics_json)? + "\n").into_bytes())?;
+
+    if let Some(m) = &m {
+        let mut per_class = df!(
+            "label" => classes.iter().map(|c| c.label).collect::<Vec<_>>(),
+            "category_id" => classes.iter().map(|c| c.category_id).collect::<Vec<_>>(),
+            "name" => classes.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
+            "precision" => m.per_class.iter().map(|c| c.precision).collect::<Vec<_>>(),
+            "recall" => m.per_class.iter().map(|c| c.recall).collect::<Vec<_>>(),
+            "f1" => m.per_class.iter().map(|c| c.f1).collect::<Vec<_>>(),
+            "support" => m.per_class.iter().map(|c| c.support as i64).collect::<Vec<_>>(),
+        )?;
+        write_atomic(&dir.join("per_class.csv"), &csv_bytes(&mut per_class)?)?;
+        let names: Vec<String> = classes.iter().map(|c| c.name.clone()).collect();
+        if let Err(e) = crate::plot::confusion(&dir.join("confusion.png"), &m.confusion, &names) {
+            warn!("confusion.png not drawn: {e:#}");
+        }
+    } else {
+        info!("test.csv has no labels: wrote predictions only (no accuracy, per-class figures or confusion matrix)");
+    }
+
+    // The summary, for the person at the terminal.
+    println!(
+        "evaluated {images} images with {} in {:.1} s: {ips:.1} images/s",
+        run.checkpoint.display(),
+        run.wall_seconds
+    );
+    if let Some(m) = &m {
+        println!(
+            "  top-1 {:.2} %   top-5 {:.2} %   macro-F1 {:.4}   loss {:.4}",
+            100.0 * m.top1,
+            100.0 * m.top5,
+            m.macro_f1,
+            m.loss
+        );
+    }
+    if !outcome.failed.is_empty() {
+        println!("  skipped {} unreadable image(s) (listed in metrics.json)", outcome.failed.len());
+    }
+    println!(
+        "  {} on {} rank(s); CPU {:.3} s per image over all ranks",
+        if run.pipelined { "pipeline" } else { "single process" },
+        run.ranks,
+        cpu_seconds / images.max(1) as f64
+    );
+    for (stage, n, st) in &stages {
+        println!(
+            "  {:<10} {n} {}  busy {:>5.1} %  ({:.0} images per busy second)",
+            format!("{stage:?}").to_lowercase(),
+            if run.pipelined { "rank(s) " } else { "thread  " },
+            100.0 * st.busy / (run.wall_seconds * *n as f64).max(1e-9),
+            st.images as f64 / st.busy.max(1e-9)
+        );
+    }
+    println!("  outputs in {}", dir.display());
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! sac: train and evaluate CNN image classifiers with libtorch (tch), data-parallel over MPI.
+//!
+//! `run` is the whole program behind the thin `main`: it starts MPI (or a one-rank world), loads the
+//! settings, installs logging and dispatches to the subcommand. An error on any rank is logged with
+//! its rank and ends the whole job (MPI_Abort), so no rank is left waiting in a collective.
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod dataset;
+pub mod dist;
+pub mod evaluate;
+pub mod logging;
+pub mod models;
+pub mod mpicheck;
+pub mod plot;
+pub mod train;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command};
+use crate::config::{FlagOverrides, Settings};
+use crate::dist::Dist;
+
+pub fn run(cli: Cli) -> ExitCode {
+    let dist = match Dist::init() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut logging = false;
+    let result = dispatch(&dist, cli, &mut logging);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // Every rank agreed to stop at the same step: leave without MPI_Abort.
+        Err(err) if err.is::<train::Interrupted>() => {
+            eprintln!("{err}");
+            ExitCode::from(130)
+        }
+        Err(err) => {
+            let mut msg = format!("{err}");
+            for cause in err.chain().skip(1) {
+                msg.push_str(&format!("\n  caused by: {cause}"));
+            }
+            if logging {
+                tracing::error!("{msg}");
+            } else if dist.size() > 1 {
+                eprintln!("error [rank {}]: {msg}", dist.rank());
+            } else {
+                eprintln!("error: {msg}");
+            }
+            if dist.size() > 1 {
+                // The other ranks may be inside a collective: end them all.
+                dist.abort(1);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
+    if let Command::MpiCheck(a) = &cli.command {
+        logging::init(dist.rank(), dist.size(), cli.global.verbose, cli.global.quiet, None)?;
+        *logging = true;
+        return mpicheck::run(dist, a.batch, a.model, a.reps);
+    }
+    let flags = match &cli.command {
+        Command::CreateDataset(a) => {
+            FlagOverrides { sample: a.sample, seed: a.seed, source: a.source.clone(), ..Default::default() }
+        }
+        Command::Train(a) => FlagOverrides { model: a.model, epochs: a.epochs, ..Default::default() },
+        Command::Evaluate(a) => {
+            FlagOverrides { model: a.model, checkpoint: a.checkpoint.clone(), ..Default::default() }
+        }
+        Command::MpiCheck(_) => unreachable!("handled above"),
+    };
+    let settings = Settings::load(&cli.global.config, &cli.global.overrides, &flags)?;
+    logging::init(
+        dist.rank(),
+        dist.size(),
+        cli.global.verbose,
+        cli.global.quiet,
+        Some(&settings.config.paths.log_file),
+    )?;
+    *logging = true;
+    match cli.command {
+        Command::CreateDataset(_) => {
+            if dist.size() > 1 {
+                anyhow::bail!("create-dataset runs on one rank: start it without mpiexec");
+            }
+            dataset::create(&settings)
+        }
+        Command::Train(a) => train::run(dist, &settings, a.resume),
+        Command::Evaluate(_) => evaluate::run(dist, &settings),
+        Command::MpiCheck(_) => unreachable!("handled above"),
+    }
+}

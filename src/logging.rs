@@ -1,0 +1,165 @@
+//! tracing set-up: every line tagged with the MPI rank, to stderr and to the log file; progress
+//! bars (rank 0 only) that log lines do not tear.
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tracing::Level;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+static PROGRESS: OnceLock<MultiProgress> = OnceLock::new();
+
+fn multi() -> &'static MultiProgress {
+    PROGRESS.get_or_init(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4)))
+}
+
+/// A progress bar on rank 0's stderr (hidden on other ranks and when stderr is not a terminal).
+pub fn progress_bar(len: u64, what: &str, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = multi().add(ProgressBar::new(len));
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(what.to_string());
+    pb.enable_steady_tick(Duration::from_millis(500));
+    pb
+}
+
+/// Writes log lines above any live progress bar.
+#[derive(Clone, Copy)]
+struct StderrAboveBars;
+
+impl Write for StderrAboveBars {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        multi().suspend(|| io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        io::stderr().flush()
+    }
+}
+
+impl<'a> MakeWriter<'a> for StderrAboveBars {
+    type Writer = StderrAboveBars;
+    fn make_writer(&'a self) -> Self::Writer {
+        *self
+    }
+}
+
+/// `2026-11-26T14:00:00.123Z  INFO [rank 0] message key=value`
+struct RankFormat {
+    rank: usize,
+    size: usize,
+}
+
+impl<S, N> FormatEvent<S, N> for RankFormat
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let now = humantime_utc();
+        let level = *event.metadata().level();
+        let tag = if self.size > 1 { format!(" [rank {}]", self.rank) } else { String::new() };
+        write!(w, "{now} {level:>5}{tag} ")?;
+        ctx.field_format().format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
+}
+
+/// UTC time with milliseconds, without pulling in a date crate.
+fn humantime_utc() -> String {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Installs the subscriber: stderr (level from -v/-q or RUST_LOG) plus, if given, the log file
+/// (always at info or finer). Call once per process.
+pub fn init(rank: usize, size: usize, verbose: u8, quiet: bool, log_file: Option<&Path>) -> Result<()> {
+    let default = match (quiet, verbose) {
+        (true, _) => Level::WARN,
+        (_, 0) => Level::INFO,
+        (_, 1) => Level::DEBUG,
+        _ => Level::TRACE,
+    };
+    let filter = || {
+        EnvFilter::builder()
+            .with_default_directive(default.into())
+            .from_env_lossy()
+            // Third-party crates stay at warn unless RUST_LOG asks for them.
+            .add_directive("polars=warn".parse().expect("directive"))
+    };
+    let stderr = tracing_subscriber::fmt::layer()
+        .event_format(RankFormat { rank, size })
+        .with_writer(StderrAboveBars)
+        .with_filter(filter());
+    let file_layer = match log_file {
+        Some(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening log file {} (paths.log_file)", path.display()))?;
+            let level = if default < Level::INFO { Level::INFO } else { default };
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .event_format(RankFormat { rank, size: size.max(2) })
+                    .with_writer(std::sync::Mutex::new(file))
+                    .with_ansi(false)
+                    .with_filter(tracing_subscriber::filter::LevelFilter::from_level(level)),
+            )
+        }
+        None => None,
+    };
+    tracing_subscriber::registry().with(stderr).with(file_layer).try_init().context("installing the logger")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_timestamp_has_the_iso_shape() {
+        let t = super::humantime_utc();
+        assert_eq!(t.len(), 24, "{t}");
+        assert!(t.starts_with("20") && t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
+    }
+}

@@ -1,0 +1,155 @@
+//! `sac mpi-check`: checks an MPI set-up before a long job.
+//!
+//! 1. Gradient averaging is exact: every rank takes its share of one small batch (uneven shares
+//!    when the batch does not divide), the gradients are averaged with the same `GradSync` that
+//!    training uses, and the result must equal the gradient of the whole batch in one process
+//!    (relative error ≤ 1e-5). The model has no batch norm or dropout, which would make the two
+//!    differ by design.
+//! 2. How long one step's gradient exchange takes for a real model: sac's fused buckets against
+//!    one allreduce per parameter tensor (what the original script did).
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+use tracing::info;
+
+use crate::config::Arch;
+use crate::dist::Dist;
+use crate::train::GradSync;
+
+/// Relative error allowed between the averaged and the single-process gradient.
+pub const TOLERANCE: f64 = 1e-5;
+
+/// Max |a - b| / max |b| over two flat gradients.
+fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
+    (a - b).abs().max().double_value(&[]) / scale
+}
+
+fn mean_loss_grads(net: &impl Module, params: &[Tensor], x: &Tensor, y: &Tensor) -> Vec<Tensor> {
+    for p in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+    net.forward(x).cross_entropy_for_logits(y).backward();
+    params.iter().map(|p| p.grad().copy()).collect()
+}
+
+/// Part 1; returns the relative error.
+pub fn check_averaging(dist: &Dist, batch: usize) -> Result<f64> {
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let net = nn::seq()
+        .add(nn::linear(&root / "fc1", 20, 32, Default::default()))
+        .add_fn(|x| x.tanh())
+        .add(nn::linear(&root / "fc2", 32, 5, Default::default()));
+    let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let params: Vec<Tensor> = params.into_iter().map(|(_, t)| t).collect();
+    // The same data on every rank (same seed); rank r takes rows r, r+N, ...
+    let x = Tensor::randn([batch as i64, 20], (Kind::Float, Device::Cpu));
+    let y = Tensor::randint(5, [batch as i64], (Kind::Int64, Device::Cpu));
+    let mine: Vec<i64> = (dist.rank()..batch).step_by(dist.size()).map(|i| i as i64).collect();
+    let local = if mine.is_empty() {
+        None
+    } else {
+        let idx = Tensor::from_slice(&mine);
+        Some(mean_loss_grads(&net, &params, &x.index_select(0, &idx), &y.index_select(0, &idx)))
+    };
+    let numel = params.iter().map(Tensor::numel).sum();
+    let synced = GradSync::new(numel).sync(dist, local.as_deref(), mine.len(), false);
+    let whole = mean_loss_grads(&net, &params, &x, &y);
+    let reference = Tensor::cat(&whole.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
+    if synced.images as usize != batch {
+        bail!("the ranks' image counts add up to {}, not {batch}", synced.images);
+    }
+    Ok(relative_error(&synced.grad, &reference))
+}
+
+/// Part 2: how long exchanging the gradients of `arch` takes, each way.
+pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exchange {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = crate::models::build(&vs.root(), arch, classes);
+    let mut grads: Vec<(String, Tensor)> =
+        vs.trainable_variables().into_iter().map(|t| (String::new(), t.detach().randn_like())).collect();
+    grads.iter_mut().enumerate().for_each(|(i, (n, _))| *n = format!("{i:05}"));
+    let tensors: Vec<Tensor> = grads.into_iter().map(|(_, t)| t).collect();
+    let numel: usize = tensors.iter().map(Tensor::numel).sum();
+    let mut sync = GradSync::new(numel);
+    dist.barrier();
+    let t = Instant::now();
+    for _ in 0..reps {
+        let _ = sync.sync(dist, Some(&tensors), 64, false);
+    }
+    let fused = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    let mut scratch = Vec::new();
+    let mut bufs: Vec<Vec<f32>> =
+        tensors.iter().map(|t| Vec::<f32>::try_from(&t.reshape([-1])).expect("float")).collect();
+    dist.barrier();
+    let t = Instant::now();
+    for _ in 0..reps {
+        for b in bufs.iter_mut() {
+            dist.allreduce_sum(b, &mut scratch);
+        }
+    }
+    let per_tensor = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    let send = vec![1.0f32; numel];
+    let mut recv = vec![0.0f32; numel];
+    dist.barrier();
+    let t = Instant::now();
+    for _ in 0..reps {
+        dist.allreduce_sum_into(&send, &mut recv);
+    }
+    let raw = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    Exchange { fused, per_tensor, raw, tensors: tensors.len(), numel }
+}
+
+/// Milliseconds per step of each way of exchanging one step's gradients.
+pub struct Exchange {
+    /// `GradSync::sync`: packing, weighting, the bucketed allreduce and unpacking.
+    pub fused: f64,
+    /// One allreduce per parameter tensor.
+    pub per_tensor: f64,
+    /// The bucketed allreduce alone, on the same number of floats.
+    pub raw: f64,
+    pub tensors: usize,
+    pub numel: usize,
+}
+
+/// The subcommand.
+pub fn run(dist: &Dist, batch: usize, arch: Arch, reps: usize) -> Result<()> {
+    tch::set_num_threads(1);
+    let err = check_averaging(dist, batch)?;
+    let ok = dist.all_ok(err <= TOLERANCE);
+    if dist.is_root() {
+        println!(
+            "gradient averaging over {} rank(s), {batch} images: relative error {err:.2e} (limit {TOLERANCE:.0e}): {}",
+            dist.size(),
+            if ok { "exact" } else { "WRONG" }
+        );
+    }
+    if !ok {
+        bail!("gradient averaging is not exact on rank {} (relative error {err:.2e})", dist.rank());
+    }
+    if reps > 0 {
+        let x = time_exchange(dist, arch, 10, reps);
+        if dist.is_root() {
+            println!(
+                "{arch} gradients ({} tensors, {:.1} M floats) over {} rank(s), ms per step: fused {:.1} \
+                 (allreduce alone {:.1}), one allreduce per tensor {:.1}",
+                x.tensors,
+                x.numel as f64 / 1e6,
+                dist.size(),
+                x.fused,
+                x.raw,
+                x.per_tensor
+            );
+        }
+        info!("mpi-check timing done");
+    }
+    Ok(())
+}

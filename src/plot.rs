@@ -1,0 +1,190 @@
+//! Pictures: training curves (`training.png`) and the confusion matrix (`confusion.png`).
+//! Text is drawn with a TrueType font from the system (Debian's fonts-dejavu-core).
+use std::path::Path;
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, Context, Result};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::train::EpochRecord;
+
+const FONT_FILES: [&str; 4] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+];
+
+/// Registers a sans-serif font with plotters once per process.
+fn ensure_font() -> Result<()> {
+    static FONT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        let path = std::env::var("SAC_FONT").ok().into_iter().chain(FONT_FILES.iter().map(|s| s.to_string()));
+        for p in path {
+            if let Ok(bytes) = std::fs::read(&p) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                return plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+                    .map_err(|_| format!("{p} is not a usable TrueType font"));
+            }
+        }
+        Err(format!(
+            "no TrueType font found (install fonts-dejavu-core, or set SAC_FONT); looked at {}",
+            FONT_FILES.join(", ")
+        ))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("{e:?}")
+}
+
+/// Loss (train and validation) and accuracy (top-1, top-5) per epoch, side by side.
+pub fn training_curves(path: &Path, history: &[EpochRecord]) -> Result<()> {
+    ensure_font()?;
+    let tmp = path.with_extension("png.tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, (1200, 450)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let (left, right) = root.split_horizontally(600);
+        let epochs: Vec<f64> = history.iter().map(|r| f64::from(r.epoch)).collect();
+        let x_max = epochs.last().copied().unwrap_or(1.0).max(1.0) + 0.5;
+        let x_min = epochs.first().copied().unwrap_or(1.0).min(1.0) - 0.5;
+
+        let losses: Vec<f64> = history.iter().flat_map(|r| [Some(r.train_loss), r.val_loss]).flatten().collect();
+        let y_max = losses.iter().cloned().fold(0.0, f64::max).max(1e-3) * 1.1;
+        let mut chart = ChartBuilder::on(&left)
+            .caption("loss", ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(x_min..x_max, 0.0..y_max)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .x_labels(10)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()
+            .map_err(err)?;
+        let series: [(&str, RGBColor, Vec<(f64, f64)>); 2] = [
+            ("train", BLUE, history.iter().map(|r| (f64::from(r.epoch), r.train_loss)).collect()),
+            ("validation", RED, history.iter().filter_map(|r| r.val_loss.map(|v| (f64::from(r.epoch), v))).collect()),
+        ];
+        for (name, color, pts) in series {
+            if pts.is_empty() {
+                continue;
+            }
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(err)?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(err)?;
+        }
+        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(err)?;
+
+        let mut chart = ChartBuilder::on(&right)
+            .caption("validation accuracy (%)", ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(x_min..x_max, 0.0..100.0)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .x_labels(10)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()
+            .map_err(err)?;
+        let series: [(&str, RGBColor, Vec<(f64, f64)>); 2] = [
+            ("top-1", BLUE, history.iter().filter_map(|r| r.top1.map(|v| (f64::from(r.epoch), 100.0 * v))).collect()),
+            ("top-5", GREEN, history.iter().filter_map(|r| r.top5.map(|v| (f64::from(r.epoch), 100.0 * v))).collect()),
+        ];
+        for (name, color, pts) in series {
+            if pts.is_empty() {
+                continue;
+            }
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(err)?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(err)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// A heat map of the confusion matrix (rows: true class, columns: predicted), normalized by row.
+/// With more than 50 classes, the 50 with the most test images are shown.
+pub fn confusion(path: &Path, matrix: &[Vec<u64>], names: &[String]) -> Result<()> {
+    ensure_font()?;
+    let mut order: Vec<usize> = (0..matrix.len()).collect();
+    order.sort_by_key(|&c| std::cmp::Reverse(matrix[c].iter().sum::<u64>()));
+    order.truncate(50);
+    order.sort_unstable();
+    let n = order.len();
+    let cell = if n <= 10 {
+        48
+    } else if n <= 25 {
+        28
+    } else {
+        16
+    };
+    let label_w = 170;
+    let side = (n as u32) * cell;
+    let tmp = path.with_extension("png.tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, (side + label_w + 40, side + label_w + 60)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let title = if matrix.len() > n {
+            format!("confusion matrix ({n} most frequent of {} classes; rows: true, normalized)", matrix.len())
+        } else {
+            "confusion matrix (rows: true class, columns: predicted; normalized by row)".to_string()
+        };
+        root.draw(&Text::new(title, (10, 10), ("sans-serif", 16))).map_err(err)?;
+        let (x0, y0) = (label_w as i32, 40);
+        let font = ("sans-serif", (cell as i32 * 6 / 10).clamp(9, 14));
+        for (i, &r) in order.iter().enumerate() {
+            let total: u64 = matrix[r].iter().sum();
+            for (j, &c) in order.iter().enumerate() {
+                let v = if total > 0 { matrix[r][c] as f64 / total as f64 } else { 0.0 };
+                let color = ViridisRGB::get_color(v);
+                let (x, y) = (x0 + (j as u32 * cell) as i32, y0 + (i as u32 * cell) as i32);
+                root.draw(&Rectangle::new([(x, y), (x + cell as i32, y + cell as i32)], color.filled()))
+                    .map_err(err)?;
+                if cell >= 28 && matrix[r][c] > 0 {
+                    let ink = if v > 0.6 { BLACK } else { WHITE };
+                    root.draw(&Text::new(
+                        matrix[r][c].to_string(),
+                        (x + 3, y + cell as i32 / 3),
+                        font.into_font().color(&ink),
+                    ))
+                    .map_err(err)?;
+                }
+            }
+            let name: String = names.get(r).map_or_else(|| r.to_string(), |s| s.chars().take(22).collect());
+            root.draw(&Text::new(name.clone(), (5, y0 + (i as u32 * cell) as i32 + cell as i32 / 3), font))
+                .map_err(err)?;
+            let x = x0 + (i as u32 * cell) as i32 + cell as i32 / 3;
+            let style = font.into_font().transform(FontTransform::Rotate90);
+            root.draw(&Text::new(name, (x, y0 + side as i32 + 5), style)).map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
