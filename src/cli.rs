@@ -87,7 +87,7 @@ pub struct MpiCheckArgs {
 pub struct CreateDatasetArgs {
     /// How much of the source to take: a fraction in (0, 1] such as 0.1, or a count such as 5000.
     /// A number with a decimal point is a fraction, a whole number a count ([dataset] sample).
-    #[arg(long, value_name = "FRACTION|COUNT")]
+    #[arg(long, value_name = "FRACTION|COUNT", allow_negative_numbers = true)]
     pub sample: Option<Sample>,
     /// Seed of the sample and of the train/test split ([dataset] seed).
     #[arg(long)]

@@ -329,7 +329,13 @@ impl Settings {
         let text = std::fs::read_to_string(file).with_context(|| {
             format!("cannot read config file {} (pass --config PATH to use another)", file.display())
         })?;
-        let mut config = parse_with_sets(&text, sets).with_context(|| format!("in config file {}", file.display()))?;
+        let mut config = parse_with_sets(&text, sets).with_context(|| {
+            if sets.is_empty() {
+                format!("in config file {}", file.display())
+            } else {
+                format!("in config file {} with the --set overrides", file.display())
+            }
+        })?;
         flags.apply(&mut config);
         config.validate().with_context(|| format!("in config file {}", file.display()))?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();

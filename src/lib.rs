@@ -24,6 +24,17 @@ use crate::cli::{Cli, Command};
 use crate::config::{FlagOverrides, Settings};
 use crate::dist::Dist;
 
+/// A flag that SIGTERM (what schedulers send at walltime and on cancel) and SIGINT (Ctrl-C) raise,
+/// for long commands to stop at a safe point instead of dying mid-write.
+pub fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, std::sync::Arc::clone(&stop))
+            .map_err(|e| anyhow::anyhow!("installing the signal handler: {e}"))?;
+    }
+    Ok(stop)
+}
+
 pub fn run(cli: Cli) -> ExitCode {
     let dist = match Dist::init() {
         Ok(d) => d,

@@ -8,8 +8,7 @@
 //! average is over images, exactly as one process on the concatenated batch.
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -514,10 +513,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
     let tc = &cfg.train;
     let threads = set_threads(tc.threads, dist);
     let device = pick_device(tc.device, dist)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing the signal handler")?;
-    }
+    let stop = crate::stop_on_signals()?;
 
     let shard = distribute(dist, s)?;
     let k = shard.classes.len();

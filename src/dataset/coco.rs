@@ -63,13 +63,18 @@ fn build(meta: Metadata, root: &Path, file: &Path) -> Result<Source> {
     }
 
     let mut index_of = HashMap::with_capacity(meta.images.len());
+    let mut by_name: HashMap<&str, i64> = HashMap::with_capacity(meta.images.len());
     for (i, img) in meta.images.iter().enumerate() {
         check_relative(&img.file_name)
             .with_context(|| format!("{}: image {} has file_name {:?}", file.display(), img.id, img.file_name))?;
         if index_of.insert(img.id, i).is_some() {
             bail!("{}: image id {} is listed twice", file.display(), img.id);
         }
+        if let Some(first) = by_name.insert(img.file_name.as_str(), img.id) {
+            bail!("{}: images {first} and {} have the same file_name {:?}", file.display(), img.id, img.file_name);
+        }
     }
+    drop(by_name);
 
     let mut category_of: Vec<Option<i64>> = vec![None; meta.images.len()];
     let mut extra = 0usize;
@@ -92,7 +97,7 @@ fn build(meta: Metadata, root: &Path, file: &Path) -> Result<Source> {
         }
     }
     if extra > 0 {
-        warn!("{extra} images have more than one annotation: the first one is used");
+        warn!("{extra} image(s) have more than one annotation: the first one is used");
     }
     // Free the lookup structures before the items are built: this is the read's memory peak.
     drop(index_of);
@@ -108,7 +113,7 @@ fn build(meta: Metadata, root: &Path, file: &Path) -> Result<Source> {
         items.push(Item { data: ImageData::File, rel: PathBuf::from(img.file_name), category_id, image_id: img.id });
     }
     if unlabeled > 0 {
-        warn!("{unlabeled} images have no annotation and are left out");
+        warn!("{unlabeled} image(s) have no annotation and are left out");
     }
     Ok(Source { root: root.to_path_buf(), items, categories, idx: Vec::new() })
 }

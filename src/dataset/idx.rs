@@ -25,7 +25,7 @@ pub struct ImageSet {
 
 impl ImageSet {
     pub fn image(&self, index: usize) -> &[u8] {
-        let n = (self.rows * self.cols) as usize;
+        let n = self.rows as usize * self.cols as usize;
         &self.pixels[index * n..(index + 1) * n]
     }
 }
@@ -55,7 +55,9 @@ pub fn parse_images(bytes: &[u8], path: &Path) -> Result<ImageSet> {
     }
     let h = header(bytes, 4, path)?;
     let (n, rows, cols) = (h[1] as usize, h[2], h[3]);
-    let want = n * (rows * cols) as usize;
+    let want = (rows as usize).checked_mul(cols as usize).and_then(|px| px.checked_mul(n)).with_context(|| {
+        format!("{}: header says {n} images of {rows}x{cols}, which cannot be a real file", path.display())
+    })?;
     let data = &bytes[16..];
     ensure!(
         data.len() == want,
@@ -105,7 +107,7 @@ pub fn read(dir: &Path) -> Result<Source> {
         };
         let set = parse_images(&open(&images)?, &images)?;
         let labs = parse_labels(&open(&labels)?, &labels)?;
-        let n = set.pixels.len() / (set.rows * set.cols).max(1) as usize;
+        let n = set.pixels.len() / (set.rows as usize * set.cols as usize).max(1);
         ensure!(
             n == labs.len(),
             "mismatched counts: {} holds {n} images but {} holds {} labels",

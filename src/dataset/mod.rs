@@ -65,9 +65,10 @@ pub fn read_source(format: Format, path: &std::path::Path) -> Result<Source> {
 pub fn create(settings: &Settings) -> Result<()> {
     let cfg = &settings.config.dataset;
     let t0 = Instant::now();
-    info!("reading {:?} source {}", cfg.format, cfg.source.display());
+    let format = format!("{:?}", cfg.format).to_lowercase();
+    info!("reading {format} source {}", cfg.source.display());
     let source = read_source(cfg.format, &cfg.source)
-        .with_context(|| format!("reading the {:?} source {} (dataset.source)", cfg.format, cfg.source.display()))?;
+        .with_context(|| format!("reading the {format} source {} (dataset.source)", cfg.source.display()))?;
     info!(
         "{} images in {} categories ({:.1} s)",
         source.items.len(),
@@ -76,7 +77,8 @@ pub fn create(settings: &Settings) -> Result<()> {
     );
     let split = sample::choose(&source, cfg.sample, cfg.test_fraction, cfg.stratify, cfg.seed)?;
     info!("sample {} (seed {}): {} train + {} test images", cfg.sample, cfg.seed, split.train.len(), split.test.len());
-    let summary = write::write_data_dir(settings, &source, &split)?;
+    let stop = crate::stop_on_signals()?;
+    let summary = write::write_data_dir(settings, &source, &split, &stop)?;
     info!(
         "wrote {} ({} train, {} test, {} classes) in {:.1} s",
         settings.data_dir().display(),

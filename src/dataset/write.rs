@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{bail, Context, Result};
 use polars::df;
 use polars::prelude::{CsvWriter, DataFrame, SerWriter};
@@ -58,7 +60,8 @@ impl Drop for TempDir {
     }
 }
 
-pub fn write_data_dir(settings: &Settings, source: &Source, split: &Split) -> Result<Summary> {
+/// `stop`: raised by a signal; the write is abandoned and the temporary directory removed.
+pub fn write_data_dir(settings: &Settings, source: &Source, split: &Split, stop: &AtomicBool) -> Result<Summary> {
     let target = settings.data_dir().to_path_buf();
     check_replaceable(&target)?;
     let name = target.file_name().context("paths.data_dir has no final component")?.to_string_lossy();
@@ -77,6 +80,9 @@ pub fn write_data_dir(settings: &Settings, source: &Source, split: &Split) -> Re
     let pb = crate::logging::progress_bar(total, "images", true);
     for (split_name, indices) in [("train", &split.train), ("test", &split.test)] {
         for &i in indices.iter() {
+            if stop.load(Ordering::Relaxed) {
+                bail!("interrupted by a signal: nothing was written, {} is as it was", target.display());
+            }
             let item = &source.items[i];
             place(source, item, &tmp_path.join(image_path(split_name, &item.rel)), cfg.place)?;
             pb.inc(1);

@@ -305,16 +305,20 @@ fn encode<H: Serialize>(kind: u8, header: &H, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn decode_msg<H: DeserializeOwned>(bytes: &[u8]) -> Result<(u8, H, &[u8])> {
+/// The header and payload of a data message; None for the end of the stream.
+fn decode_msg<H: DeserializeOwned>(bytes: &[u8]) -> Result<Option<(H, &[u8])>> {
     let kind = *bytes.first().context("empty message")?;
+    if kind == KIND_END {
+        return Ok(None);
+    }
     let len = u32::from_le_bytes(bytes.get(1..5).context("short message")?.try_into().expect("4 bytes")) as usize;
     let header =
         serde_json::from_slice(bytes.get(5..5 + len).context("short message")?).context("bad message header")?;
-    Ok((kind, header, &bytes[5 + len..]))
+    Ok(Some((header, &bytes[5 + len..])))
 }
 
 fn end_msg() -> Vec<u8> {
-    encode(KIND_END, &Meta::default(), &[])
+    vec![KIND_END]
 }
 
 #[derive(Serialize, Deserialize)]
@@ -369,11 +373,10 @@ pub fn mpi_pipeline(
                 let mut got = false;
                 while let Some((_, _, bytes)) = dist.try_recv_bytes(None, TAG_RESULT) {
                     got = true;
-                    let (kind, msg, _): (u8, ResultMsg, _) = decode_msg(&bytes)?;
-                    if kind == KIND_END {
+                    let Some((msg, _)) = decode_msg::<ResultMsg>(&bytes)? else {
                         *ended += 1;
                         continue;
-                    }
+                    };
                     out.failed.extend(msg.meta.failed);
                     out.preds.extend(msg.preds.into_iter().map(|(row, label, top, loss)| Prediction {
                         row,
@@ -419,11 +422,10 @@ pub fn mpi_pipeline(
             }
             loop {
                 let (_, _, bytes) = dist.recv_bytes(Some(0), TAG_FORWARD);
-                let (kind, h, payload): (u8, RawHeader, _) = decode_msg(&bytes)?;
-                if kind == KIND_END {
+                let Some((h, payload)) = decode_msg::<RawHeader>(&bytes)? else {
                     dist.send_bytes(2, TAG_FORWARD, &end_msg());
                     break;
-                }
+                };
                 let mut files = Vec::with_capacity(h.lens.len());
                 let mut off = 0;
                 for len in h.lens {
@@ -451,13 +453,12 @@ pub fn mpi_pipeline(
             let mut requests = vec![0usize; n];
             loop {
                 let (_, _, bytes) = dist.recv_bytes(Some(1), TAG_FORWARD);
-                let (kind, meta, payload): (u8, Meta, _) = decode_msg(&bytes)?;
-                if kind == KIND_END {
+                let Some((meta, payload)) = decode_msg::<Meta>(&bytes)? else {
                     for &p in &predictors {
                         dist.send_bytes(p, TAG_FORWARD, &end_msg());
                     }
                     break;
-                }
+                };
                 let images = meta.rows.len();
                 let t = timed(&mut st, images, || normalize(ctx, DecodedBatch { meta, pixels: payload.to_vec() }));
                 // Work on demand: the first predictor that asks gets the batch.
@@ -482,11 +483,10 @@ pub fn mpi_pipeline(
             }
             loop {
                 let (_, _, bytes) = dist.recv_bytes(Some(2), TAG_FORWARD);
-                let (kind, meta, payload): (u8, Meta, _) = decode_msg(&bytes)?;
-                if kind == KIND_END {
+                let Some((meta, payload)) = decode_msg::<Meta>(&bytes)? else {
                     dist.send_bytes(0, TAG_RESULT, &end_msg());
                     break;
-                }
+                };
                 let images = meta.rows.len();
                 let r = timed(&mut st, images, || predictor(TensorBatch { meta, values: bytes_f32(payload) }));
                 let msg = ResultMsg {
@@ -518,8 +518,9 @@ mod tests {
     fn messages_round_trip() {
         let meta = Meta { seq: 3, rows: vec![4, 5], labels: vec![1, -1], failed: vec![] };
         let bytes = encode(KIND_DATA, &meta, &f32_bytes(&[1.5, -2.0]));
-        let (kind, m, payload): (u8, Meta, _) = decode_msg(&bytes).unwrap();
-        assert_eq!((kind, m.rows, bytes_f32(payload)), (KIND_DATA, vec![4, 5], vec![1.5, -2.0]));
+        let (m, payload) = decode_msg::<Meta>(&bytes).unwrap().unwrap();
+        assert_eq!((m.rows, bytes_f32(payload)), (vec![4, 5], vec![1.5, -2.0]));
+        assert!(decode_msg::<Meta>(&end_msg()).unwrap().is_none());
     }
 
     #[test]

@@ -1,0 +1,499 @@
+//! Shared helpers of the integration tests: run the real `sac` binary with a timeout, write config
+//! files, generate small source data sets (COCO tree with real JPEGs, image folder, IDX files) and
+//! read the CSVs `sac` writes.
+//!
+//! Every test file uses a different subset of these, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+/// A run of `sac` that takes longer than this is killed and fails the test.
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Variables MPI launchers set; removed so a test never starts MPI by accident.
+const LAUNCHER_VARS: [&str; 6] =
+    ["PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMI_FD"];
+
+// ------------------------------------------------------------------------------------------------
+// Running the binary
+// ------------------------------------------------------------------------------------------------
+
+/// Runs `sac args…` in `dir` (its working directory), kills it and fails the test after [`TIMEOUT`].
+pub fn run_sac(dir: &Path, args: &[&str]) -> Output {
+    run_sac_with_timeout(dir, args, TIMEOUT)
+}
+
+pub fn run_sac_with_timeout(dir: &Path, args: &[&str], timeout: Duration) -> Output {
+    wait_with_timeout(spawn_sac(dir, args), args, timeout)
+}
+
+/// Starts `sac args…` in `dir` with stdin closed and stdout/stderr piped, outside any MPI launcher.
+pub fn spawn_sac(dir: &Path, args: &[&str]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sac"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for v in LAUNCHER_VARS {
+        cmd.env_remove(v);
+    }
+    cmd.spawn().expect("starting the sac binary")
+}
+
+/// Waits for `child` (started with `args`), collecting its output; kills it and fails the test
+/// after `timeout`.
+pub fn wait_with_timeout(mut child: Child, args: &[&str], timeout: Duration) -> Output {
+    // Drain both pipes on their own threads, so a chatty child never blocks on a full pipe.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for sac") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            panic!(
+                "sac {args:?} did not finish within {timeout:?} and was killed; stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output { status, stdout: out.join().expect("stdout reader"), stderr: err.join().expect("stderr reader") }
+}
+
+/// `sac --config <dir>/config.toml create-dataset extra…`, run in `dir`.
+pub fn create_dataset(dir: &Path, extra: &[&str]) -> Output {
+    let config = dir.join("config.toml");
+    let config = config.to_str().expect("utf-8 temp path");
+    let mut args = vec!["--config", config, "create-dataset"];
+    args.extend_from_slice(extra);
+    run_sac(dir, &args)
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Fails with the whole output unless the run succeeded.
+#[track_caller]
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "sac failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        stderr(out)
+    );
+}
+
+/// The run failed cleanly (a non-zero exit code, not a signal and not a panic) and stderr holds
+/// every one of `needles`. Returns stderr.
+#[track_caller]
+pub fn assert_fails_with(out: &Output, needles: &[&str]) -> String {
+    let err = stderr(out);
+    match out.status.code() {
+        Some(0) => panic!("sac succeeded but should have failed; stderr:\n{err}"),
+        None => panic!("sac was killed by a signal ({:?}); stderr:\n{err}", out.status),
+        Some(101) => {
+            panic!("sac panicked (exit code 101) instead of reporting an error; stderr:\n{err}")
+        }
+        Some(_) => {}
+    }
+    assert!(!err.contains("panicked at"), "sac panicked; stderr:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}; stderr:\n{err}");
+    }
+    err
+}
+
+/// Names in `dir` that start with `.data.tmp-` (the temp dirs `create-dataset` builds in).
+pub fn temp_leftovers(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .expect("listing the test dir")
+        .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".data.tmp-"))
+        .collect()
+}
+
+/// After a failed run: `dir/data` does not exist and no temp dir is left beside it.
+#[track_caller]
+pub fn assert_no_data_dir(dir: &Path) {
+    let data = dir.join("data");
+    assert!(!data.exists(), "{} exists after a failed run", data.display());
+    assert_eq!(temp_leftovers(dir), Vec::<String>::new(), "temp dirs left in {}", dir.display());
+}
+
+// ------------------------------------------------------------------------------------------------
+// Config files
+// ------------------------------------------------------------------------------------------------
+
+/// A config file whose data dir is `data` and log `sac.log`, beside it, reading `source` in
+/// `format` with all of it sampled (`sample = 1.0`). `extra_dataset` is appended to `[dataset]`.
+pub fn config_text(format: &str, source: &str, extra_dataset: &str) -> String {
+    format!(
+        "[paths]\ndata_dir = \"data\"\nlog_file = \"sac.log\"\n\n[dataset]\nformat = \"{format}\"\n\
+         source = {source:?}\nsample = 1.0\n{extra_dataset}"
+    )
+}
+
+/// Writes `text` to `dir/config.toml` and returns its path.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    fs::write(&path, text).expect("writing config.toml");
+    path
+}
+
+// ------------------------------------------------------------------------------------------------
+// COCO / FGVC fixture
+// ------------------------------------------------------------------------------------------------
+
+/// Width and height of every fixture JPEG.
+pub const COCO_W: u32 = 40;
+pub const COCO_H: u32 = 30;
+
+/// The COCO fixture's categories: (id, name, colour). Listed out of id order on purpose, so a
+/// label order taken from the file (or from names) would show.
+pub const COCO_CATEGORIES: [(i64, &str, [u8; 3]); 3] =
+    [(30, "Carex", [30, 30, 210]), (10, "Acer", [210, 30, 30]), (20, "Betula", [30, 210, 30])];
+
+/// The image id of the one image without an annotation.
+pub const COCO_UNANNOTATED_ID: i64 = 999;
+
+pub struct CocoFixture {
+    /// The directory that holds `metadata.json`.
+    pub root: PathBuf,
+    pub metadata: serde_json::Value,
+    /// Annotated image id → (category id, file_name).
+    pub images: BTreeMap<i64, (i64, String)>,
+}
+
+impl CocoFixture {
+    pub fn metadata_path(&self) -> PathBuf {
+        self.root.join("metadata.json")
+    }
+
+    /// Rewrites `metadata.json` from `self.metadata` (after a test changed it).
+    pub fn save(&self) {
+        fs::write(self.metadata_path(), serde_json::to_vec_pretty(&self.metadata).unwrap()).unwrap();
+    }
+
+    pub fn colour_of(&self, category_id: i64) -> [u8; 3] {
+        COCO_CATEGORIES.iter().find(|c| c.0 == category_id).expect("fixture category").2
+    }
+}
+
+/// Writes a small FGVC/COCO source under `root`: 3 categories × 4 real 40×30 JPEGs of one colour per
+/// category (`images/<category id>/<image id>.jpg`), plus one JPEG listed in `images` without an
+/// annotation. Image ids start at 101; keys the readers must skip (`info`, `license`, …) are present.
+pub fn coco_tree(root: &Path) -> CocoFixture {
+    let mut images_json = Vec::new();
+    let mut annotations = Vec::new();
+    let mut images = BTreeMap::new();
+    let mut id = 101;
+    for (k, &(cat, _, colour)) in COCO_CATEGORIES.iter().enumerate() {
+        for j in 0..4 {
+            let file_name = format!("images/{cat}/{id}.jpg");
+            // The same colour per category, a little brighter per image so files differ.
+            let c = colour.map(|v| v.saturating_add(5 * j as u8));
+            write_jpeg(&root.join(&file_name), COCO_W, COCO_H, c);
+            images_json
+                .push(json!({"id": id, "file_name": file_name, "width": COCO_W, "height": COCO_H, "license": 0}));
+            annotations.push(json!({"id": 5000 + id, "image_id": id, "category_id": cat, "institution_id": k}));
+            images.insert(id, (cat, file_name));
+            id += 1;
+        }
+    }
+    let orphan = format!("images/none/{COCO_UNANNOTATED_ID}.jpg");
+    write_jpeg(&root.join(&orphan), COCO_W, COCO_H, [128, 128, 128]);
+    images_json.push(json!({"id": COCO_UNANNOTATED_ID, "file_name": orphan}));
+    let categories: Vec<_> = COCO_CATEGORIES
+        .iter()
+        .map(|&(id, name, _)| json!({"id": id, "name": name, "family": "Fixtureaceae"}))
+        .collect();
+    let metadata = json!({
+        "info": {"year": 2021, "description": "sac test fixture"},
+        "licenses": [{"id": 0, "name": "CC0"}],
+        "images": images_json,
+        "annotations": annotations,
+        "categories": categories,
+    });
+    let fixture = CocoFixture { root: root.to_path_buf(), metadata, images };
+    fixture.save();
+    fixture
+}
+
+pub fn write_jpeg(path: &Path, w: u32, h: u32, colour: [u8; 3]) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image::RgbImage::from_pixel(w, h, image::Rgb(colour)).save(path).expect("encoding a JPEG");
+}
+
+pub fn write_png(path: &Path, w: u32, h: u32, colour: [u8; 3]) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image::RgbImage::from_pixel(w, h, image::Rgb(colour)).save(path).expect("encoding a PNG");
+}
+
+/// The mean colour of an RGB image.
+pub fn mean_colour(img: &image::RgbImage) -> [f64; 3] {
+    let mut sum = [0f64; 3];
+    for p in img.pixels() {
+        for c in 0..3 {
+            sum[c] += p.0[c] as f64;
+        }
+    }
+    let n = (img.width() * img.height()) as f64;
+    sum.map(|s| s / n)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Image folder fixture
+// ------------------------------------------------------------------------------------------------
+
+/// The folder fixture's classes in sorted order (so their category ids are 0, 1, 2).
+pub const FOLDER_CLASSES: [&str; 3] = ["ant", "bee", "cat"];
+
+/// Writes an image folder under `root`: `bee/` (created first) holds 4 PNGs, `ant/` 4 JPEGs,
+/// `cat/` a mix (`.png`, upper-case `.JPG`, a `.jpeg` and a PNG in a sub-directory). Also a
+/// `notes.txt` in `ant/` and a hidden `.cache/` class dir with a PNG, both of which are not images
+/// of the data set. 12 images in all; returns the relative paths of the images per class.
+pub fn image_folder(root: &Path) -> BTreeMap<&'static str, Vec<String>> {
+    let mut files: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    let mut add = |class: &'static str, rel: &str, png: bool, colour: [u8; 3]| {
+        let p = root.join(class).join(rel);
+        if png {
+            write_png(&p, 16, 12, colour);
+        } else {
+            write_jpeg(&p, 16, 12, colour);
+        }
+        files.entry(class).or_default().push(format!("{class}/{rel}"));
+    };
+    for i in 0..4 {
+        add("bee", &format!("b{i}.png"), true, [200, 200, 0]);
+    }
+    for i in 0..4 {
+        add("ant", &format!("a{i}.jpg"), false, [120, 60, 0]);
+    }
+    add("cat", "c0.png", true, [0, 0, 0]);
+    add("cat", "c1.JPG", false, [10, 10, 10]);
+    add("cat", "c2.jpeg", false, [20, 20, 20]);
+    add("cat", "sub/c3.png", true, [30, 30, 30]);
+    fs::write(root.join("ant/notes.txt"), "not an image\n").unwrap();
+    write_png(&root.join(".cache/x.png"), 4, 4, [1, 2, 3]);
+    for v in files.values_mut() {
+        v.sort();
+    }
+    files
+}
+
+// ------------------------------------------------------------------------------------------------
+// IDX fixture
+// ------------------------------------------------------------------------------------------------
+
+pub const IDX_SIDE: u32 = 8;
+
+/// The pixels of pooled image `i` of the IDX fixtures: distinct for every image.
+pub fn idx_pixels(i: usize) -> Vec<u8> {
+    (0..(IDX_SIDE * IDX_SIDE) as usize).map(|p| ((i * 37 + p * 3) % 256) as u8).collect()
+}
+
+/// An IDX3 unsigned-byte image file holding `images` (each `rows*cols` bytes).
+pub fn idx_images_bytes(rows: u32, cols: u32, images: &[Vec<u8>]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend(0x0000_0803u32.to_be_bytes());
+    b.extend((images.len() as u32).to_be_bytes());
+    b.extend(rows.to_be_bytes());
+    b.extend(cols.to_be_bytes());
+    for img in images {
+        assert_eq!(img.len(), (rows * cols) as usize);
+        b.extend(img);
+    }
+    b
+}
+
+/// An IDX1 unsigned-byte label file.
+pub fn idx_labels_bytes(labels: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend(0x0000_0801u32.to_be_bytes());
+    b.extend((labels.len() as u32).to_be_bytes());
+    b.extend(labels);
+    b
+}
+
+/// Writes `bytes` to `path`, gzip-compressed when `path` ends in `.gz`.
+pub fn write_maybe_gz(path: &Path, bytes: &[u8]) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    if path.extension().is_some_and(|e| e == "gz") {
+        let f = fs::File::create(path).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::default());
+        gz.write_all(bytes).unwrap();
+        gz.finish().unwrap();
+    } else {
+        fs::write(path, bytes).unwrap();
+    }
+}
+
+/// Writes MNIST-style `train-*` and (if `test_labels` is not empty) `t10k-*` files into `dir`, of
+/// 8×8 images whose pixels are [`idx_pixels`] of their pooled index (train first). Returns the labels
+/// in pooled order.
+pub fn write_idx(dir: &Path, gz: bool, train_labels: &[u8], test_labels: &[u8]) -> Vec<u8> {
+    let ext = if gz { ".gz" } else { "" };
+    let mut offset = 0;
+    for (prefix, labels) in [("train", train_labels), ("t10k", test_labels)] {
+        if labels.is_empty() {
+            continue;
+        }
+        let images: Vec<Vec<u8>> = (0..labels.len()).map(|i| idx_pixels(offset + i)).collect();
+        write_maybe_gz(
+            &dir.join(format!("{prefix}-images-idx3-ubyte{ext}")),
+            &idx_images_bytes(IDX_SIDE, IDX_SIDE, &images),
+        );
+        write_maybe_gz(&dir.join(format!("{prefix}-labels-idx1-ubyte{ext}")), &idx_labels_bytes(labels));
+        offset += labels.len();
+    }
+    train_labels.iter().chain(test_labels).copied().collect()
+}
+
+/// Labels 0, 1, 2, 0, 1, 2, … (`n` of them).
+pub fn cycling_labels(n: usize, classes: u8) -> Vec<u8> {
+    (0..n).map(|i| (i % classes as usize) as u8).collect()
+}
+
+// ------------------------------------------------------------------------------------------------
+// CSV
+// ------------------------------------------------------------------------------------------------
+
+/// A CSV file read as strings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Csv {
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Csv {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.header.iter().position(|h| h == name).unwrap_or_else(|| panic!("no column {name:?} in {:?}", self.header))
+    }
+
+    pub fn column(&self, name: &str) -> Vec<&str> {
+        let i = self.index(name);
+        self.rows.iter().map(|r| r[i].as_str()).collect()
+    }
+
+    pub fn column_i64(&self, name: &str) -> Vec<i64> {
+        self.column(name)
+            .into_iter()
+            .map(|v| v.parse().unwrap_or_else(|_| panic!("column {name}: {v:?} is not an integer")))
+            .collect()
+    }
+}
+
+/// Reads a CSV with a header line (RFC 4180 quoting, `\n` or `\r\n` line ends). Every row must have
+/// as many fields as the header.
+pub fn read_csv(path: &Path) -> Csv {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut records = parse_csv(&text);
+    assert!(!records.is_empty(), "{} is empty (not even a header)", path.display());
+    let header = records.remove(0);
+    for (n, r) in records.iter().enumerate() {
+        assert_eq!(
+            r.len(),
+            header.len(),
+            "{} row {}: {r:?} does not match the header {header:?}",
+            path.display(),
+            n + 1
+        );
+    }
+    Csv { header, rows: records }
+}
+
+fn parse_csv(text: &str) -> Vec<Vec<String>> {
+    let mut records = Vec::new();
+    let mut record = Vec::new();
+    let mut field = String::new();
+    let mut chars = text.chars().peekable();
+    let mut quoted = false;
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        any = true;
+        if quoted {
+            if c == '"' {
+                if chars.peek() == Some(&'"') {
+                    chars.next();
+                    field.push('"');
+                } else {
+                    quoted = false;
+                }
+            } else {
+                field.push(c);
+            }
+            continue;
+        }
+        match c {
+            '"' => quoted = true,
+            ',' => record.push(std::mem::take(&mut field)),
+            '\r' if chars.peek() == Some(&'\n') => {}
+            '\n' => {
+                record.push(std::mem::take(&mut field));
+                records.push(std::mem::take(&mut record));
+                any = false;
+            }
+            _ => field.push(c),
+        }
+    }
+    if any {
+        record.push(field);
+        records.push(record);
+    }
+    records
+}
+
+// ------------------------------------------------------------------------------------------------
+// Files
+// ------------------------------------------------------------------------------------------------
+
+/// Every regular file below `dir`, as sorted paths relative to it (symlinks listed, not followed).
+pub fn files_below(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                walk(base, &e.path(), out);
+            } else {
+                out.push(e.path().strip_prefix(base).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
