@@ -37,8 +37,25 @@ pub fn run_sac_with_timeout(dir: &Path, args: &[&str], timeout: Duration) -> Out
 /// Starts `sac args…` in `dir` with stdin closed and stdout/stderr piped, outside any MPI launcher.
 pub fn spawn_sac(dir: &Path, args: &[&str]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sac"));
-    cmd.args(args)
-        .current_dir(dir)
+    spawn(cmd.args(args), dir)
+}
+
+/// Starts `mpiexec -n <ranks> sac args…` in `dir`, like `spawn_sac`.
+pub fn spawn_mpi(dir: &Path, ranks: usize, args: &[&str]) -> Child {
+    let mut cmd = Command::new("mpiexec");
+    spawn(cmd.args(["-n", &ranks.to_string(), env!("CARGO_BIN_EXE_sac")]).args(args), dir)
+}
+
+/// `mpiexec -n <ranks> sac args…` in `dir`; the whole job is killed and the test fails after `timeout`.
+pub fn run_mpi(dir: &Path, ranks: usize, args: &[&str], timeout: Duration) -> Output {
+    wait_with_timeout(spawn_mpi(dir, ranks, args), args, timeout)
+}
+
+/// Runs `cmd` in its own process group (so a timeout kills mpiexec and every rank it started).
+fn spawn(cmd: &mut Command, dir: &Path) -> Child {
+    use std::os::unix::process::CommandExt;
+    cmd.current_dir(dir)
+        .process_group(0)
         .env_remove("RUST_LOG")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -47,7 +64,15 @@ pub fn spawn_sac(dir: &Path, args: &[&str]) -> Child {
     for v in LAUNCHER_VARS {
         cmd.env_remove(v);
     }
-    cmd.spawn().expect("starting the sac binary")
+    cmd.spawn().expect("starting sac (or mpiexec)")
+}
+
+/// Sends `signal` to the child's whole process group (mpiexec and its ranks, or sac alone).
+pub fn signal_group(child: &Child, signal: i32) {
+    // SAFETY: kill(2) with a negative pid addresses the process group the child leads.
+    unsafe {
+        libc::kill(-(child.id() as i32), signal);
+    }
 }
 
 /// Waits for `child` (started with `args`), collecting its output; kills it and fails the test
@@ -69,7 +94,7 @@ pub fn wait_with_timeout(mut child: Child, args: &[&str], timeout: Duration) -> 
             break status;
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
+            signal_group(&child, libc::SIGKILL);
             let _ = child.wait();
             let stderr = err.join().unwrap_or_default();
             panic!(
