@@ -15,7 +15,7 @@ use crate::config::{Arch, Sample};
 ///   mpiexec -n 4 sac train               # data-parallel training, checkpoints/<model>/
 ///   mpiexec -n 4 sac evaluate            # pipelined inference, output/
 #[derive(Debug, Parser)]
-#[command(name = "sac", version, about, long_about, propagate_version = true)]
+#[command(name = "sac", version, about, long_about, propagate_version = true, verbatim_doc_comment)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,

@@ -24,6 +24,16 @@ use crate::cli::{Cli, Command};
 use crate::config::{FlagOverrides, Settings};
 use crate::dist::Dist;
 
+/// This process's peak resident memory in MiB and its CPU time (user + system, all threads) in
+/// seconds, from getrusage(2).
+pub fn resource_usage() -> (f64, f64) {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    (ru.ru_maxrss as f64 / 1024.0, tv(ru.ru_utime) + tv(ru.ru_stime))
+}
+
 /// A flag that SIGTERM (what schedulers send at walltime and on cancel) and SIGINT (Ctrl-C) raise,
 /// for long commands to stop at a safe point instead of dying mid-write.
 pub fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {

@@ -706,7 +706,8 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
         // Nobody starts the next epoch (or exits) before the checkpoint is complete.
         dist.barrier();
     }
-    info!("done: checkpoints in {}", dir.display());
+    let (rss, cpu) = crate::resource_usage();
+    info!("done: checkpoints in {}; this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s", dir.display());
     Ok(())
 }
 

@@ -155,5 +155,7 @@ pub fn run(dist: &Dist, s: &Settings) -> Result<()> {
         };
         report::write(s, &classes, &rows, outcome, &reports, &run)?;
     }
+    let (rss, cpu) = crate::resource_usage();
+    tracing::debug!("this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
     Ok(())
 }

@@ -503,11 +503,7 @@ pub fn mpi_pipeline(
 
 /// User + system CPU seconds of this process (all its threads).
 pub fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage only writes the struct we pass.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    crate::resource_usage().1
 }
 
 #[cfg(test)]
