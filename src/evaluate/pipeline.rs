@@ -28,13 +28,21 @@ pub struct Failure {
     pub error: String,
 }
 
-/// What travels with every batch: its rows (indices into test.csv) and labels (-1: none).
+/// What travels with every batch: its rows (indices into test.csv), their paths (for messages
+/// from ranks that never read test.csv) and labels (-1: none).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Meta {
     pub seq: u64,
     pub rows: Vec<usize>,
+    pub paths: Vec<String>,
     pub labels: Vec<i64>,
     pub failed: Vec<Failure>,
+}
+
+/// Keeps the entries of `v` whose flag in `ok` is set.
+fn retain_flagged<T>(v: &mut Vec<T>, ok: &[bool]) {
+    let mut it = ok.iter();
+    v.retain(|_| *it.next().expect("one flag per entry"));
 }
 
 impl Meta {
@@ -44,10 +52,9 @@ impl Meta {
     }
 
     fn keep(&mut self, ok: &[bool]) {
-        let mut it = ok.iter();
-        self.rows.retain(|_| *it.next().expect("one flag per row"));
-        let mut it = ok.iter();
-        self.labels.retain(|_| *it.next().expect("one flag per row"));
+        retain_flagged(&mut self.rows, ok);
+        retain_flagged(&mut self.paths, ok);
+        retain_flagged(&mut self.labels, ok);
     }
 }
 
@@ -129,8 +136,13 @@ impl Ctx<'_> {
 
 /// Stage 1: the files' bytes.
 pub fn read(ctx: &Ctx, rows: &[Row], seq: u64, idx: &[usize]) -> Result<RawBatch> {
-    let mut meta =
-        Meta { seq, rows: idx.to_vec(), labels: idx.iter().map(|&i| rows[i].label).collect(), failed: vec![] };
+    let mut meta = Meta {
+        seq,
+        rows: idx.to_vec(),
+        paths: idx.iter().map(|&i| rows[i].path.clone()).collect(),
+        labels: idx.iter().map(|&i| rows[i].label).collect(),
+        failed: vec![],
+    };
     let mut files = Vec::with_capacity(idx.len());
     let mut ok = vec![true; idx.len()];
     for (k, &i) in idx.iter().enumerate() {
@@ -149,16 +161,14 @@ pub fn read(ctx: &Ctx, rows: &[Row], seq: u64, idx: &[usize]) -> Result<RawBatch
 }
 
 /// Stage 2: decode and resize.
-pub fn decode(ctx: &Ctx, rows: Option<&[Row]>, mut b: RawBatch) -> Result<DecodedBatch> {
+pub fn decode(ctx: &Ctx, mut b: RawBatch) -> Result<DecodedBatch> {
     let mut pixels = Vec::with_capacity(b.files.len() * ctx.geometry.image_bytes());
     let mut ok = vec![true; b.files.len()];
     for (k, bytes) in b.files.iter().enumerate() {
         match data::decode_resize(bytes, &ctx.geometry) {
             Ok(img) => pixels.extend_from_slice(&img),
             Err(e) => {
-                let row = b.meta.rows[k];
-                let rel = rows.map_or_else(|| format!("row {}", row + 2), |r| r[row].path.clone());
-                let msg = ctx.bad("decode", row, &rel, &e)?;
+                let msg = ctx.bad("decode", b.meta.rows[k], &b.meta.paths[k], &e)?;
                 b.meta.fail(k, msg);
                 ok[k] = false;
             }
@@ -248,7 +258,7 @@ pub fn local_pipeline(
             let mut st = StageStats::default();
             for b in rx_raw {
                 let n = b.files.len();
-                let d = timed(&mut st, n, || decode(ctx, Some(rows), b))?;
+                let d = timed(&mut st, n, || decode(ctx, b))?;
                 if tx_dec.send(d).is_err() {
                     break;
                 }
@@ -433,7 +443,7 @@ pub fn mpi_pipeline(
                     off += len;
                 }
                 let images = files.len();
-                let d = timed(&mut st, images, || decode(ctx, None, RawBatch { meta: h.meta, files }))?;
+                let d = timed(&mut st, images, || decode(ctx, RawBatch { meta: h.meta, files }))?;
                 take_credit(dist, Some(2));
                 dist.send_bytes(2, TAG_FORWARD, &encode(KIND_DATA, &d.meta, &d.pixels));
                 give_credit(dist, 0);
@@ -512,7 +522,7 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let meta = Meta { seq: 3, rows: vec![4, 5], labels: vec![1, -1], failed: vec![] };
+        let meta = Meta { seq: 3, rows: vec![4, 5], labels: vec![1, -1], ..Default::default() };
         let bytes = encode(KIND_DATA, &meta, &f32_bytes(&[1.5, -2.0]));
         let (m, payload) = decode_msg::<Meta>(&bytes).unwrap().unwrap();
         assert_eq!((m.rows, bytes_f32(payload)), (vec![4, 5], vec![1.5, -2.0]));
@@ -521,11 +531,18 @@ mod tests {
 
     #[test]
     fn failed_rows_leave_the_batch_and_are_recorded() {
-        let mut m = Meta { seq: 0, rows: vec![7, 8, 9], labels: vec![0, 1, 2], failed: vec![] };
+        let mut m = Meta {
+            seq: 0,
+            rows: vec![7, 8, 9],
+            paths: vec!["a".into(), "b".into(), "c".into()],
+            labels: vec![0, 1, 2],
+            failed: vec![],
+        };
         m.fail(1, "corrupt".into());
         m.keep(&[true, false, true]);
         assert_eq!(m.rows, [7, 9]);
         assert_eq!(m.labels, [0, 2]);
+        assert_eq!(m.paths, ["a", "c"]);
         assert_eq!(m.failed, [Failure { row: 8, error: "corrupt".into() }]);
     }
 }
