@@ -41,6 +41,44 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("{e:?}")
 }
 
+/// A named line of points per epoch.
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
+/// One panel of per-epoch lines with markers and a legend.
+fn epoch_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    caption: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    series: Vec<Series<'_>>,
+    legend: SeriesLabelPosition,
+) -> Result<()> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(x, y)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .x_labels(10)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(err)?;
+    for (name, color, pts) in series.into_iter().filter(|s| !s.2.is_empty()) {
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(err)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(err)?;
+    }
+    chart.configure_series_labels().position(legend).border_style(BLACK).background_style(WHITE).draw().map_err(err)?;
+    Ok(())
+}
+
 /// Loss (train and validation) and accuracy (top-1, top-5) per epoch, side by side.
 pub fn training_curves(path: &Path, history: &[EpochRecord]) -> Result<()> {
     ensure_font()?;
@@ -52,76 +90,20 @@ pub fn training_curves(path: &Path, history: &[EpochRecord]) -> Result<()> {
         let epochs: Vec<f64> = history.iter().map(|r| f64::from(r.epoch)).collect();
         let x_max = epochs.last().copied().unwrap_or(1.0).max(1.0) + 0.5;
         let x_min = epochs.first().copied().unwrap_or(1.0).min(1.0) - 0.5;
-
+        let per_epoch = |f: &dyn Fn(&EpochRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+            history.iter().filter_map(|r| f(r).map(|v| (f64::from(r.epoch), v))).collect()
+        };
         let losses: Vec<f64> = history.iter().flat_map(|r| [Some(r.train_loss), r.val_loss]).flatten().collect();
         let y_max = losses.iter().cloned().fold(0.0, f64::max).max(1e-3) * 1.1;
-        let mut chart = ChartBuilder::on(&left)
-            .caption("loss", ("sans-serif", 22))
-            .margin(15)
-            .x_label_area_size(35)
-            .y_label_area_size(50)
-            .build_cartesian_2d(x_min..x_max, 0.0..y_max)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .x_labels(10)
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .draw()
-            .map_err(err)?;
-        let series: [(&str, RGBColor, Vec<(f64, f64)>); 2] = [
-            ("train", BLUE, history.iter().map(|r| (f64::from(r.epoch), r.train_loss)).collect()),
-            ("validation", RED, history.iter().filter_map(|r| r.val_loss.map(|v| (f64::from(r.epoch), v))).collect()),
+        let loss =
+            vec![("train", BLUE, per_epoch(&|r| Some(r.train_loss))), ("validation", RED, per_epoch(&|r| r.val_loss))];
+        epoch_panel(&left, "loss", x_min..x_max, 0.0..y_max, loss, SeriesLabelPosition::UpperRight)?;
+        let accuracy = vec![
+            ("top-1", BLUE, per_epoch(&|r| r.top1.map(|v| 100.0 * v))),
+            ("top-5", GREEN, per_epoch(&|r| r.top5.map(|v| 100.0 * v))),
         ];
-        for (name, color, pts) in series {
-            if pts.is_empty() {
-                continue;
-            }
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                .map_err(err)?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(err)?;
-        }
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(err)?;
-
-        let mut chart = ChartBuilder::on(&right)
-            .caption("validation accuracy (%)", ("sans-serif", 22))
-            .margin(15)
-            .x_label_area_size(35)
-            .y_label_area_size(50)
-            .build_cartesian_2d(x_min..x_max, 0.0..100.0)
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .x_labels(10)
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .draw()
-            .map_err(err)?;
-        let series: [(&str, RGBColor, Vec<(f64, f64)>); 2] = [
-            ("top-1", BLUE, history.iter().filter_map(|r| r.top1.map(|v| (f64::from(r.epoch), 100.0 * v))).collect()),
-            ("top-5", GREEN, history.iter().filter_map(|r| r.top5.map(|v| (f64::from(r.epoch), 100.0 * v))).collect()),
-        ];
-        for (name, color, pts) in series {
-            if pts.is_empty() {
-                continue;
-            }
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                .map_err(err)?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(err)?;
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .border_style(BLACK)
-            .background_style(WHITE)
-            .draw()
-            .map_err(err)?;
+        let caption = "validation accuracy (%)";
+        epoch_panel(&right, caption, x_min..x_max, 0.0..100.0, accuracy, SeriesLabelPosition::LowerRight)?;
         root.present().map_err(err)?;
     }
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
@@ -187,4 +169,38 @@ pub fn confusion(path: &Path, matrix: &[Vec<u64>], names: &[String]) -> Result<(
     }
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(epoch: u32, loss: f64, top1: f64) -> EpochRecord {
+        EpochRecord {
+            epoch,
+            train_loss: loss,
+            val_loss: Some(loss * 1.1),
+            top1: Some(top1),
+            top5: Some(0.99),
+            images_per_second: 100.0,
+            seconds: 1.0,
+            skipped_images: 0,
+        }
+    }
+
+    #[test]
+    fn training_curves_and_confusion_matrix_are_pngs() {
+        let dir = tempfile::tempdir().unwrap();
+        let curves = dir.path().join("training.png");
+        training_curves(&curves, &[record(1, 0.8, 0.7), record(2, 0.5, 0.8), record(3, 0.4, 0.85)]).unwrap();
+        let img = image::open(&curves).unwrap();
+        assert_eq!((img.width(), img.height()), (1200, 450));
+        let confusion_png = dir.path().join("confusion.png");
+        let matrix: Vec<Vec<u64>> = (0..60).map(|i| (0..60).map(|j| u64::from(i == j) * 5 + 1).collect()).collect();
+        let names: Vec<String> = (0..60).map(|i| format!("class {i}")).collect();
+        confusion(&confusion_png, &matrix, &names).unwrap();
+        let img = image::open(&confusion_png).unwrap();
+        assert!(img.width() > 50 * 16, "50 of the 60 classes are drawn");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary files left");
+    }
 }

@@ -571,23 +571,15 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
         return Ok(());
     }
 
-    let geometry = Geometry::from_config(&cfg.image);
-    let mut train_loader = Loader {
-        store: ImageStore::new(s.data_dir(), geometry, shard.train.len(), tc.cache),
-        geometry,
+    let loader = |rows: &[Row]| Loader {
+        store: ImageStore::new(s.data_dir(), Geometry::from_config(&cfg.image), rows.len(), tc.cache),
+        geometry: Geometry::from_config(&cfg.image),
         on_bad: tc.on_bad_image,
         bad: HashSet::new(),
         values: Vec::new(),
         rank: dist.rank(),
     };
-    let mut test_loader = Loader {
-        store: ImageStore::new(s.data_dir(), geometry, shard.test.len(), tc.cache),
-        geometry,
-        on_bad: tc.on_bad_image,
-        bad: HashSet::new(),
-        values: Vec::new(),
-        rank: dist.rank(),
-    };
+    let (mut train_loader, mut test_loader) = (loader(&shard.train), loader(&shard.test));
     let steps = shard.max_train_shard.div_ceil(tc.batch_size);
     let mut sync = GradSync::new(model.numel);
 
