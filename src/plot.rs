@@ -63,8 +63,9 @@ fn epoch_panel(
     chart
         .configure_mesh()
         .x_desc("epoch")
-        .x_labels(10)
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_labels(20)
+        // Epochs are whole numbers: label only those.
+        .x_label_formatter(&|x| if (x - x.round()).abs() < 1e-6 { format!("{x:.0}") } else { String::new() })
         .draw()
         .map_err(err)?;
     for (name, color, pts) in series.into_iter().filter(|s| !s.2.is_empty()) {
