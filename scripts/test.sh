@@ -12,3 +12,7 @@ echo "== cargo test" >&2
 # The tests use the venv's Python (torchvision interop) and MPICH's mpiexec.
 export SAC_PYTHON="$root/.venv/bin/python"
 cargo test --release -- --test-threads=1
+echo "== scheduler test: jobs/*.pbs and jobs/*.slurm on a one-node Slurm (installs slurm-wlm, needs root)" >&2
+bash tests/scheduler/run.sh
+echo "== benchmark harness, smoke mode (checks the harness runs, not speeds)" >&2
+bash bench/run.sh --smoke >/dev/null

@@ -198,6 +198,16 @@ impl Dist {
         });
     }
 
+    /// Sums `buf` over all ranks with one plain blocking `MPI_Allreduce`, as the original
+    /// mpi4py script did per tensor. Only the benchmark of `sac mpi-check` uses it: waiting inside
+    /// it busy-polls in the MPI library.
+    pub fn allreduce_sum_blocking(&self, buf: &mut [f32], scratch: &mut Vec<f32>) {
+        let Some(m) = self.multi() else { return };
+        scratch.clear();
+        scratch.extend_from_slice(buf);
+        m.world.all_reduce_into(&scratch[..], buf, SystemOperation::sum());
+    }
+
     /// Sum of one number over all ranks.
     pub fn sum_f64(&self, x: f64) -> f64 {
         let mut v = [x];

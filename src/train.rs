@@ -624,12 +624,18 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
             let synced = sync.sync(dist, grads.as_deref(), n_local, stop.load(Ordering::Relaxed));
             if synced.stop {
                 pb.abandon();
-                let done = state.epoch;
-                warn!(
-                    "stopping at epoch {epoch}, step {step}/{steps} on a signal; the checkpoint of epoch {done} in {} is intact; \
-                     continue with `sac train --resume`",
-                    dir.display()
-                );
+                if state.epoch == 0 {
+                    warn!(
+                        "stopping at epoch {epoch}, step {step}/{steps} on a signal, before any checkpoint was written"
+                    );
+                } else {
+                    warn!(
+                        "stopping at epoch {epoch}, step {step}/{steps} on a signal; the checkpoint of epoch {} in {} \
+                         is intact; continue with `sac train --resume`",
+                        state.epoch,
+                        dir.display()
+                    );
+                }
                 return Err(Interrupted.into());
             }
             if synced.images == 0.0 {

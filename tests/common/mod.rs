@@ -51,7 +51,8 @@ pub fn run_mpi(dir: &Path, ranks: usize, args: &[&str], timeout: Duration) -> Ou
     wait_with_timeout(spawn_mpi(dir, ranks, args), args, timeout)
 }
 
-/// Runs `cmd` in its own process group (so a timeout kills mpiexec and every rank it started).
+/// Runs `cmd` in its own process group: a timeout kills mpiexec (and sac itself when run alone); hydra's
+/// proxy and ranks live in sessions of their own and die with mpiexec.
 fn spawn(cmd: &mut Command, dir: &Path) -> Child {
     use std::os::unix::process::CommandExt;
     cmd.current_dir(dir)
@@ -67,7 +68,7 @@ fn spawn(cmd: &mut Command, dir: &Path) -> Child {
     cmd.spawn().expect("starting sac (or mpiexec)")
 }
 
-/// Sends `signal` to the child's whole process group (mpiexec and its ranks, or sac alone).
+/// Sends `signal` to the child's process group (mpiexec, which forwards SIGTERM/SIGINT to the ranks, or sac).
 pub fn signal_group(child: &Child, signal: i32) {
     // SAFETY: kill(2) with a negative pid addresses the process group the child leads.
     unsafe {
@@ -521,4 +522,99 @@ pub fn files_below(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+// ------------------------------------------------------------------------------------------------
+// Training fixtures: a data dir written directly, the venv's python, JSON files
+// ------------------------------------------------------------------------------------------------
+
+/// The Python with torch, torchvision and safetensors: `SAC_PYTHON`, else the project's `.venv`.
+pub fn venv_python() -> PathBuf {
+    std::env::var_os("SAC_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
+}
+
+/// The colour of image `i` of class `label` in [`write_data_dir`]: one hue per class, a little
+/// brighter per image so every file differs.
+pub fn class_colour(label: usize, i: usize) -> [u8; 3] {
+    const BASE: [[u8; 3]; 6] =
+        [[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40], [40, 200, 200], [200, 40, 200]];
+    BASE[label % BASE.len()].map(|v| v.saturating_add((i % 50) as u8))
+}
+
+/// Writes a labelled data dir as `sac create-dataset` would: `img/train/<i>.png` and
+/// `img/test/<i>.png` (`side`×`side` PNGs of [`class_colour`]), `train.csv` and `test.csv`
+/// (`path,label,category_id,image_id`; image `i` has label `i % classes`, category id `10 * label`),
+/// and `classes.csv`. Returns the train rows' relative paths, in file order.
+pub fn write_data_dir(data: &Path, classes: usize, n_train: usize, n_test: usize, side: u32) -> Vec<String> {
+    assert!(classes >= 1);
+    let mut counts = vec![0usize; classes];
+    let mut train_paths = Vec::new();
+    let mut image_id = 0;
+    for (split, n) in [("train", n_train), ("test", n_test)] {
+        let mut csv = String::from("path,label,category_id,image_id\n");
+        for i in 0..n {
+            let label = i % classes;
+            let rel = format!("img/{split}/{i}.png");
+            write_png(&data.join(&rel), side, side, class_colour(label, i));
+            csv.push_str(&format!("{rel},{label},{},{image_id}\n", 10 * label));
+            counts[label] += 1;
+            image_id += 1;
+            if split == "train" {
+                train_paths.push(rel);
+            }
+        }
+        fs::write(data.join(format!("{split}.csv")), csv).expect("writing a split CSV");
+    }
+    let mut csv = String::from("label,category_id,name,count\n");
+    for (label, count) in counts.iter().enumerate() {
+        csv.push_str(&format!("{label},{},class{label},{count}\n", 10 * label));
+    }
+    fs::write(data.join("classes.csv"), csv).expect("writing classes.csv");
+    train_paths
+}
+
+/// Reads a JSON file (e.g. `state.json`, `metrics.json`).
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// Processes (pid, command line) whose command line contains `needle`, e.g. a test's unique
+/// config path: finds ranks left running after their `mpiexec` has exited. Hydra starts the ranks
+/// in sessions of their own, so they are not in the test's process group.
+pub fn processes_with_arg(needle: &str) -> Vec<(u32, String)> {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("listing /proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        // A process may exit while we look: skip what cannot be read.
+        let Ok(raw) = fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push((pid, cmdline.trim_end().to_string()));
+        }
+    }
+    found
+}
+
+/// Fails if a process whose command line contains `needle` is still running `grace` after the
+/// job ended (ranks exit a moment after mpiexec reports).
+#[track_caller]
+pub fn assert_no_process_left(needle: &str, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    loop {
+        let left = processes_with_arg(needle);
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("processes left running after the job ended: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
