@@ -30,7 +30,8 @@ sac="$root/target/release/sac"
 py="$root/.venv/bin/python"
 torchrun="$root/.venv/bin/torchrun"
 
-out="$root/bench/results/$(date -u +%Y%m%dT%H%M%SZ)$( ((smoke)) && echo -smoke)"
+out="$root/bench/results/$(date -u +%Y%m%dT%H%M%SZ)"
+if ((smoke)); then out="$out-smoke"; fi
 mkdir -p "$out/logs"
 results="$out/results.jsonl"
 work="$(mktemp -d)"
