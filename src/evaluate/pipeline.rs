@@ -345,10 +345,13 @@ fn bytes_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
 }
 
+/// A `Prediction` on the wire: (row, label, top-k labels, loss).
+type WirePrediction = (usize, Option<usize>, Vec<usize>, Option<f32>);
+
 #[derive(Serialize, Deserialize)]
 struct ResultMsg {
     meta: Meta,
-    preds: Vec<(usize, Option<usize>, Vec<usize>, Option<f32>)>,
+    preds: Vec<WirePrediction>,
 }
 
 /// Receives one credit (or predictor request) from `src`: returns the sender.

@@ -283,8 +283,8 @@ pub fn write_png(path: &Path, w: u32, h: u32, colour: [u8; 3]) {
 pub fn mean_colour(img: &image::RgbImage) -> [f64; 3] {
     let mut sum = [0f64; 3];
     for p in img.pixels() {
-        for c in 0..3 {
-            sum[c] += p.0[c] as f64;
+        for (acc, &v) in sum.iter_mut().zip(&p.0) {
+            *acc += f64::from(v);
         }
     }
     let n = (img.width() * img.height()) as f64;
