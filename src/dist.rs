@@ -144,6 +144,11 @@ impl Dist {
 
     /// Ends every rank of the job. In a one-rank world, exits the process.
     pub fn abort(&self, code: i32) -> ! {
+        // MPI_Abort also kills the launcher's output relays: give them a moment to forward what this
+        // rank just wrote (its error message), or the user may never see it.
+        use std::io::Write;
+        let _ = std::io::stderr().flush();
+        std::thread::sleep(Duration::from_millis(300));
         match &self.mpi {
             Some(m) if self.size > 1 => m.world.abort(code),
             _ => std::process::exit(code),

@@ -75,11 +75,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 eprintln!("error: {msg}");
             }
             if dist.size() > 1 {
-                // The other ranks may be inside a collective: end them all. First give the launcher
-                // a moment to forward this message: MPI_Abort kills its output relays too.
-                use std::io::Write;
-                let _ = std::io::stderr().flush();
-                std::thread::sleep(std::time::Duration::from_millis(300));
+                // The other ranks may be inside a collective: end them all.
                 dist.abort(1);
             }
             ExitCode::FAILURE

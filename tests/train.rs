@@ -512,7 +512,7 @@ fn missing_train_csv_is_named_and_no_rank_is_left_waiting() {
 /// writes it to stderr before `MPI_Abort`, and the launcher has to forward it.
 #[test]
 #[ignore = "stress check (20 failing jobs, ~30 s): hydra may kill its output relay before it forwards a \
-            rank's last lines; sac pauses before MPI_Abort for that (src/lib.rs). Run with --ignored"]
+            rank's last lines; sac pauses before MPI_Abort for that (Dist::abort). Run with --ignored"]
 fn error_of_an_aborting_rank_always_reaches_stderr() {
     let p = Project::new(2, 4, 0, 32);
     for run in 1..=20 {
