@@ -66,7 +66,12 @@ def ddp(a):
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader, DistributedSampler
 
-    dist.init_process_group("gloo")
+    import datetime
+
+    # Loopback only, and a bounded wait: a peer that never connects fails the run instead of
+    # holding it for gloo's default 30 minutes.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=a.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
@@ -194,6 +199,7 @@ def main():
         s.add_argument("--steps", type=int, default=20)
         s.add_argument("--threads", type=int, default=1)
         s.add_argument("--checkpoint", default="")
+        s.add_argument("--timeout", type=int, default=300, help="seconds to wait for a peer (ddp)")
     s = sub.add_parser("decode")
     s.add_argument("--dir", required=True)
     s.add_argument("--size", type=int, default=128)

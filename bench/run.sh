@@ -38,6 +38,25 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 log() { printf '\033[1mbench:\033[0m %s\n' "$*" >&2; }
 
+# Every step has a time bound, so a hung step fails the run (naming the step and showing its
+# log) instead of holding it. `timeout` signals the step's whole process group, mpiexec's ranks too.
+step_limit=$((smoke ? 300 : 1800))
+step() { # step LOG COMMAND...: runs COMMAND with stderr appended to LOG
+  local logf=$1 rc=0
+  shift
+  timeout --kill-after=15 "$step_limit" "$@" 2>>"$logf" || rc=$?
+  if ((rc)); then
+    if ((rc == 124 || rc == 137)); then
+      log "FAILED: no end after ${step_limit} s: $*"
+    else
+      log "FAILED (exit $rc): $*"
+    fi
+    log "last lines of $logf:"
+    tail -n 40 "$logf" >&2
+    exit 1
+  fi
+}
+
 # The workload: Fashion-MNIST 70k pooled, sample 0.1, seed 0; 64x64; resnet18 from scratch;
 # batch 64 per rank; Adam 4e-4; one torch thread per rank; one epoch.
 cat >"$work/config.toml" <<EOF
@@ -65,14 +84,15 @@ validate = false
 threads = 1
 cache = true
 EOF
-"$sac" --config "$work/config.toml" -q create-dataset
+step "$out/logs/create-dataset.log" "$sac" --config "$work/config.toml" -q create-dataset
 data="$work/data"
 
 # sac train at N ranks: images/s from state.json, peak RSS and CPU per rank from the log.
 sac_train() {
   local n=$1 logf="$out/logs/sac-train-n$1-r$2.log"
   rm -rf "$work/checkpoints"
-  mpiexec -n "$n" "$sac" --config "$work/config.toml" train >"$logf" 2>&1
+  : >"$logf"
+  step "$logf" mpiexec -n "$n" "$sac" --config "$work/config.toml" train >>"$logf"
   "$py" - "$work/checkpoints/resnet18/state.json" "$logf" "$n" <<'EOF' >>"$results"
 import json, re, sys
 state, log, n = json.load(open(sys.argv[1])), open(sys.argv[2]).read(), int(sys.argv[3])
@@ -86,15 +106,17 @@ EOF
 }
 
 ddp_train() {
-  local n=$1
-  OMP_NUM_THREADS=1 "$torchrun" --standalone --nproc_per_node "$n" bench/baselines.py ddp --data "$data" \
-    2>"$out/logs/ddp-train-n$n-r$2.log" | grep '^{' >>"$results"
+  local n=$1 logf="$out/logs/ddp-train-n$1-r$2.log"
+  : >"$logf"
+  OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=lo step "$logf" "$torchrun" --standalone --nproc_per_node "$n" \
+    bench/baselines.py ddp --data "$data" --timeout "$step_limit" >"$work/ddp.out"
+  grep '^{' "$work/ddp.out" >>"$results"
 }
 
 sac_eval() {
-  local n=$1
-  mpiexec -n "$n" "$sac" --config "$work/config.toml" --set train.threads=0 evaluate \
-    >"$out/logs/sac-eval-n$n-r$2.log" 2>&1
+  local n=$1 logf="$out/logs/sac-eval-n$1-r$2.log"
+  : >"$logf"
+  step "$logf" mpiexec -n "$n" "$sac" --config "$work/config.toml" --set train.threads=0 evaluate >>"$logf"
   "$py" - "$work/output/metrics.json" "$n" <<'EOF' >>"$results"
 import json, sys
 m, n = json.load(open(sys.argv[1])), int(sys.argv[2])
@@ -105,10 +127,10 @@ EOF
 }
 
 log "results in $out"
-"$py" bench/baselines.py jpegs --dir "$work/jpegs" --count "$jpeg_count"
+step "$out/logs/jpegs.log" "$py" bench/baselines.py jpegs --dir "$work/jpegs" --count "$jpeg_count"
 for round in $(seq 1 "$rounds"); do
   log "round $round/$rounds"
-  "$py" bench/baselines.py compute --steps $((smoke ? 3 : 20)) >>"$results"
+  step "$out/logs/compute-r$round.log" "$py" bench/baselines.py compute --steps $((smoke ? 3 : 20)) >>"$results"
   for n in $train_ns; do
     log "  train n=$n: sac, then DDP"
     sac_train "$n" "$round"
@@ -116,25 +138,28 @@ for round in $(seq 1 "$rounds"); do
   done
   for n in $mpi_ns; do
     log "  gradient exchange n=$n"
-    mpiexec -n "$n" "$sac" mpi-check --reps $((smoke ? 2 : 10)) -q 2>/dev/null |
-      "$py" -c '
+    step "$out/logs/mpi-check-n$n-r$round.log" mpiexec -n "$n" "$sac" mpi-check --reps $((smoke ? 2 : 10)) -q \
+      >"$work/mpi-check.out"
+    "$py" -c '
 import json, re, sys
 text = sys.stdin.read()
 m = re.search(r"fused ([\d.]+) \(allreduce alone ([\d.]+)\), one allreduce per tensor ([\d.]+)", text)
 print(json.dumps({"what": "allreduce", "impl": "sac", "n": int(sys.argv[1]), "fused_ms": float(m[1]),
-                  "raw_ms": float(m[2]), "per_tensor_ms": float(m[3])}))' "$n" >>"$results"
+                  "raw_ms": float(m[2]), "per_tensor_ms": float(m[3])}))' "$n" <"$work/mpi-check.out" >>"$results"
   done
   for n in $eval_ns; do
     log "  evaluate n=$n"
     sac_eval "$n" "$round"
   done
   log "  evaluate: PyTorch baseline"
-  "$py" bench/baselines.py infer --data "$data" --batch 32 --threads "$(nproc)" \
-    --checkpoint "$work/checkpoints/resnet18/model.safetensors" >>"$results"
+  step "$out/logs/infer-r$round.log" "$py" bench/baselines.py infer --data "$data" --batch 32 \
+    --threads "$(nproc)" --checkpoint "$work/checkpoints/resnet18/model.safetensors" >>"$results"
   log "  decode + resize of 1000x680 JPEGs"
-  "$py" bench/baselines.py decode --dir "$work/jpegs" >>"$results"
+  step "$out/logs/decode-r$round.log" "$py" bench/baselines.py decode --dir "$work/jpegs" >>"$results"
   if ((!smoke)); then # the smoke run skips building the bench profile; a unit test covers the loader
-    SAC_BENCH_JPEGS="$work/jpegs" cargo bench --quiet --bench decode 2>/dev/null | grep '^{' >>"$results"
+    SAC_BENCH_JPEGS="$work/jpegs" step "$out/logs/decode-sac-r$round.log" cargo bench --quiet --bench decode \
+      >"$work/decode.out"
+    grep '^{' "$work/decode.out" >>"$results"
   fi
 done
 
