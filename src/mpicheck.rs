@@ -27,7 +27,8 @@ fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[]) / scale
 }
 
-fn mean_loss_grads(net: &impl Module, params: &[Tensor], x: &Tensor, y: &Tensor) -> Vec<Tensor> {
+/// The flat gradient of the mean loss over `x`, computed in this process alone.
+fn mean_loss_grad(net: &impl Module, params: &[Tensor], x: &Tensor, y: &Tensor) -> Tensor {
     for p in params {
         let mut g = p.grad();
         if g.defined() {
@@ -35,7 +36,7 @@ fn mean_loss_grads(net: &impl Module, params: &[Tensor], x: &Tensor, y: &Tensor)
         }
     }
     net.forward(x).cross_entropy_for_logits(y).backward();
-    params.iter().map(|p| p.grad().copy()).collect()
+    Tensor::cat(&params.iter().map(|p| p.grad().reshape([-1])).collect::<Vec<_>>(), 0)
 }
 
 /// Part 1; returns the relative error.
@@ -54,41 +55,47 @@ pub fn check_averaging(dist: &Dist, batch: usize) -> Result<f64> {
     let x = Tensor::randn([batch as i64, 20], (Kind::Float, Device::Cpu));
     let y = Tensor::randint(5, [batch as i64], (Kind::Int64, Device::Cpu));
     let mine: Vec<i64> = (dist.rank()..batch).step_by(dist.size()).map(|i| i as i64).collect();
-    let local = if mine.is_empty() {
-        None
-    } else {
+    // As in training: the gradients live in the exchange buffer, of the summed loss of this rank's rows.
+    let mut sync = GradSync::new(&params);
+    sync.zero_grads();
+    if !mine.is_empty() {
         let idx = Tensor::from_slice(&mine);
-        Some(mean_loss_grads(&net, &params, &x.index_select(0, &idx), &y.index_select(0, &idx)))
-    };
-    let numel = params.iter().map(Tensor::numel).sum();
-    let synced = GradSync::new(numel).sync(dist, local.as_deref(), mine.len(), false);
-    let whole = mean_loss_grads(&net, &params, &x, &y);
-    let reference = Tensor::cat(&whole.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
+        let loss = net.forward(&x.index_select(0, &idx)).cross_entropy_for_logits(&y.index_select(0, &idx));
+        (loss * mine.len() as f64).backward();
+    }
+    let synced = sync.sync(dist, mine.len(), false);
+    let averaged = &synced.grad * f64::from(synced.scale);
     if synced.images as usize != batch {
         bail!("the ranks' image counts add up to {}, not {batch}", synced.images);
     }
-    Ok(relative_error(&synced.grad, &reference))
+    let reference = mean_loss_grad(&net, &params, &x, &y);
+    Ok(relative_error(&averaged, &reference))
 }
 
 /// Part 2: how long exchanging the gradients of `arch` takes, each way.
 pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exchange {
     let vs = nn::VarStore::new(Device::Cpu);
     let _net = crate::models::build(&vs.root(), arch, classes);
-    let mut grads: Vec<(String, Tensor)> =
-        vs.trainable_variables().into_iter().map(|t| (String::new(), t.detach().randn_like())).collect();
-    grads.iter_mut().enumerate().for_each(|(i, (n, _))| *n = format!("{i:05}"));
-    let tensors: Vec<Tensor> = grads.into_iter().map(|(_, t)| t).collect();
-    let numel: usize = tensors.iter().map(Tensor::numel).sum();
-    let mut sync = GradSync::new(numel);
+    let mut named = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect::<Vec<_>>();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+    let numel: usize = params.iter().map(Tensor::numel).sum();
+    // Gradients as training leaves them: in the exchange buffer, here random.
+    let mut sync = GradSync::new(&params);
+    tch::no_grad(|| {
+        for p in &params {
+            let _ = p.grad().normal_(0.0, 1.0);
+        }
+    });
     dist.barrier();
     let t = Instant::now();
     for _ in 0..reps {
-        let _ = sync.sync(dist, Some(&tensors), 64, false);
+        let _ = sync.sync(dist, 64, false);
     }
     let fused = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
     let mut scratch = Vec::new();
     let mut bufs: Vec<Vec<f32>> =
-        tensors.iter().map(|t| Vec::<f32>::try_from(&t.reshape([-1])).expect("float")).collect();
+        params.iter().map(|p| Vec::<f32>::try_from(&p.grad().reshape([-1])).expect("float")).collect();
     dist.barrier();
     let t = Instant::now();
     for _ in 0..reps {
@@ -105,12 +112,13 @@ pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exch
         dist.allreduce_sum_into(&send, &mut recv);
     }
     let raw = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
-    Exchange { fused, per_tensor, raw, tensors: tensors.len(), numel }
+    Exchange { fused, per_tensor, raw, tensors: params.len(), numel }
 }
 
 /// Milliseconds per step of each way of exchanging one step's gradients.
 pub struct Exchange {
-    /// `GradSync::sync`: packing, weighting, the bucketed allreduce and unpacking.
+    /// `GradSync::sync` as training calls it: the bucketed allreduce of the gradients, which
+    /// live in its send buffer, with the image count and stop flag.
     pub fused: f64,
     /// One blocking allreduce per parameter tensor (the original script's design).
     pub per_tensor: f64,

@@ -131,83 +131,140 @@ impl Model {
 }
 
 /// Averages gradients over the ranks, weighted by each rank's image count, so the result is the
-/// gradient of the mean loss over all ranks' images together. All gradients travel in one flat
+/// gradient of the mean loss over all ranks' images together. Callers back-propagate the *summed*
+/// loss of their images (mean × count), which is that weighting. All gradients travel in one flat
 /// buffer (one allreduce per `dist::BUCKET_FLOATS` bucket), followed by two more numbers: the
 /// rank's image count and its stop request (a signal), so every rank learns both in the same call.
+///
+/// For parameters that are contiguous f32 CPU tensors (training on the CPU), each parameter's
+/// gradient *is* a view into the send buffer (what DDP calls gradient_as_bucket_view): backward
+/// accumulates straight into it, so nothing is copied before the allreduce, and the division by
+/// the image count is left to the optimizer (`Synced::scale`), so nothing is copied after it.
+/// Other parameters (a GPU) have their gradients copied into the buffer.
 pub struct GradSync {
+    params: Vec<Tensor>,
     numel: usize,
-    send: Vec<f32>,
-    recv: Vec<f32>,
-    /// The averaged gradient; allocated once (a fresh 45 MB buffer every step costs page faults).
-    flat: Tensor,
+    /// The gradients, then this rank's image count and stop flag.
+    send: Tensor,
+    /// The sums over all ranks, same layout.
+    recv: Tensor,
+    /// The parameters' gradients are views into `send`.
+    bound: bool,
 }
 
 /// The outcome of one `GradSync::sync`.
 pub struct Synced {
-    /// The averaged gradient, flat, on the CPU (valid until the next `sync`).
+    /// The summed gradient, flat, on the CPU (valid until the next `zero_grads`); times `scale` it
+    /// is the gradient of the mean loss over all ranks' images.
     pub grad: Tensor,
+    /// 1 / images (0 when no rank had an image).
+    pub scale: f32,
     /// Images over all ranks in this step.
     pub images: f32,
     /// Some rank asked to stop.
     pub stop: bool,
 }
 
+/// A contiguous f32 CPU tensor as a mutable slice.
+///
+/// SAFETY: the caller guarantees that `t` is a contiguous f32 CPU tensor of at least `n` elements
+/// and that nothing else reads or writes it while the slice lives.
+unsafe fn f32_slice_mut<'a>(t: &Tensor, n: usize) -> &'a mut [f32] {
+    std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n)
+}
+
+fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
+}
+
 impl GradSync {
-    pub fn new(numel: usize) -> Self {
-        GradSync {
+    /// `params`: the trained parameters, in the order the optimizer uses.
+    pub fn new(params: &[Tensor]) -> Self {
+        let numel: usize = params.iter().map(Tensor::numel).sum();
+        let buf = || Tensor::zeros([numel as i64 + 2], (Kind::Float, Device::Cpu));
+        let mut sync = GradSync {
+            params: params.iter().map(Tensor::shallow_clone).collect(),
             numel,
-            send: vec![0.0; numel + 2],
-            recv: vec![0.0; numel + 2],
-            flat: Tensor::zeros([numel as i64], (Kind::Float, Device::Cpu)),
+            send: buf(),
+            recv: buf(),
+            bound: !params.is_empty() && params.iter().all(is_cpu_f32),
+        };
+        if sync.bound {
+            sync.bind();
         }
+        sync
     }
 
-    /// `grads`: this rank's gradients of its mean loss over `images` images (None: no images).
-    pub fn sync(&mut self, dist: &Dist, grads: Option<&[Tensor]>, images: usize, stop: bool) -> Synced {
-        let p = self.numel;
-        let grads = grads.filter(|_| images > 0);
-        if dist.size() == 1 {
-            // Nothing to exchange: gather the gradients into the flat buffer.
-            tch::no_grad(|| match grads {
-                Some(grads) => {
-                    let mut off = 0;
-                    for g in grads {
-                        let n = g.numel() as i64;
-                        self.flat.narrow(0, off, n).copy_(&g.reshape([-1]));
-                        off += n;
+    /// Makes every parameter's gradient a view into `send`. A gradient must exist to be re-pointed,
+    /// so a backward pass of zero creates them first; from then on autograd accumulates into the
+    /// existing gradient in place instead of replacing it.
+    fn bind(&mut self) {
+        for p in &self.params {
+            if !p.grad().defined() {
+                (p.sum(Kind::Float) * 0.0).backward();
+            }
+        }
+        tch::no_grad(|| {
+            let mut off = 0i64;
+            for p in &self.params {
+                let _ = p.grad().set_source_tensor_storage_offset_(&self.send, off, p.size(), p.stride());
+                off += p.numel() as i64;
+            }
+            let _ = self.send.zero_();
+        });
+    }
+
+    /// Zeroes the gradients before a backward pass (one pass over the buffer when bound).
+    pub fn zero_grads(&mut self) {
+        tch::no_grad(|| {
+            if self.bound {
+                let _ = self.send.zero_();
+            } else {
+                for p in &self.params {
+                    let mut g = p.grad();
+                    if g.defined() {
+                        let _ = g.zero_();
                     }
                 }
-                None => {
-                    let _ = self.flat.zero_();
-                }
-            });
-            return Synced { grad: self.flat.shallow_clone(), images: images as f32, stop };
-        }
-        match grads {
-            Some(grads) => {
-                let mut off = 0;
-                for g in grads {
-                    let n = g.numel();
-                    let g = g.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-                    g.copy_data(&mut self.send[off..off + n], n);
-                    off += n;
-                }
-                debug_assert_eq!(off, p, "gradients and parameters differ in size");
-                let w = images as f32;
-                self.send[..p].iter_mut().for_each(|v| *v *= w);
             }
-            None => self.send[..p].fill(0.0),
+        });
+    }
+
+    /// Sums the gradients (of the summed loss over `images` images; ignored when `images` is 0)
+    /// and the image counts and stop requests over the ranks.
+    pub fn sync(&mut self, dist: &Dist, images: usize, stop: bool) -> Synced {
+        let p = self.numel;
+        // SAFETY: `send` and `recv` are contiguous f32 CPU tensors of p + 2 elements that only this
+        // struct owns; autograd writes into `send` only during backward, not during this call.
+        let send = unsafe { f32_slice_mut(&self.send, p + 2) };
+        if images == 0 {
+            send[..p].fill(0.0);
+        } else if !self.bound {
+            let mut off = 0;
+            for t in &self.params {
+                let n = t.numel();
+                let g = t.grad();
+                if g.defined() {
+                    let g = g.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+                    g.copy_data(&mut send[off..off + n], n);
+                } else {
+                    send[off..off + n].fill(0.0);
+                }
+                off += n;
+            }
         }
-        self.send[p] = images as f32;
-        self.send[p + 1] = f32::from(u8::from(stop));
-        dist.allreduce_sum_into(&self.send, &mut self.recv);
-        let total = self.recv[p];
-        let inv = if total > 0.0 { 1.0 / total } else { 0.0 };
-        // SAFETY: `flat` is a contiguous CPU f32 tensor of `p` elements that only this struct owns;
-        // callers use the shallow clone in `Synced` before the next call.
-        let out = unsafe { std::slice::from_raw_parts_mut(self.flat.data_ptr() as *mut f32, p) };
-        out.iter_mut().zip(&self.recv[..p]).for_each(|(o, v)| *o = v * inv);
-        Synced { grad: self.flat.shallow_clone(), images: total, stop: self.recv[p + 1] > 0.0 }
+        send[p] = images as f32;
+        send[p + 1] = f32::from(u8::from(stop));
+        let (total, stop, sums) = if dist.size() == 1 {
+            (send[p], send[p + 1] > 0.0, &self.send)
+        } else {
+            // SAFETY: as above.
+            let recv = unsafe { f32_slice_mut(&self.recv, p + 2) };
+            dist.allreduce_sum_into(send, recv);
+            (recv[p], recv[p + 1] > 0.0, &self.recv)
+        };
+        let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
+        Synced { grad: sums.narrow(0, 0, p as i64), scale, images: total, stop }
     }
 }
 
@@ -279,24 +336,24 @@ impl Optimizer {
         Optimizer { kind, lr, step: 0, m: z(), v: z() }
     }
 
-    /// Applies one step with the flat gradient `g` to `params`.
-    fn apply(&mut self, g: &Tensor, params: &[(String, Tensor)]) {
+    /// Applies one step with the flat gradient `g × scale` to `params`.
+    fn apply(&mut self, g: &Tensor, scale: f32, params: &[(String, Tensor)]) {
         self.step += 1;
-        let on_cpu = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous();
-        if on_cpu(g) && on_cpu(&self.m) && params.iter().all(|(_, p)| on_cpu(p)) {
-            self.apply_fused(g, params);
+        if is_cpu_f32(g) && is_cpu_f32(&self.m) && params.iter().all(|(_, p)| is_cpu_f32(p)) {
+            self.apply_fused(g, scale, params);
         } else {
-            self.apply_tensor_ops(g, params);
+            self.apply_tensor_ops(&(g * f64::from(scale)), params);
         }
     }
 
     /// One pass over gradient, state and parameters per element, in place: no temporary buffers,
     /// where the tensor-op formulation makes six or more passes, each allocating 4 bytes per parameter.
-    fn apply_fused(&mut self, g: &Tensor, params: &[(String, Tensor)]) {
+    fn apply_fused(&mut self, g: &Tensor, scale: f32, params: &[(String, Tensor)]) {
         let numel = g.numel();
         // SAFETY: all tensors are contiguous CPU f32 tensors of the given lengths, owned by the
-        // optimizer or the model, and nothing else reads or writes them during the step.
-        let slice = |t: &Tensor, n: usize| unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) };
+        // optimizer, the model or the gradient exchange, and nothing else reads or writes them
+        // during the step.
+        let slice = |t: &Tensor, n: usize| unsafe { f32_slice_mut(t, n) };
         let g = slice(g, numel);
         let m = slice(&self.m, numel);
         let v = slice(&self.v, numel);
@@ -313,7 +370,7 @@ impl Optimizer {
             match self.kind {
                 OptimizerKind::Adam => {
                     for i in 0..n {
-                        let gi = g[i];
+                        let gi = g[i] * scale;
                         let mi = b1 * m[i] + (1.0 - b1) * gi;
                         let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
                         m[i] = mi;
@@ -325,7 +382,7 @@ impl Optimizer {
                     // torch.optim.SGD: buf = grad at the first step, then momentum * buf + grad;
                     // with buf starting at zero the one formula covers both.
                     for i in 0..n {
-                        let mi = MOMENTUM as f32 * m[i] + g[i];
+                        let mi = MOMENTUM as f32 * m[i] + g[i] * scale;
                         m[i] = mi;
                         p[i] -= lr * mi;
                     }
@@ -581,7 +638,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
     };
     let (mut train_loader, mut test_loader) = (loader(&shard.train), loader(&shard.test));
     let steps = shard.max_train_shard.div_ceil(tc.batch_size);
-    let mut sync = GradSync::new(model.numel);
+    let mut sync = GradSync::new(&model.params.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());
 
     for epoch in state.epoch + 1..=tc.epochs {
         let t_epoch = Instant::now();
@@ -601,27 +658,19 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
 
             let mut n_local = 0usize;
             let mut local_loss = 0f64;
-            let grads = match batch {
-                Some((x, y)) => {
-                    let logits = model.net.forward_t(&x, true);
-                    let loss = logits.cross_entropy_for_logits(&y);
-                    for (_, t) in &model.params {
-                        let mut g = t.grad();
-                        if g.defined() {
-                            let _ = g.zero_();
-                        }
-                    }
-                    loss.backward();
-                    n_local = y.size()[0] as usize;
-                    local_loss = loss.double_value(&[]);
-                    Some(model.params.iter().map(|(_, t)| t.grad()).collect::<Vec<_>>())
-                }
-                None => None,
-            };
+            if let Some((x, y)) = batch {
+                let logits = model.net.forward_t(&x, true);
+                let loss = logits.cross_entropy_for_logits(&y);
+                n_local = y.size()[0] as usize;
+                sync.zero_grads();
+                // The summed loss: GradSync weights each rank by its image count.
+                (&loss * n_local as f64).backward();
+                local_loss = loss.double_value(&[]);
+            }
             let t2 = Instant::now();
             times.compute += t2 - t1;
 
-            let synced = sync.sync(dist, grads.as_deref(), n_local, stop.load(Ordering::Relaxed));
+            let synced = sync.sync(dist, n_local, stop.load(Ordering::Relaxed));
             if synced.stop {
                 pb.abandon();
                 if state.epoch == 0 {
@@ -646,7 +695,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
             let t3 = Instant::now();
             times.comm += t3 - t2;
 
-            opt.apply(&g, &model.params);
+            opt.apply(&g, synced.scale, &model.params);
             times.optim += t3.elapsed();
             state.steps += 1;
             loss_sum += local_loss * n_local as f64;
@@ -875,7 +924,7 @@ mod tests {
             let params = vec![("p".to_string(), p.shallow_clone())];
             let mut opt = Optimizer::new(kind, 0.1, 2, Device::Cpu);
             for g in [[0.5f32, -1.0], [0.25, 2.0]] {
-                opt.apply(&Tensor::from_slice(&g), &params);
+                opt.apply(&Tensor::from_slice(&g), 1.0, &params);
             }
             let v = Vec::<f32>::try_from(&p.detach()).unwrap();
             assert!((v[0] - want[0]).abs() < 1e-4 && (v[1] - want[1]).abs() < 1e-4, "{kind:?}: {v:?}");
