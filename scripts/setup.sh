@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what sac needs and skips what is already there. Safe to run again.
-#   - Debian packages: MPICH (+ libclang for rsmpi's bindgen), Fashion-MNIST, pkg-config
+#   - Debian packages: MPICH (+ libclang for rsmpi's bindgen), libjpeg-turbo's TurboJPEG, Fashion-MNIST,
+#     pkg-config
 #   - .venv/ with torch==2.13.0 (libtorch for tch) and the test/benchmark Python packages
 # Set SAC_SKIP_APT=1 on a machine where you cannot use apt (a cluster): then provide MPI yourself.
 set -euo pipefail
@@ -9,7 +10,7 @@ cd "$root"
 
 log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 
-apt_pkgs=(mpich libmpich-dev libclang-dev pkg-config dataset-fashion-mnist fonts-dejavu-core)
+apt_pkgs=(mpich libmpich-dev libclang-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist fonts-dejavu-core)
 if [[ "${SAC_SKIP_APT:-0}" != 1 ]]; then
   missing=()
   for p in "${apt_pkgs[@]}"; do

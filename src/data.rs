@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use image::imageops::FilterType;
 use polars::prelude::{CsvReadOptions, DataFrame, DataType, SerReader};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -122,42 +121,37 @@ impl Geometry {
     }
 }
 
-/// Decodes a JPEG at the smallest DCT scale (1/1, 1/2, 1/4 or 1/8) that still covers `w`x`h`,
-/// as libjpeg's scaled decoding (PIL's `Image.draft`) does: a 1000x680 herbarium sheet bound for
-/// 128x128 is decoded at 250x170, a sixteenth of the pixels. None if this decoder cannot (the
-/// general decoder then tries, and reports the error).
-fn decode_jpeg_scaled(bytes: &[u8], w: u32, h: u32) -> Option<image::DynamicImage> {
-    use jpeg_decoder::{Decoder, PixelFormat};
-    // The decoder panics on some malformed headers: treat that as "cannot".
-    std::panic::catch_unwind(|| {
-        let mut d = Decoder::new(bytes);
-        d.scale(w.min(u16::MAX as u32) as u16, h.min(u16::MAX as u32) as u16).ok()?;
-        let pixels = d.decode().ok()?;
-        let info = d.info()?;
-        let (iw, ih) = (u32::from(info.width), u32::from(info.height));
-        match info.pixel_format {
-            PixelFormat::RGB24 => image::RgbImage::from_raw(iw, ih, pixels).map(image::DynamicImage::ImageRgb8),
-            PixelFormat::L8 => image::GrayImage::from_raw(iw, ih, pixels).map(image::DynamicImage::ImageLuma8),
-            _ => None,
-        }
-    })
-    .ok()
-    .flatten()
-}
-
 /// Decodes image bytes and resizes them to the geometry: RGB, HWC, u8.
 pub fn decode_resize(bytes: &[u8], g: &Geometry) -> Result<Vec<u8>> {
     let jpeg = bytes.starts_with(&[0xFF, 0xD8, 0xFF]);
-    let img = match jpeg.then(|| decode_jpeg_scaled(bytes, g.width, g.height)).flatten() {
-        Some(img) => img,
-        None => image::load_from_memory(bytes).context("cannot decode image")?,
+    // JPEGs at a reduced DCT scale (crate::jpeg); everything else, and JPEGs that decoder
+    // cannot read, by the image crate, which names the error.
+    let (w, h, px) = match jpeg.then(|| crate::jpeg::decode_scaled(bytes, g.width, g.height)).flatten() {
+        Some(decoded) => decoded,
+        None => {
+            let img = image::load_from_memory(bytes).context("cannot decode image")?.into_rgb8();
+            (img.width(), img.height(), img.into_raw())
+        }
     };
-    let img = if img.width() == g.width && img.height() == g.height {
-        img
-    } else {
-        img.resize_exact(g.width, g.height, FilterType::Triangle)
-    };
-    Ok(img.into_rgb8().into_raw())
+    resize_rgb(w, h, px, g)
+}
+
+/// Resizes RGB pixels to the geometry with a bilinear (triangle) filter that widens with the
+/// scale factor when shrinking, as PIL's `BILINEAR` and torchvision's `Resize` do; SIMD
+/// (fast_image_resize) where the CPU has it.
+fn resize_rgb(w: u32, h: u32, px: Vec<u8>, g: &Geometry) -> Result<Vec<u8>> {
+    use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+    if (w, h) == (g.width, g.height) {
+        return Ok(px);
+    }
+    thread_local! {
+        static RESIZER: std::cell::RefCell<Resizer> = std::cell::RefCell::new(Resizer::new());
+    }
+    let src = Image::from_vec_u8(w, h, px, PixelType::U8x3).context("image buffer of the wrong size")?;
+    let mut dst = Image::new(g.width, g.height, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    RESIZER.with(|r| r.borrow_mut().resize(&src, &mut dst, &options)).context("cannot resize image")?;
+    Ok(dst.into_vec())
 }
 
 /// Reads and decodes one file.
@@ -234,15 +228,13 @@ mod tests {
     }
 
     #[test]
-    fn large_jpeg_decodes_at_a_reduced_scale_to_the_configured_size() {
+    fn large_jpeg_decodes_to_the_configured_size_and_a_truncated_one_is_an_error() {
         let img = image::RgbImage::from_fn(1000, 680, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
         let mut jpg = Vec::new();
         img.write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg).unwrap();
-        let scaled = decode_jpeg_scaled(&jpg, 128, 128).expect("scaled decode");
-        assert_eq!((scaled.width(), scaled.height()), (250, 170), "1/4 scale covers 128x128");
         let g = Geometry { width: 128, height: 128, mean: [0.0; 3], std: [1.0; 3] };
         assert_eq!(decode_resize(&jpg, &g).unwrap().len(), 128 * 128 * 3);
-        assert!(decode_jpeg_scaled(&jpg[..100], 128, 128).is_none(), "truncated: left to the general decoder");
+        assert!(decode_resize(&jpg[..100], &g).is_err(), "a truncated header is an error");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod data;
 pub mod dataset;
 pub mod dist;
 pub mod evaluate;
+pub mod jpeg;
 pub mod logging;
 pub mod models;
 pub mod mpicheck;
