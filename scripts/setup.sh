@@ -12,25 +12,11 @@ log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 
 apt_pkgs=(mpich libmpich-dev libclang-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist fonts-dejavu-core)
 if [[ "${SAC_SKIP_APT:-0}" != 1 ]]; then
-  missing=()
-  for p in "${apt_pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  if ((${#missing[@]})); then
-    log "installing Debian packages: ${missing[*]}"
-    sudo_cmd=()
-    [[ $(id -u) == 0 ]] || sudo_cmd=(sudo)
-    aptlog="$(mktemp)"
-    if ! { "${sudo_cmd[@]}" apt-get update -qq &&
-      DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$aptlog" 2>&1; then
-      cat "$aptlog" >&2
-      log "apt-get failed (output above)"
-      exit 1
-    fi
-    rm -f "$aptlog"
-  else
-    log "Debian packages present"
-  fi
+  bash scripts/apt-ensure.sh "${apt_pkgs[@]}" || {
+    log "apt-get failed (output above)"
+    exit 1
+  }
+  log "Debian packages present"
 fi
 
 venv="$root/.venv"

@@ -127,7 +127,7 @@ pub fn run(dist: &Dist, s: &Settings) -> Result<()> {
 
     dist.barrier();
     let t0 = Instant::now();
-    let cpu0 = pipeline::cpu_seconds();
+    let cpu0 = crate::resource_usage().1;
     let (outcome, stats) = if pipelined {
         pipeline::mpi_pipeline(dist, &ctx, &rows, cfg.evaluate.batch_size, &mut predict)?
     } else if dist.is_root() {
@@ -139,7 +139,7 @@ pub fn run(dist: &Dist, s: &Settings) -> Result<()> {
     let mine = RankReport {
         stage: pipelined.then(|| Stage::of_rank(dist.rank())),
         stats,
-        cpu_seconds: pipeline::cpu_seconds() - cpu0,
+        cpu_seconds: crate::resource_usage().1 - cpu0,
     };
     let reports = dist.gather_bytes(0, serde_json::to_vec(&mine)?);
     if let (Some(outcome), Some(reports)) = (outcome, reports) {

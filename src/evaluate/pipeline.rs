@@ -514,11 +514,6 @@ pub fn mpi_pipeline(
     }
 }
 
-/// User + system CPU seconds of this process (all its threads).
-pub fn cpu_seconds() -> f64 {
-    crate::resource_usage().1
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,22 +61,12 @@ if [[ $(id -u) != 0 ]]; then
   exit 1
 fi
 pkgs=(slurm-wlm munge slurm-wlm-torque)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  begin "apt-get install ${missing[*]}"
-  aptlog="$(mktemp)"
-  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$aptlog" 2>&1; then
-    cat "$aptlog" >&2
-    rm -f "$aptlog"
-    say "FAIL: apt-get could not install ${missing[*]} (output above)"
-    exit 1
-  fi
-  rm -f "$aptlog"
-  pass
+begin "Debian packages: ${pkgs[*]}"
+if ! bash "$root/scripts/apt-ensure.sh" "${pkgs[@]}"; then
+  say "FAIL: apt-get could not install ${pkgs[*]} (output above)"
+  exit 1
 fi
+pass
 sac="$root/target/release/sac"
 if [[ ! -x $sac ]]; then
   say "building target/release/sac"
