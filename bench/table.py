@@ -63,7 +63,7 @@ def main():
               f"{med(s) / med(d):.2f} | {fmt(rs, 0)} / {fmt(rd, 0)} | {fmt(cs, 4)} / {fmt(cd, 4)} |")
 
     print("\n### Gradient exchange of resnet18 (11.2 M floats, 62 tensors), ms per step\n")
-    print("| N | sac fused (pack + allreduce + unpack) | allreduce alone | one allreduce per tensor | fused / per-tensor |")
+    print("| N | sac fused (GradSync, as a training step) | bucketed allreduce alone | one allreduce per tensor | fused / per-tensor |")
     print("|---|---|---|---|---|")
     for n in sorted({n for (w, i, n) in by if w == "allreduce"}):
         a = by[("allreduce", "sac", n)]
@@ -101,7 +101,7 @@ def main():
         pd = [r["images_per_second_draft"] for r in pil]
         s = [r["images_per_second"] for r in sac]
         sf = [r["images_per_second_full"] for r in sac]
-        print("| PIL | PIL with draft | sac (reduced DCT scale) | sac, full-size decode | sac / PIL draft |")
+        print("| PIL | PIL with draft | sac (libjpeg-turbo, reduced DCT scale) | sac, full-size decode (image crate) | sac / PIL draft |")
         print("|---|---|---|---|---|")
         print(f"| {fmt(p)} | {fmt(pd)} | {fmt(s)} | {fmt(sf)} | {med(s) / med(pd):.2f} |")
 
