@@ -105,7 +105,16 @@ def ddp(a):
             "peak_rss_mib": [r for r, _ in per_rank],
             "cpu_seconds_per_image": sum(c for _, c in per_rank) / images,
         }), flush=True)
-    dist.destroy_process_group()
+    # Not dist.destroy_process_group(): with gloo it sometimes never returns on the rank whose peer
+    # has already left (seen here: rank 0 printed its result, then hung there until the step's
+    # time bound). All collectives are done once every rank passes this barrier: leave at once.
+    # Rank 0 leaves first, so no peer closes a connection it may still be reading.
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if rank != 0:
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def compute(a):
