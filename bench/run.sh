@@ -41,9 +41,10 @@ log() { printf '\033[1mbench:\033[0m %s\n' "$*" >&2; }
 # Every step has a time bound, so a hung step fails the run (naming the step and showing its
 # log) instead of holding it. `timeout` signals the step's whole process group, mpiexec's ranks too.
 step_limit=$((smoke ? 300 : 1800))
-step() { # step LOG COMMAND...: runs COMMAND with stderr appended to LOG
+step() { # step LOG COMMAND...: empties LOG, then runs COMMAND with stderr appended to it
   local logf=$1 rc=0
   shift
+  : >"$logf"
   timeout --kill-after=15 "$step_limit" "$@" 2>>"$logf" || rc=$?
   if ((rc)); then
     if ((rc == 124 || rc == 137)); then
@@ -91,7 +92,6 @@ data="$work/data"
 sac_train() {
   local n=$1 logf="$out/logs/sac-train-n$1-r$2.log"
   rm -rf "$work/checkpoints"
-  : >"$logf"
   step "$logf" mpiexec -n "$n" "$sac" --config "$work/config.toml" train >>"$logf"
   "$py" - "$work/checkpoints/resnet18/state.json" "$logf" "$n" <<'EOF' >>"$results"
 import json, re, sys
@@ -107,7 +107,6 @@ EOF
 
 ddp_train() {
   local n=$1 logf="$out/logs/ddp-train-n$1-r$2.log"
-  : >"$logf"
   OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=lo step "$logf" "$torchrun" --standalone --nproc_per_node "$n" \
     bench/baselines.py ddp --data "$data" --timeout "$step_limit" >"$work/ddp.out"
   grep '^{' "$work/ddp.out" >>"$results"
@@ -115,7 +114,6 @@ ddp_train() {
 
 sac_eval() {
   local n=$1 logf="$out/logs/sac-eval-n$1-r$2.log"
-  : >"$logf"
   step "$logf" mpiexec -n "$n" "$sac" --config "$work/config.toml" --set train.threads=0 evaluate >>"$logf"
   "$py" - "$work/output/metrics.json" "$n" <<'EOF' >>"$results"
 import json, sys

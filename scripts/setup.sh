@@ -12,10 +12,7 @@ log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 
 apt_pkgs=(mpich libmpich-dev libclang-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist fonts-dejavu-core)
 if [[ "${SAC_SKIP_APT:-0}" != 1 ]]; then
-  bash scripts/apt-ensure.sh "${apt_pkgs[@]}" || {
-    log "apt-get failed (output above)"
-    exit 1
-  }
+  bash scripts/apt-ensure.sh "${apt_pkgs[@]}" # says what failed, and exits non-zero then
   log "Debian packages present"
 fi
 

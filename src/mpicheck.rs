@@ -28,13 +28,8 @@ fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// The flat gradient of the mean loss over `x`, computed in this process alone.
-fn mean_loss_grad(net: &impl Module, params: &[Tensor], x: &Tensor, y: &Tensor) -> Tensor {
-    for p in params {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.zero_();
-        }
-    }
+fn mean_loss_grad(net: &impl Module, params: &[Tensor], sync: &mut GradSync, x: &Tensor, y: &Tensor) -> Tensor {
+    sync.zero_grads();
     net.forward(x).cross_entropy_for_logits(y).backward();
     Tensor::cat(&params.iter().map(|p| p.grad().reshape([-1])).collect::<Vec<_>>(), 0)
 }
@@ -68,7 +63,7 @@ pub fn check_averaging(dist: &Dist, batch: usize) -> Result<f64> {
     if synced.images as usize != batch {
         bail!("the ranks' image counts add up to {}, not {batch}", synced.images);
     }
-    let reference = mean_loss_grad(&net, &params, &x, &y);
+    let reference = mean_loss_grad(&net, &params, &mut sync, &x, &y);
     Ok(relative_error(&averaged, &reference))
 }
 
