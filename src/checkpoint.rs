@@ -1,10 +1,10 @@
 //! Checkpoints: `.safetensors` files named as torchvision's `state_dict()` (so PyTorch loads them
-//! with strict checking), atomic writes, and the shape checks that refuse another architecture or
-//! class count with a clear message.
+//! with strict checking), atomic writes, the shape checks that refuse another architecture or
+//! class count with a clear message, and the on-disk layout of a training run (`Store`).
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
@@ -27,6 +27,215 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// fsync of a directory, so the renames inside it survive a crash.
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// Safetensors metadata key of a model checkpoint: the source's category ids in label order (JSON),
+/// which `evaluate` compares with `classes.csv`.
+pub const CATEGORY_IDS: &str = "category_ids";
+
+/// The files of one epoch's checkpoint, in the order they are written.
+pub const EPOCH_FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "state.json"];
+/// Written last into an epoch directory: every other file's name, size and CRC-32.
+pub const MANIFEST: &str = "manifest.json";
+/// The symlink that names the newest complete epoch; replaced by one rename (the publish step).
+pub const LATEST: &str = "latest";
+
+/// One entry of `manifest.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ManifestEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+/// A training run's checkpoints in `<checkpoint_dir>/<model>/`:
+/// ```text
+/// epoch-0007/ {model.safetensors, optimizer.safetensors, state.json, manifest.json}
+/// epoch-0008/ …                     the newest two complete epochs are kept
+/// latest -> epoch-0008              one rename publishes an epoch: it is complete or not there
+/// model.safetensors -> latest/model.safetensors   (also optimizer.safetensors, state.json)
+/// best.safetensors                  a hard link to the model file of the best epoch
+/// training.png
+/// ```
+/// An epoch is written into `.epoch-0008.tmp-<pid>/` (each file fsynced, the manifest last),
+/// renamed to `epoch-0008/`, and only then published through `latest`. A kill at any moment leaves
+/// the previous epoch published and whole; `--resume` verifies the manifest and falls back to the
+/// epoch before when the newest is damaged.
+pub struct Store {
+    pub dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(dir: &Path) -> Store {
+        Store { dir: dir.to_path_buf() }
+    }
+
+    pub fn epoch_dir(&self, epoch: u32) -> PathBuf {
+        self.dir.join(format!("epoch-{epoch:04}"))
+    }
+
+    /// Epoch directories present (complete or not), newest first.
+    pub fn epochs(&self) -> Vec<(u32, PathBuf)> {
+        let mut out: Vec<(u32, PathBuf)> = fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let n = name.strip_prefix("epoch-")?.parse().ok()?;
+                e.file_type().ok()?.is_dir().then(|| (n, e.path()))
+            })
+            .collect();
+        out.sort_by_key(|e| std::cmp::Reverse(e.0));
+        out
+    }
+
+    /// Does the directory hold any checkpoint (of this layout or of the older flat one)?
+    pub fn holds_checkpoint(&self) -> bool {
+        !self.epochs().is_empty() || self.dir.join("state.json").exists() || self.dir.join("model.safetensors").exists()
+    }
+
+    /// Writes one epoch's files into a fresh directory, fsynced, with the manifest last, and renames
+    /// it to `epoch-NNNN` (replacing one of that number, left by a run that fell back before it).
+    /// Nothing is published yet. On an error, the partial directory is removed.
+    pub fn write_epoch(&self, epoch: u32, files: &[(&str, &[u8])]) -> Result<PathBuf> {
+        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        let tmp = self.dir.join(format!(".epoch-{epoch:04}.tmp-{}", std::process::id()));
+        let result = (|| -> Result<PathBuf> {
+            if tmp.exists() {
+                fs::remove_dir_all(&tmp)?;
+            }
+            fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let mut manifest = Vec::new();
+            for (name, bytes) in files {
+                let path = tmp.join(name);
+                let mut f = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+                f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+                f.sync_all().with_context(|| format!("writing {}", path.display()))?;
+                manifest.push(ManifestEntry { name: name.to_string(), bytes: bytes.len() as u64, crc32: crc32(bytes) });
+                crate::fault::point("save-between-files");
+            }
+            let path = tmp.join(MANIFEST);
+            let mut f = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(&serde_json::to_vec_pretty(&manifest)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            f.sync_all().with_context(|| format!("writing {}", path.display()))?;
+            sync_dir(&tmp)?;
+            let dest = self.epoch_dir(epoch);
+            if dest.exists() {
+                fs::remove_dir_all(&dest).with_context(|| format!("removing the old {}", dest.display()))?;
+            }
+            fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+            sync_dir(&self.dir)?;
+            Ok(dest)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        result.with_context(|| format!("saving the checkpoint of epoch {epoch} in {}", self.dir.display()))
+    }
+
+    /// Makes `epoch` the one that `model.safetensors`, `state.json` and `optimizer.safetensors`
+    /// name: one atomic rename of the `latest` symlink (the fixed links through it are made once).
+    pub fn publish(&self, epoch: u32) -> Result<()> {
+        let tmp = self.dir.join(format!(".{LATEST}.tmp-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("epoch-{epoch:04}"), &tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        fs::rename(&tmp, self.dir.join(LATEST)).with_context(|| format!("publishing epoch {epoch}"))?;
+        for name in EPOCH_FILES {
+            let link = self.dir.join(name);
+            let target = PathBuf::from(LATEST).join(name);
+            if fs::read_link(&link).ok().as_ref() == Some(&target) {
+                continue;
+            }
+            // Also replaces a regular file of the older flat layout, atomically.
+            let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
+            let _ = fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&target, &tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            fs::rename(&tmp, &link).with_context(|| format!("creating {}", link.display()))?;
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// `best.safetensors` becomes (a hard link to) `epoch`'s model file, by a rename.
+    pub fn set_best(&self, epoch: u32) -> Result<()> {
+        let src = self.epoch_dir(epoch).join("model.safetensors");
+        let tmp = self.dir.join(format!(".best.safetensors.tmp-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        fs::hard_link(&src, &tmp)
+            .or_else(|_| fs::copy(&src, &tmp).map(|_| ()))
+            .with_context(|| format!("linking {} as the best model", src.display()))?;
+        fs::rename(&tmp, self.dir.join("best.safetensors")).context("replacing best.safetensors")?;
+        Ok(())
+    }
+
+    /// Removes what is neither among the newest `keep` epochs up to `published` nor in progress:
+    /// older epochs, epochs above `published` (left by a run that fell back or was overwritten),
+    /// and temporary directories of killed saves. With `only_published`, every other epoch goes
+    /// (the first save of an `--overwrite` run), and so does a best model of the old run.
+    pub fn prune(&self, published: u32, keep: usize, only_published: bool) -> Result<()> {
+        let mut kept = 0;
+        for (n, path) in self.epochs() {
+            let stays = n <= published && kept < keep && (!only_published || n == published);
+            if stays {
+                kept += 1;
+            } else {
+                fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+        for e in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".epoch-") && name.contains(".tmp-") {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks an epoch directory against its manifest: every file there, of its size and CRC-32.
+    pub fn verify(epoch_dir: &Path) -> Result<()> {
+        let mpath = epoch_dir.join(MANIFEST);
+        let text =
+            fs::read(&mpath).with_context(|| format!("{} is missing: the save did not finish", mpath.display()))?;
+        let manifest: Vec<ManifestEntry> =
+            serde_json::from_slice(&text).with_context(|| format!("{} is damaged", mpath.display()))?;
+        for name in EPOCH_FILES {
+            let entry = manifest
+                .iter()
+                .find(|e| e.name == name)
+                .with_context(|| format!("{} does not list {name}", mpath.display()))?;
+            let path = epoch_dir.join(name);
+            let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            if bytes.len() as u64 != entry.bytes {
+                bail!("{} has {} bytes, its manifest says {} (truncated?)", path.display(), bytes.len(), entry.bytes);
+            }
+            if crc32(&bytes) != entry.crc32 {
+                bail!("{} does not match its checksum in {MANIFEST} (corrupt)", path.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// CRC-32 (IEEE) of `bytes`: what `manifest.json` records (`zlib.crc32` in Python gives the same).
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(bytes);
+    h.finalize()
+}
+
+/// The first tensor that holds a NaN or an infinity, by name.
+pub fn first_non_finite<'a>(tensors: impl IntoIterator<Item = (&'a String, &'a Tensor)>) -> Option<String> {
+    tensors.into_iter().find_map(|(name, t)| {
+        let floating = matches!(t.kind(), Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16);
+        (floating && !bool::try_from(t.isfinite().all()).unwrap_or(false)).then(|| name.clone())
+    })
 }
 
 fn dtype_of(kind: Kind) -> Result<Dtype> {
@@ -166,6 +375,92 @@ mod tests {
         assert!(t["a"].equal(&a));
         assert_eq!(t["b"].int64_value(&[]), 7);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    }
+
+    /// `zlib.crc32(b"123456789")` is 0xCBF43926, the CRC-32 check value.
+    #[test]
+    fn crc32_is_zlibs() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    }
+
+    fn save(store: &Store, epoch: u32) {
+        let body = format!("epoch {epoch}");
+        let files: Vec<(&str, &[u8])> = EPOCH_FILES.iter().map(|n| (*n, body.as_bytes())).collect();
+        store.write_epoch(epoch, &files).unwrap();
+        store.publish(epoch).unwrap();
+    }
+
+    #[test]
+    fn epochs_are_published_by_one_link_and_the_newest_two_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(&tmp.path().join("resnet18"));
+        for epoch in 1..=3 {
+            save(&store, epoch);
+            store.prune(epoch, 2, false).unwrap();
+        }
+        store.set_best(2).unwrap();
+        assert_eq!(
+            names(&store.dir),
+            [
+                "best.safetensors",
+                "epoch-0002",
+                "epoch-0003",
+                "latest",
+                "model.safetensors",
+                "optimizer.safetensors",
+                "state.json"
+            ]
+        );
+        assert_eq!(fs::read_to_string(store.dir.join("state.json")).unwrap(), "epoch 3", "the links name the newest");
+        assert_eq!(fs::read_to_string(store.dir.join("best.safetensors")).unwrap(), "epoch 2");
+        Store::verify(&store.epoch_dir(3)).unwrap();
+        // An --overwrite run's first save leaves only itself.
+        save(&store, 1);
+        store.prune(1, 2, true).unwrap();
+        assert_eq!(store.epochs().iter().map(|e| e.0).collect::<Vec<_>>(), [1]);
+        assert_eq!(fs::read_to_string(store.dir.join("model.safetensors")).unwrap(), "epoch 1");
+    }
+
+    #[test]
+    fn verify_names_a_truncated_a_corrupt_and_an_unfinished_epoch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path());
+        save(&store, 1);
+        let dir = store.epoch_dir(1);
+        fs::write(dir.join("state.json"), "epoch").unwrap();
+        assert!(format!("{:#}", Store::verify(&dir).unwrap_err()).contains("truncated"));
+        fs::write(dir.join("state.json"), "epoch 9").unwrap();
+        assert!(format!("{:#}", Store::verify(&dir).unwrap_err()).contains("checksum"));
+        fs::remove_file(dir.join(MANIFEST)).unwrap();
+        assert!(format!("{:#}", Store::verify(&dir).unwrap_err()).contains("did not finish"));
+    }
+
+    #[test]
+    fn a_failed_save_leaves_no_directory_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path());
+        // A file name in a directory that does not exist: its create fails after the temporary
+        // directory was made.
+        let err = store.write_epoch(1, &[("x/model.safetensors", b"a")]).unwrap_err();
+        assert!(format!("{err:#}").contains("saving the checkpoint of epoch 1"), "{err:#}");
+        assert_eq!(names(tmp.path()), Vec::<String>::new(), "no temporary directory left");
+    }
+
+    #[test]
+    fn non_finite_tensors_are_named() {
+        let ok = Tensor::from_slice(&[1.0f32, 2.0]);
+        let bad = Tensor::from_slice(&[1.0f32, f32::NAN]);
+        let count = Tensor::from(3i64);
+        let v = [("a".to_string(), ok), ("b".to_string(), bad), ("c".to_string(), count)];
+        assert_eq!(first_non_finite(v.iter().map(|(n, t)| (n, t))), Some("b".to_string()));
+        assert_eq!(first_non_finite(v[..1].iter().map(|(n, t)| (n, t))), None);
     }
 
     #[test]

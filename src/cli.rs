@@ -105,9 +105,14 @@ pub struct TrainArgs {
     /// Number of epochs to train in all, counting epochs already done when resuming.
     #[arg(long, short = 'e')]
     pub epochs: Option<u32>,
-    /// Continue from the last complete epoch in checkpoints/<model>/.
-    #[arg(long)]
+    /// Continue from the newest complete checkpoint in checkpoints/<model>/ (a damaged newest
+    /// one falls back to the one before it).
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Start afresh even though checkpoints/<model>/ holds a checkpoint: its epochs are deleted
+    /// once the first new epoch is saved. Without --resume or --overwrite, train refuses to start.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Args)]

@@ -260,6 +260,16 @@ pub enum OnBadImage {
     Fail,
 }
 
+/// What a non-finite loss or gradient does to training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    /// Stop with an error naming the epoch and step (nothing non-finite is ever saved).
+    Fail,
+    /// Leave the step out (no update) and count it.
+    Skip,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainCfg {
@@ -272,6 +282,11 @@ pub struct TrainCfg {
     pub threads: usize,
     pub cache: bool,
     pub on_bad_image: OnBadImage,
+    pub on_nonfinite: OnNonFinite,
+    /// Seconds a rank waits for its peers before it logs which have not arrived (train and evaluate).
+    pub stall_warn: f64,
+    /// Seconds after which such a wait ends the job naming the ranks; 0: never.
+    pub stall_abort: f64,
 }
 
 impl Default for TrainCfg {
@@ -286,6 +301,19 @@ impl Default for TrainCfg {
             threads: 0,
             cache: true,
             on_bad_image: OnBadImage::Skip,
+            on_nonfinite: OnNonFinite::Fail,
+            stall_warn: 60.0,
+            stall_abort: 0.0,
+        }
+    }
+}
+
+impl TrainCfg {
+    /// `stall_warn` and `stall_abort` for `Dist`.
+    pub fn stall_limits(&self) -> crate::dist::StallLimits {
+        crate::dist::StallLimits {
+            warn: std::time::Duration::from_secs_f64(self.stall_warn),
+            abort: (self.stall_abort > 0.0).then(|| std::time::Duration::from_secs_f64(self.stall_abort)),
         }
     }
 }
@@ -467,6 +495,16 @@ impl Config {
         check(t.epochs >= 1, "train.epochs", "must be at least 1")?;
         check(t.batch_size >= 1, "train.batch_size", "must be at least 1")?;
         check(t.lr > 0.0 && t.lr.is_finite(), "train.lr", format!("{} must be > 0", t.lr))?;
+        check(
+            t.stall_warn >= 1.0 && t.stall_warn.is_finite(),
+            "train.stall_warn",
+            format!("{} must be at least 1 (seconds)", t.stall_warn),
+        )?;
+        check(
+            t.stall_abort == 0.0 || (t.stall_abort >= 1.0 && t.stall_abort.is_finite()),
+            "train.stall_abort",
+            format!("{} must be 0 (never) or at least 1 (seconds)", t.stall_abort),
+        )?;
         check(t.threads <= 1024, "train.threads", format!("{} is not a plausible thread count", t.threads))?;
         check(self.evaluate.batch_size >= 1, "evaluate.batch_size", "must be at least 1")?;
         Ok(())
@@ -566,6 +604,18 @@ mod tests {
         assert!(format!("{:#}", c.validate().unwrap_err()).contains("dataset.test_fraction"));
         let c = parse_with_sets("[model]\nname = \"inception\"\n[image]\nwidth = 64\nheight = 64\n", &[]).unwrap();
         assert!(format!("{:#}", c.validate().unwrap_err()).contains("inception's minimum input of 75x75"));
+    }
+
+    #[test]
+    fn stall_limits_are_checked_and_an_abort_of_zero_means_never() {
+        let c = parse_with_sets("[train]\nstall_warn = 0.5\n", &[]).unwrap();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("train.stall_warn"));
+        let c = parse_with_sets("", &["train.stall_abort=0.5".into()]).unwrap();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("train.stall_abort"));
+        let c = parse_with_sets("", &["train.stall_abort=30".into()]).unwrap();
+        assert_eq!(c.train.stall_limits().abort, Some(std::time::Duration::from_secs(30)));
+        let d = Config::default().train.stall_limits();
+        assert_eq!((d.warn, d.abort), (std::time::Duration::from_secs(60), None));
     }
 
     #[test]

@@ -1,22 +1,33 @@
 //! The only module that touches MPI: the world, scatter/broadcast/gather of byte buffers, the fused
-//! float allreduce, point-to-point messages for the evaluate pipeline, and abort.
+//! float allreduce, point-to-point messages for the evaluate pipeline, abort, and stall detection.
 //!
 //! Launched by `mpiexec` (or `srun`), `Dist::init` starts MPI; launched plainly it is a world of one
 //! rank whose collectives are identities, so every command runs without MPI.
 //!
 //! Waiting ranks must not take CPU from working ones when ranks outnumber cores, and MPI
 //! implementations busy-poll inside blocking calls. So every operation here is nonblocking
-//! and completed by our own polling loop:
+//! and completed by our own polling loop (`Dist::poll`):
 //! - waits that may last long (for a slower rank to arrive) sleep with a growing back-off;
 //! - collectives first pass an arrival barrier (sleeping), and only then move their data with a
 //!   loop that tests and `sched_yield`s, which is short because every rank is there to progress it.
+//!
+//! The same loop keeps every wait bounded, as Horovod's stall inspector does: after
+//! `stall_warn` seconds a waiting rank asks every other rank what it is doing (a small message
+//! that ranks answer from inside their own waits) and logs which ranks have not arrived; after
+//! `stall_abort` seconds it ends the job naming them. A stop signal (SIGTERM from a scheduler, or
+//! Ctrl-C) that arrives while peers do not come ends the job after `STOP_GRACE`, and a panic on
+//! any thread ends it at once (`install_panic_hook`): no rank is ever left waiting.
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mpi::collective::SystemOperation;
-use mpi::environment::Universe;
+use mpi::environment::{Threading, Universe};
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source, Status};
-use mpi::request::{Request, Scope};
+use mpi::request::{Request, Scope, StaticScope};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::{Buffer, BufferMut, CommunicatorCollectives, Equivalence, Root};
 
@@ -39,18 +50,93 @@ pub fn bucket_floats() -> usize {
     })
 }
 
+/// After a stop signal, how long a waiting rank still waits for its peers before it ends the job
+/// with MPI_Abort. Below Slurm's default KillWait (30 s), so the job ends by itself, with a reason,
+/// before the scheduler's SIGKILL. Peers that are working (rank 0 finishing a checkpoint) arrive
+/// well within it; a rank that does not is stopped, hung or dead.
+pub const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// How often a wait looks at stall queries, the stop flag and its limits.
+const SERVICE_EVERY: Duration = Duration::from_millis(20);
+
+/// How long a stalled rank collects answers to its query before it reports.
+const ANSWER_WINDOW: Duration = Duration::from_millis(1000);
+
+/// Exit code of an abort after a stop signal (128 + SIGINT, as the clean stop uses).
+pub const EXIT_STOPPED: i32 = 130;
+
+const TAG_STALL_QUERY: i32 = 0x57A1;
+const TAG_STALL_ANSWER: i32 = 0x57A2;
+
+/// When a wait is reported, and when it ends the job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StallLimits {
+    /// Log which ranks have not arrived after this long, and again after each further period.
+    pub warn: Duration,
+    /// End the job after this long; `None`: never.
+    pub abort: Option<Duration>,
+}
+
+impl Default for StallLimits {
+    fn default() -> Self {
+        StallLimits { warn: Duration::from_secs(60), abort: None }
+    }
+}
+
+/// What a rank is waiting in: named in stall reports, its own and its peers'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    /// A collective (every rank takes part); `seq` counts this rank's collectives.
+    Collective { name: &'static str, seq: u64 },
+    /// A message from `from` (any rank if `None`) with `tag`.
+    Recv { from: Option<usize>, tag: i32 },
+    /// The delivery of a message to `to`.
+    Send { to: usize, tag: i32 },
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Op::Collective { name, seq } => write!(f, "{name} (collective #{seq})"),
+            Op::Recv { from: Some(r), tag } => write!(f, "a receive from rank {r} (tag {tag})"),
+            Op::Recv { from: None, tag } => write!(f, "a receive from any rank (tag {tag})"),
+            Op::Send { to, tag } => write!(f, "a send to rank {to} (tag {tag})"),
+        }
+    }
+}
+
 pub struct Dist {
     rank: usize,
     size: usize,
     local_rank: usize,
     local_size: usize,
     mpi: Option<Mpi>,
+    limits: Cell<StallLimits>,
+    /// Collectives entered so far: every rank enters them in the same order, so equal numbers
+    /// mean the same collective.
+    coll_seq: Cell<u64>,
+    /// The thread support MPI gave (we ask for `Funneled`: MPI is called from the main thread only).
+    pub threading: Option<Threading>,
 }
 
 struct Mpi {
     world: SimpleCommunicator,
+    /// Sends of the stall protocol still in flight (their buffers are leaked, a few bytes each).
+    pending: RefCell<Vec<Request<'static, [u8]>>>,
+    /// Numbers this rank's stall queries, so late answers to an old one are told apart.
+    query_id: Cell<u64>,
     // Last field: dropped last, which finalizes MPI.
     _universe: Universe,
+}
+
+impl Drop for Mpi {
+    fn drop(&mut self) {
+        // Answers to queries of peers that have already left may never be taken: let them go
+        // (rsmpi panics on dropping an incomplete request).
+        for r in self.pending.get_mut().drain(..) {
+            std::mem::forget(r);
+        }
+    }
 }
 
 /// A wait that sleeps longer the longer it lasts: microseconds at first, at most 1 ms.
@@ -84,20 +170,117 @@ enum Wait {
     Eager,
 }
 
-fn wait_for<'a, D: ?Sized, S: Scope<'a>>(mut req: Request<'a, D, S>, how: Wait) -> Status {
-    let mut backoff = Backoff::new(match how {
-        Wait::Patient => Duration::from_micros(200),
-        Wait::Eager => Duration::from_secs(3600),
-    });
-    loop {
-        match req.test() {
-            Ok(status) => return status,
-            Err(r) => {
-                req = r;
-                backoff.snooze();
+impl Wait {
+    fn backoff(self) -> Backoff {
+        Backoff::new(match self {
+            Wait::Patient => Duration::from_micros(200),
+            Wait::Eager => Duration::from_secs(3600),
+        })
+    }
+}
+
+// ---- the abort path: shared by errors, panics, stalls and signals ----------------------------
+
+/// Set once MPI runs with more than one rank: then a panic ends the job through MPI_Abort.
+static MULTI: AtomicBool = AtomicBool::new(false);
+static RANK: AtomicUsize = AtomicUsize::new(0);
+/// A panic on a thread other than the main one: the main thread's next wait ends the job.
+static FATAL: OnceLock<String> = OnceLock::new();
+
+/// Ends every rank of the job with `code` (MPI_Abort), or this process when there is one rank.
+pub fn abort_job(code: i32) -> ! {
+    // MPI_Abort also kills the launcher's output relays: give them a moment to forward what this
+    // rank just wrote (its error message), or the user may never see it.
+    use std::io::Write;
+    let _ = std::io::stderr().flush();
+    std::thread::sleep(Duration::from_millis(300));
+    if MULTI.load(Ordering::SeqCst) {
+        SimpleCommunicator::world().abort(code)
+    }
+    std::process::exit(code)
+}
+
+/// The message of the panic that ended the main thread, for `run` to report as an error.
+pub fn take_panic_message() -> Option<String> {
+    LAST_PANIC.lock().ok().and_then(|mut m| m.take())
+}
+
+static LAST_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// A panic anywhere (tch turns every libtorch error, out of memory included, into one) is logged
+/// with its rank and, with more than one rank, ends the whole job through MPI_Abort at once: the
+/// other ranks would otherwise wait for this one in their next collective for ever. With one rank,
+/// a panic of the main thread becomes an ordinary error (exit code 1).
+pub fn install_panic_hook() {
+    let main = std::thread::current().id();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let place = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let on_main = std::thread::current().id() == main;
+        let rank = RANK.load(Ordering::SeqCst);
+        if MULTI.load(Ordering::SeqCst) {
+            let text = format!("rank {rank} failed: {msg} (a panic{place})");
+            report_fatal(&text);
+            if on_main {
+                abort_job(101);
             }
+            // Another thread: the main thread's next wait ends the job; should it be busy or
+            // stuck, this does after a few seconds.
+            let _ = FATAL.set(text);
+            std::thread::spawn(|| {
+                std::thread::sleep(Duration::from_secs(5));
+                abort_job(101);
+            });
+        } else if on_main {
+            if let Ok(mut m) = LAST_PANIC.lock() {
+                *m = Some(format!("{msg} (a panic{place})"));
+            }
+        } else {
+            report_fatal(&format!("a worker thread failed: {msg} (a panic{place})"));
+        }
+    }));
+}
+
+/// An error line to the log (when logging is set up) or stderr.
+fn report_fatal(text: &str) {
+    if crate::logging::is_on() {
+        tracing::error!("{text}");
+    } else {
+        eprintln!("error: {text}");
+    }
+}
+
+/// Polls `req` until it completes.
+fn test_request<'a, D: ?Sized, S: Scope<'a>>(slot: &mut Option<Request<'a, D, S>>) -> Option<Status> {
+    match slot.take().expect("a pending request").test() {
+        Ok(status) => Some(status),
+        Err(r) => {
+            *slot = Some(r);
+            None
         }
     }
+}
+
+/// A stall query or its answer on the wire.
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    b.get(i * 8..i * 8 + 8).map_or(0, |s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
+}
+
+/// What a wait has learnt about its peers, for its stall reports.
+struct StallWatch {
+    /// When the next report is due (the first after `limits.warn`).
+    next_report: Duration,
+    /// The query in flight: its id and when it went out.
+    query: Option<(u64, Duration)>,
+    /// Answers to it: rank → what that rank is waiting in (a collective's number too, if one).
+    answers: BTreeMap<usize, (String, Option<u64>)>,
+    /// When this wait first saw the stop flag.
+    stop_seen: Option<Instant>,
 }
 
 impl Dist {
@@ -106,18 +289,42 @@ impl Dist {
         if !LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
             return Ok(Dist::single());
         }
-        let universe = mpi::initialize().context("MPI_Init failed")?;
+        // MPI is called from the main thread only, while other threads exist (torch's, the
+        // signal handler's, evaluate's stage threads): MPI_THREAD_FUNNELED says exactly that.
+        let (universe, threading) =
+            mpi::initialize_with_threading(Threading::Funneled).context("MPI_Init_thread failed")?;
         let world = universe.world();
         let rank = world.rank() as usize;
         let size = world.size() as usize;
         let node = world.split_shared(world.rank());
         let (local_rank, local_size) = (node.rank() as usize, node.size() as usize);
-        Ok(Dist { rank, size, local_rank, local_size, mpi: Some(Mpi { world, _universe: universe }) })
+        RANK.store(rank, Ordering::SeqCst);
+        MULTI.store(size > 1, Ordering::SeqCst);
+        let mpi = Mpi { world, pending: RefCell::new(Vec::new()), query_id: Cell::new(0), _universe: universe };
+        Ok(Dist {
+            rank,
+            size,
+            local_rank,
+            local_size,
+            mpi: Some(mpi),
+            limits: Cell::new(StallLimits::default()),
+            coll_seq: Cell::new(0),
+            threading: Some(threading),
+        })
     }
 
     /// A world of one rank, without MPI.
     pub fn single() -> Dist {
-        Dist { rank: 0, size: 1, local_rank: 0, local_size: 1, mpi: None }
+        Dist {
+            rank: 0,
+            size: 1,
+            local_rank: 0,
+            local_size: 1,
+            mpi: None,
+            limits: Cell::new(StallLimits::default()),
+            coll_seq: Cell::new(0),
+            threading: None,
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -142,28 +349,211 @@ impl Dist {
         self.local_size
     }
 
-    /// Ends every rank of the job. In a one-rank world, exits the process.
-    pub fn abort(&self, code: i32) -> ! {
-        // MPI_Abort also kills the launcher's output relays: give them a moment to forward what this
-        // rank just wrote (its error message), or the user may never see it.
-        use std::io::Write;
-        let _ = std::io::stderr().flush();
-        std::thread::sleep(Duration::from_millis(300));
-        match &self.mpi {
-            Some(m) if self.size > 1 => m.world.abort(code),
-            _ => std::process::exit(code),
-        }
+    /// Sets when waits are reported and when they end the job (`[train] stall_warn, stall_abort`).
+    pub fn set_stall_limits(&self, limits: StallLimits) {
+        self.limits.set(limits);
     }
 
-    /// All ranks arrive; waiting ones sleep.
-    pub fn barrier(&self) {
-        if let Some(m) = self.multi() {
-            wait_for(m.world.immediate_barrier(), Wait::Patient);
-        }
+    /// Ends every rank of the job. In a one-rank world, exits the process.
+    pub fn abort(&self, code: i32) -> ! {
+        abort_job(code)
     }
 
     fn multi(&self) -> Option<&Mpi> {
         self.mpi.as_ref().filter(|_| self.size > 1)
+    }
+
+    // ---- waiting ---------------------------------------------------------------------------
+
+    /// Calls `ready` until it gives a value, sleeping or yielding in between (`how`), while
+    /// answering peers' stall queries, reporting and ending stalls, and honouring stop signals
+    /// and panics of other threads. `op` is what this rank waits in, for the reports.
+    fn poll<T>(&self, op: Op, how: Wait, mut ready: impl FnMut() -> Option<T>) -> T {
+        if let Some(v) = ready() {
+            return v;
+        }
+        let start = Instant::now();
+        let mut backoff = how.backoff();
+        let mut watch =
+            StallWatch { next_report: self.limits.get().warn, query: None, answers: BTreeMap::new(), stop_seen: None };
+        let mut serviced = start;
+        loop {
+            backoff.snooze();
+            if let Some(v) = ready() {
+                return v;
+            }
+            if serviced.elapsed() >= SERVICE_EVERY {
+                serviced = Instant::now();
+                self.service(op, start.elapsed(), &mut watch);
+            }
+        }
+    }
+
+    /// The periodic work of a wait that lasts.
+    fn service(&self, op: Op, waited: Duration, watch: &mut StallWatch) {
+        if let Some(text) = FATAL.get() {
+            tracing::error!("ending the job: {text}");
+            abort_job(101);
+        }
+        let Some(m) = self.multi() else { return };
+        self.answer_queries(m, op);
+        let sent = std::mem::take(&mut *m.pending.borrow_mut());
+        let still: Vec<_> = sent.into_iter().filter_map(|r| r.test().err()).collect();
+        *m.pending.borrow_mut() = still;
+        self.collect_answers(m, watch);
+
+        let limits = self.limits.get();
+        if crate::stop_requested() {
+            let seen = *watch.stop_seen.get_or_insert_with(Instant::now);
+            if watch.query.is_none() {
+                self.send_query(m, watch, waited);
+            }
+            if seen.elapsed() >= STOP_GRACE {
+                tracing::error!(
+                    "a stop signal arrived {:.0} s ago and this rank still waits in {op} after {:.0} s: {}; \
+                     ending the job",
+                    seen.elapsed().as_secs_f64(),
+                    waited.as_secs_f64(),
+                    self.missing(op, watch)
+                );
+                abort_job(EXIT_STOPPED);
+            }
+        }
+        // The query goes out early enough that its answers are in when the report is due.
+        let due = match limits.abort {
+            Some(a) => watch.next_report.min(a),
+            None => watch.next_report,
+        };
+        let query_fresh = watch.query.is_some_and(|(_, at)| at + ANSWER_WINDOW * 3 > due);
+        if waited + ANSWER_WINDOW >= due && !query_fresh {
+            self.send_query(m, watch, waited);
+        }
+        if let Some(a) = limits.abort {
+            if waited >= a {
+                tracing::error!(
+                    "stall: this rank has waited {:.0} s in {op}: {}; ending the job (train.stall_abort = {})",
+                    waited.as_secs_f64(),
+                    self.missing(op, watch),
+                    a.as_secs_f64()
+                );
+                abort_job(1);
+            }
+        }
+        if waited >= watch.next_report {
+            tracing::warn!(
+                "stall: this rank has waited {:.0} s in {op}: {}{}",
+                waited.as_secs_f64(),
+                self.missing(op, watch),
+                match limits.abort {
+                    Some(a) => format!("; the job ends after {:.0} s (train.stall_abort)", a.as_secs_f64()),
+                    None => "; set train.stall_abort to end such a job by itself".into(),
+                }
+            );
+            watch.next_report += limits.warn;
+        }
+    }
+
+    /// Which ranks this wait waits for and what the others answered: "rank 1 has not arrived (no
+    /// answer: busy computing, stopped or dead); rank 2 waits in …".
+    fn missing(&self, op: Op, watch: &StallWatch) -> String {
+        let peers: Vec<usize> = match op {
+            Op::Recv { from: Some(r), .. } | Op::Send { to: r, .. } => vec![r],
+            _ => (0..self.size).filter(|&r| r != self.rank).collect(),
+        };
+        let mut late = Vec::new();
+        let mut here = Vec::new();
+        for r in peers {
+            match watch.answers.get(&r) {
+                None => late.push(format!("rank {r} (no answer: busy, stopped or dead)")),
+                Some((_, Some(seq))) if matches!(op, Op::Collective { seq: mine, .. } if mine == *seq) => here.push(r),
+                Some((what, _)) => late.push(format!("rank {r} (waits in {what})")),
+            }
+        }
+        let mut text = if late.is_empty() {
+            "every peer has arrived".to_string()
+        } else {
+            format!("not arrived: {}", late.join(", "))
+        };
+        if !here.is_empty() {
+            let list: Vec<String> = here.iter().map(usize::to_string).collect();
+            text.push_str(&format!("; arrived: rank(s) {}", list.join(", ")));
+        }
+        text
+    }
+
+    /// Asks every other rank what it waits in (fire and forget: peers answer from their waits).
+    fn send_query(&self, m: &Mpi, watch: &mut StallWatch, waited: Duration) {
+        let id = m.query_id.get() + 1;
+        m.query_id.set(id);
+        watch.query = Some((id, waited));
+        watch.answers.clear();
+        for r in (0..self.size).filter(|&r| r != self.rank) {
+            self.send_and_forget(m, r, TAG_STALL_QUERY, id.to_le_bytes().to_vec());
+        }
+    }
+
+    /// Answers every query that has arrived: its id, this rank's collective number (if it waits
+    /// in a collective) and what it waits in.
+    fn answer_queries(&self, m: &Mpi, op: Op) {
+        while let Some((msg, status)) = m.world.any_process().immediate_matched_probe_with_tag(TAG_STALL_QUERY) {
+            let src = status.source_rank() as usize;
+            let (q, _) = (msg, status).matched_receive_vec::<u8>();
+            let mut answer = Vec::with_capacity(24 + 64);
+            answer.extend_from_slice(&u64_at(&q, 0).to_le_bytes());
+            let (flag, seq) = match op {
+                Op::Collective { seq, .. } => (1u64, seq),
+                _ => (0, 0),
+            };
+            answer.extend_from_slice(&flag.to_le_bytes());
+            answer.extend_from_slice(&seq.to_le_bytes());
+            answer.extend_from_slice(op.to_string().as_bytes());
+            self.send_and_forget(m, src, TAG_STALL_ANSWER, answer);
+        }
+    }
+
+    /// Takes the answers that have arrived; keeps those to the current query.
+    fn collect_answers(&self, m: &Mpi, watch: &mut StallWatch) {
+        while let Some((msg, status)) = m.world.any_process().immediate_matched_probe_with_tag(TAG_STALL_ANSWER) {
+            let src = status.source_rank() as usize;
+            let (a, _) = (msg, status).matched_receive_vec::<u8>();
+            if watch.query.is_some_and(|(id, _)| id == u64_at(&a, 0)) {
+                let seq = (u64_at(&a, 1) == 1).then(|| u64_at(&a, 2));
+                let what = String::from_utf8_lossy(a.get(24..).unwrap_or_default()).into_owned();
+                watch.answers.insert(src, (what, seq));
+            }
+        }
+    }
+
+    /// A small message whose delivery nobody waits for.
+    fn send_and_forget(&self, m: &Mpi, dest: usize, tag: i32, bytes: Vec<u8>) {
+        let buf: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        let req = m.world.process_at_rank(dest as i32).immediate_send_with_tag(StaticScope, buf, tag);
+        m.pending.borrow_mut().push(req);
+    }
+
+    /// Enters the next collective: all ranks arrive (waiting ones sleep). Returns what it is.
+    fn arrive(&self, m: &Mpi, name: &'static str) -> Op {
+        let seq = self.coll_seq.get() + 1;
+        self.coll_seq.set(seq);
+        let op = Op::Collective { name, seq };
+        let mut req = Some(m.world.immediate_barrier());
+        self.poll(op, Wait::Patient, || test_request(&mut req));
+        op
+    }
+
+    /// Waits for a request of the operation `op`.
+    fn wait<'a, D: ?Sized, S: Scope<'a>>(&self, op: Op, how: Wait, req: Request<'a, D, S>) -> Status {
+        let mut slot = Some(req);
+        self.poll(op, how, || test_request(&mut slot))
+    }
+
+    // ---- collectives -----------------------------------------------------------------------
+
+    /// All ranks arrive; waiting ones sleep.
+    pub fn barrier(&self) {
+        if let Some(m) = self.multi() {
+            self.arrive(m, "barrier");
+        }
     }
 
     /// Sums `buf` over all ranks in place. `scratch` is reused between calls to avoid allocation.
@@ -190,7 +580,7 @@ impl Dist {
             recv.copy_from_slice(send);
             return;
         };
-        self.barrier();
+        let op = self.arrive(m, "allreduce");
         mpi::request::scope(|scope| {
             let reqs: Vec<_> = send
                 .chunks(bucket_floats())
@@ -198,7 +588,7 @@ impl Dist {
                 .map(|(s, r)| m.world.immediate_all_reduce_into(scope, s, r, SystemOperation::sum()))
                 .collect();
             for req in reqs {
-                wait_for(req, Wait::Eager);
+                self.wait(op, Wait::Eager, req);
             }
         });
     }
@@ -225,16 +615,22 @@ impl Dist {
         self.sum_f64(if ok { 0.0 } else { 1.0 }) == 0.0
     }
 
+    /// True on every rank iff `flag` on any rank.
+    pub fn any(&self, flag: bool) -> bool {
+        !self.all_ok(!flag)
+    }
+
     /// Broadcasts `buf` from `root`; the other ranks' vectors are resized to fit.
     pub fn broadcast_bytes(&self, root: usize, buf: &mut Vec<u8>) {
-        let Some(m) = self.multi() else { return };
+        if self.multi().is_none() {
+            return;
+        }
         let mut len = [buf.len() as u64];
         self.broadcast_slice(root, &mut len);
         buf.resize(len[0] as usize, 0);
         for chunk in buf.chunks_mut(1 << 30) {
             self.broadcast_slice(root, chunk);
         }
-        let _ = m;
     }
 
     /// Broadcasts a fixed-size slice from `root`.
@@ -243,10 +639,10 @@ impl Dist {
         [T]: BufferMut,
     {
         let Some(m) = self.multi() else { return };
-        self.barrier();
+        let op = self.arrive(m, "broadcast");
         mpi::request::scope(|scope| {
             let req = m.world.process_at_rank(root as i32).immediate_broadcast_into(scope, buf);
-            wait_for(req, Wait::Eager);
+            self.wait(op, Wait::Eager, req);
         });
     }
 
@@ -293,25 +689,28 @@ impl Dist {
         }
     }
 
+    // ---- point to point --------------------------------------------------------------------
+
     /// Sends `data` to `dest` with `tag`, returning once the buffer may be reused.
     pub fn send_bytes(&self, dest: usize, tag: i32, data: &[u8]) {
-        let m = self.mpi.as_ref().expect("send_bytes needs MPI");
-        mpi::request::scope(|scope| {
-            let req = m.world.process_at_rank(dest as i32).immediate_send_with_tag(scope, data, tag);
-            wait_for(req, Wait::Patient);
-        });
+        let mut pending = self.start_send(dest, tag, data);
+        self.poll(Op::Send { to: dest, tag }, Wait::Patient, || pending.test().then_some(()));
+    }
+
+    /// Starts sending `data` to `dest` with `tag`: the caller polls the returned send (and may do
+    /// other work meanwhile, such as receiving, which a rendezvous protocol may need to progress).
+    pub fn start_send<'d>(&self, dest: usize, tag: i32, data: &'d [u8]) -> PendingSend<'d> {
+        let m = self.mpi.as_ref().expect("start_send needs MPI");
+        // SAFETY: the request borrows `data` for 'd, and `PendingSend` (which holds both) waits for
+        // the request to complete before it is dropped.
+        let req = m.world.process_at_rank(dest as i32).immediate_send_with_tag(StaticScope, unsafe_static(data), tag);
+        PendingSend { req: Some(req), _data: std::marker::PhantomData }
     }
 
     /// Receives the next message with `tag` from `src` (any rank if `None`): (source, tag, bytes).
     /// Sleeps while nothing has arrived.
     pub fn recv_bytes(&self, src: Option<usize>, tag: i32) -> (usize, i32, Vec<u8>) {
-        let mut backoff = Backoff::new(Duration::from_micros(200));
-        loop {
-            if let Some(got) = self.try_recv_bytes(src, tag) {
-                return got;
-            }
-            backoff.snooze();
-        }
+        self.poll(Op::Recv { from: src, tag }, Wait::Patient, || self.try_recv_bytes(src, tag))
     }
 
     /// Receives a message with `tag` from `src` (any rank if `None`) if one has arrived.
@@ -327,6 +726,62 @@ impl Dist {
             (source, tag, bytes)
         })
     }
+
+    /// Calls `ready` until it gives a value, as a wait for a message from `from` (any rank if
+    /// `None`) with `tag`: sleeping in between, with stall reports and limits like every wait.
+    pub fn poll_recv<T>(&self, from: Option<usize>, tag: i32, ready: impl FnMut() -> Option<T>) -> T {
+        self.poll(Op::Recv { from, tag }, Wait::Patient, ready)
+    }
+
+    /// Waits for `pending` while calling `meanwhile` (which returns true when it did some work):
+    /// a rank that must keep receiving while its own send is delivered, so that no cycle of ranks
+    /// can block each other whatever the MPI library's eager limit.
+    pub fn finish_send(&self, pending: &mut PendingSend<'_>, dest: usize, tag: i32, mut meanwhile: impl FnMut()) {
+        self.poll(Op::Send { to: dest, tag }, Wait::Patient, || {
+            if pending.test() {
+                return Some(());
+            }
+            meanwhile();
+            None
+        });
+    }
+}
+
+/// A send in flight (`Dist::start_send`); dropping it waits for its completion.
+pub struct PendingSend<'d> {
+    req: Option<Request<'static, [u8]>>,
+    _data: std::marker::PhantomData<&'d [u8]>,
+}
+
+impl PendingSend<'_> {
+    /// True once the send has completed and its buffer may be reused.
+    pub fn test(&mut self) -> bool {
+        match self.req.take() {
+            None => true,
+            Some(r) => match r.test() {
+                Ok(_) => true,
+                Err(r) => {
+                    self.req = Some(r);
+                    false
+                }
+            },
+        }
+    }
+}
+
+impl Drop for PendingSend<'_> {
+    fn drop(&mut self) {
+        while !self.test() {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+/// Extends a borrow to 'static for a request whose owner waits for it before the borrow ends.
+fn unsafe_static(data: &[u8]) -> &'static [u8] {
+    // SAFETY: only used by `start_send`, whose `PendingSend` completes the request before the
+    // lifetime 'd of `data` ends (its Drop waits).
+    unsafe { std::mem::transmute::<&[u8], &'static [u8]>(data) }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod data;
 pub mod dataset;
 pub mod dist;
 pub mod evaluate;
+pub mod fault;
 pub mod jpeg;
 pub mod logging;
 pub mod models;
@@ -35,18 +36,31 @@ pub fn resource_usage() -> (f64, f64) {
     (ru.ru_maxrss as f64 / 1024.0, tv(ru.ru_utime) + tv(ru.ru_stime))
 }
 
+static STOP: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
+
 /// A flag that SIGTERM (what schedulers send at walltime and on cancel) and SIGINT (Ctrl-C) raise,
-/// for long commands to stop at a safe point instead of dying mid-write.
+/// for long commands to stop at a safe point instead of dying mid-write. The same flag for every
+/// caller; the handlers are installed on the first call.
 pub fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    if let Some(stop) = STOP.get() {
+        return Ok(std::sync::Arc::clone(stop));
+    }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, std::sync::Arc::clone(&stop))
             .map_err(|e| anyhow::anyhow!("installing the signal handler: {e}"))?;
     }
-    Ok(stop)
+    Ok(std::sync::Arc::clone(STOP.get_or_init(|| stop)))
+}
+
+/// True once a stop signal arrived (after `stop_on_signals`). Waits in `dist` read it, so a rank
+/// that waits for peers that never come still ends the job on SIGTERM.
+pub fn stop_requested() -> bool {
+    STOP.get().is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    dist::install_panic_hook();
     let dist = match Dist::init() {
         Ok(d) => d,
         Err(e) => {
@@ -55,7 +69,12 @@ pub fn run(cli: Cli) -> ExitCode {
         }
     };
     let mut logging = false;
-    let result = dispatch(&dist, cli, &mut logging);
+    // A panic with more than one rank ends the job in the hook (MPI_Abort); with one, it is
+    // reported here like any other error.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(&dist, cli, &mut logging)))
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(dist::take_panic_message().unwrap_or_else(|| "a panic without a message".into())))
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // Every rank agreed to stop at the same step: leave without MPI_Abort.
@@ -109,6 +128,10 @@ fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
         Some(&settings.config.paths.log_file),
     )?;
     *logging = true;
+    if dist.threading.is_some_and(|t| t < mpi::environment::Threading::Funneled) {
+        tracing::warn!("the MPI library gives no thread support (MPI_THREAD_FUNNELED was asked for)");
+    }
+    dist.set_stall_limits(settings.config.train.stall_limits());
     match cli.command {
         Command::CreateDataset(_) => {
             if dist.size() > 1 {
@@ -116,7 +139,7 @@ fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
             }
             dataset::create(&settings)
         }
-        Command::Train(a) => train::run(dist, &settings, a.resume),
+        Command::Train(a) => train::run(dist, &settings, a.resume, a.overwrite),
         Command::Evaluate(_) => evaluate::run(dist, &settings),
         Command::MpiCheck(_) => unreachable!("handled above"),
     }

@@ -17,6 +17,12 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 static PROGRESS: OnceLock<MultiProgress> = OnceLock::new();
+static ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True once `init` has installed the logger (error paths then log instead of printing).
+pub fn is_on() -> bool {
+    ON.load(std::sync::atomic::Ordering::SeqCst)
+}
 
 fn multi() -> &'static MultiProgress {
     PROGRESS.get_or_init(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4)))
@@ -151,6 +157,7 @@ pub fn init(rank: usize, size: usize, verbose: u8, quiet: bool, log_file: Option
         None => None,
     };
     tracing_subscriber::registry().with(stderr).with(file_layer).try_init().context("installing the logger")?;
+    ON.store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(())
 }
 

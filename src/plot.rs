@@ -186,6 +186,7 @@ mod tests {
             images_per_second: 100.0,
             seconds: 1.0,
             skipped_images: 0,
+            nonfinite_steps: 0,
         }
     }
 

@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor};
 use tracing::{info, warn};
 
 use crate::checkpoint;
-use crate::config::{Arch, Config, DeviceKind, OnBadImage, OptimizerKind, Settings};
+use crate::config::{Arch, Config, DeviceKind, OnBadImage, OnNonFinite, OptimizerKind, Settings};
 use crate::data::{self, Class, Geometry, ImageStore, Row};
 use crate::dist::Dist;
 
@@ -51,6 +51,9 @@ pub struct EpochRecord {
     pub images_per_second: f64,
     pub seconds: f64,
     pub skipped_images: u64,
+    /// Steps left out because their loss or gradient was not finite (`train.on_nonfinite = "skip"`).
+    #[serde(default)]
+    pub nonfinite_steps: u64,
 }
 
 /// `state.json`.
@@ -133,8 +136,9 @@ impl Model {
 /// Averages gradients over the ranks, weighted by each rank's image count, so the result is the
 /// gradient of the mean loss over all ranks' images together. Callers back-propagate the *summed*
 /// loss of their images (mean × count), which is that weighting. All gradients travel in one flat
-/// buffer (one allreduce per `dist::BUCKET_FLOATS` bucket), followed by two more numbers: the
-/// rank's image count and its stop request (a signal), so every rank learns both in the same call.
+/// buffer (one allreduce per `dist::BUCKET_FLOATS` bucket), followed by three more numbers: the
+/// rank's image count, its stop request (a signal) and whether its step went wrong (a non-finite
+/// loss or batch-norm statistic), so every rank learns all three in the same call.
 ///
 /// For parameters that are contiguous f32 CPU tensors (training on the CPU), each parameter's
 /// gradient *is* a view into the send buffer (what DDP calls gradient_as_bucket_view): backward
@@ -144,7 +148,7 @@ impl Model {
 pub struct GradSync {
     params: Vec<Tensor>,
     numel: usize,
-    /// The gradients, then this rank's image count and stop flag.
+    /// The gradients, then this rank's image count, stop flag and non-finite flag.
     send: Tensor,
     /// The sums over all ranks, same layout.
     recv: Tensor,
@@ -163,6 +167,8 @@ pub struct Synced {
     pub images: f32,
     /// Some rank asked to stop.
     pub stop: bool,
+    /// Some rank's loss or batch-norm statistics were not finite, or the summed gradient is not.
+    pub non_finite: bool,
 }
 
 /// A contiguous f32 CPU tensor as a mutable slice.
@@ -181,7 +187,7 @@ impl GradSync {
     /// `params`: the trained parameters, in the order the optimizer uses.
     pub fn new(params: &[Tensor]) -> Self {
         let numel: usize = params.iter().map(Tensor::numel).sum();
-        let buf = || Tensor::zeros([numel as i64 + 2], (Kind::Float, Device::Cpu));
+        let buf = || Tensor::zeros([numel as i64 + EXTRAS as i64], (Kind::Float, Device::Cpu));
         let mut sync = GradSync {
             params: params.iter().map(Tensor::shallow_clone).collect(),
             numel,
@@ -230,13 +236,13 @@ impl GradSync {
         });
     }
 
-    /// Sums the gradients (of the summed loss over `images` images; ignored when `images` is 0)
-    /// and the image counts and stop requests over the ranks.
-    pub fn sync(&mut self, dist: &Dist, images: usize, stop: bool) -> Synced {
+    /// Sums the gradients (of the summed loss over `images` images; ignored when `images` is 0),
+    /// the image counts, the stop requests and the non-finite flags over the ranks.
+    pub fn sync(&mut self, dist: &Dist, images: usize, stop: bool, bad: bool) -> Synced {
         let p = self.numel;
-        // SAFETY: `send` and `recv` are contiguous f32 CPU tensors of p + 2 elements that only this
-        // struct owns; autograd writes into `send` only during backward, not during this call.
-        let send = unsafe { f32_slice_mut(&self.send, p + 2) };
+        // SAFETY: `send` and `recv` are contiguous f32 CPU tensors of p + EXTRAS elements that only
+        // this struct owns; autograd writes into `send` only during backward, not during this call.
+        let send = unsafe { f32_slice_mut(&self.send, p + EXTRAS) };
         if images == 0 {
             send[..p].fill(0.0);
         } else if !self.bound {
@@ -255,17 +261,50 @@ impl GradSync {
         }
         send[p] = images as f32;
         send[p + 1] = f32::from(u8::from(stop));
-        let (total, stop, sums) = if dist.size() == 1 {
-            (send[p], send[p + 1] > 0.0, &self.send)
+        send[p + 2] = f32::from(u8::from(bad));
+        let (sums, tensor) = if dist.size() == 1 {
+            (&send[..], &self.send)
         } else {
             // SAFETY: as above.
-            let recv = unsafe { f32_slice_mut(&self.recv, p + 2) };
+            let recv = unsafe { f32_slice_mut(&self.recv, p + EXTRAS) };
             dist.allreduce_sum_into(send, recv);
-            (recv[p], recv[p + 1] > 0.0, &self.recv)
+            (&recv[..], &self.recv)
         };
+        let total = sums[p];
+        // A NaN or an infinity anywhere in the sum makes this fold NaN (x * 0 is NaN for both); the
+        // sum is the same on every rank, so every rank decides alike. One read of the buffer.
+        let grad_finite = sums[..p].iter().fold(0f32, |acc, &x| acc + x * 0.0) == 0.0;
         let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
-        Synced { grad: sums.narrow(0, 0, p as i64), scale, images: total, stop }
+        Synced {
+            grad: tensor.narrow(0, 0, p as i64),
+            scale,
+            images: total,
+            stop: sums[p + 1] > 0.0,
+            non_finite: sums[p + 2] > 0.0 || !grad_finite,
+        }
     }
+}
+
+/// Numbers after the gradients in the exchange buffer: image count, stop flag, non-finite flag.
+const EXTRAS: usize = 3;
+
+/// The batches of one epoch's order of `len` images: consecutive runs of `batch`, except that a
+/// last run of a single image joins the one before it (batch-norm cannot take a batch of one:
+/// with one value per channel its variance is undefined and its running statistics become NaN).
+/// A batch size of 1 is left as the user chose it.
+pub fn batch_bounds(len: usize, batch: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = (0..len).step_by(batch).map(|lo| lo..(lo + batch).min(len)).collect();
+    if batch > 1 && out.len() > 1 && out.last().is_some_and(|r| r.len() == 1) {
+        let last = out.pop().expect("two or more");
+        out.last_mut().expect("one or more").end = last.end;
+    }
+    out
+}
+
+/// Steps per epoch: the most batches any rank has (ranks with fewer sit out the last steps with a
+/// zero-weight gradient). Shards are the rows dealt round-robin: `total / n` or one more.
+fn steps_per_epoch(total: usize, ranks: usize, batch: usize) -> usize {
+    (0..ranks).map(|r| batch_bounds(total / ranks + usize::from(r < total % ranks), batch).len()).max().unwrap_or(0)
 }
 
 /// Flattens tensors into one f32 vector on the CPU.
@@ -565,17 +604,26 @@ pub fn model_file(dir: &Path) -> PathBuf {
 }
 
 /// The subcommand.
-pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
+pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<()> {
     let cfg = &s.config;
     let tc = &cfg.train;
     let threads = set_threads(tc.threads, dist);
     let device = pick_device(tc.device, dist)?;
     let stop = crate::stop_on_signals()?;
+    let dir = s.model_dir();
+    let store = checkpoint::Store::new(&dir);
+    if dist.is_root() && !resume && !overwrite && store.holds_checkpoint() {
+        bail!(
+            "{} already holds a checkpoint{}: pass --resume to continue it, or --overwrite to start afresh \
+             (its epochs are then deleted once the new run saves its first epoch)",
+            dir.display(),
+            store.epochs().first().map(|(n, _)| format!(" (epoch {n})")).unwrap_or_default()
+        );
+    }
 
     let shard = distribute(dist, s)?;
     let k = shard.classes.len();
     let arch = cfg.model.name;
-    let dir = s.model_dir();
     info!(
         "{arch}, {k} classes, {} training images over {} rank(s), batch {} per rank, {threads} torch thread(s) per rank, {device:?}",
         shard.total_train,
@@ -603,8 +651,19 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
     let mut header = Vec::new();
     if dist.is_root() {
         if resume {
-            state = load_for_resume(&dir, &model, &mut opt, &state)?;
-            info!("resuming after epoch {} from {}", state.epoch, dir.display());
+            state = load_for_resume(&store, &model, &mut opt, &state)?;
+            if state.world_size != dist.size() {
+                info!(
+                    "the checkpoint was written by {} rank(s), this run has {}: the global batch changes from {} to {} \
+                     images per step (batch {} per rank) and the epochs' data order differs from the first run's; \
+                     weights, optimizer state, step count and history carry over",
+                    state.world_size,
+                    dist.size(),
+                    state.world_size * tc.batch_size,
+                    dist.size() * tc.batch_size,
+                    tc.batch_size
+                );
+            }
         } else if let Some(p) = s.pretrained() {
             load_pretrained(p, &model, arch)?;
         }
@@ -613,8 +672,9 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
     dist.broadcast_bytes(0, &mut header);
     state = serde_json::from_slice(&header).context("decoding the training state")?;
     state.config = cfg.clone();
+    state.world_size = dist.size();
     broadcast_tensors(dist, &model.all());
-    let mut step_buf = [opt.step as f32];
+    let mut step_buf = [opt.step as f64];
     dist.broadcast_slice(0, &mut step_buf);
     opt.step = step_buf[0] as i64;
     broadcast_tensors(dist, &[opt.m.shallow_clone(), opt.v.shallow_clone()]);
@@ -637,58 +697,84 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
         rank: dist.rank(),
     };
     let (mut train_loader, mut test_loader) = (loader(&shard.train), loader(&shard.test));
-    let steps = shard.max_train_shard.div_ceil(tc.batch_size);
+    let steps = steps_per_epoch(shard.total_train, dist.size(), tc.batch_size);
     let mut sync = GradSync::new(&model.params.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());
+    // Batch-norm statistics before each step, to put back when the step is left out.
+    let buffers: Vec<Tensor> = model.buffers.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let saved_buffers: Vec<Tensor> = buffers.iter().map(|t| t.detach().copy()).collect();
+    let mut first_save = true;
 
     for epoch in state.epoch + 1..=tc.epochs {
         let t_epoch = Instant::now();
         tch::manual_seed((cfg.dataset.seed as i64) ^ (i64::from(epoch) << 20) ^ (dist.rank() as i64) << 40);
         let order = epoch_order(shard.train.len(), cfg.dataset.seed, epoch, dist.rank());
+        let bounds = batch_bounds(order.len(), tc.batch_size);
         let pb = crate::logging::progress_bar(steps as u64, &format!("epoch {epoch}/{}", tc.epochs), dist.is_root());
         let mut times = Times::default();
-        let (mut loss_sum, mut seen, mut skipped) = (0f64, 0f64, 0u64);
+        let (mut loss_sum, mut seen, mut skipped, mut nonfinite_steps) = (0f64, 0f64, 0u64, 0u64);
         for step in 0..steps {
+            crate::fault::point("step");
             let t0 = Instant::now();
-            let lo = (step * tc.batch_size).min(order.len());
-            let hi = ((step + 1) * tc.batch_size).min(order.len());
-            let (batch, sk) = train_loader.batch(&shard.train, &order[lo..hi], device)?;
+            let range = bounds.get(step).cloned().unwrap_or(order.len()..order.len());
+            let (batch, sk) = train_loader.batch(&shard.train, &order[range], device)?;
             skipped += sk;
             let t1 = Instant::now();
             times.data += t1 - t0;
 
             let mut n_local = 0usize;
             let mut local_loss = 0f64;
+            let mut bad = false;
             if let Some((x, y)) = batch {
+                if tc.on_nonfinite == OnNonFinite::Skip {
+                    tch::no_grad(|| saved_buffers.iter().zip(&buffers).for_each(|(s, b)| s.shallow_clone().copy_(b)));
+                }
                 let logits = model.net.forward_t(&x, true);
-                let loss = logits.cross_entropy_for_logits(&y);
+                let mut loss = logits.cross_entropy_for_logits(&y);
+                if crate::fault::poison("loss") {
+                    loss *= f64::NAN;
+                }
                 n_local = y.size()[0] as usize;
                 sync.zero_grads();
                 // The summed loss: GradSync weights each rank by its image count.
                 (&loss * n_local as f64).backward();
                 local_loss = loss.double_value(&[]);
+                bad = !local_loss.is_finite() || !buffers_finite(&buffers);
             }
             let t2 = Instant::now();
             times.compute += t2 - t1;
 
-            let synced = sync.sync(dist, n_local, stop.load(Ordering::Relaxed));
+            let synced = sync.sync(dist, n_local, stop.load(Ordering::Relaxed), bad);
             if synced.stop {
                 pb.abandon();
-                if state.epoch == 0 {
-                    warn!(
-                        "stopping at epoch {epoch}, step {step}/{steps} on a signal, before any checkpoint was written"
-                    );
-                } else {
-                    warn!(
-                        "stopping at epoch {epoch}, step {step}/{steps} on a signal; the checkpoint of epoch {} in {} \
-                         is intact; continue with `sac train --resume`",
-                        state.epoch,
-                        dir.display()
-                    );
-                }
+                stopping(epoch, step, steps, &state, &dir);
                 return Err(Interrupted.into());
             }
             if synced.images == 0.0 {
                 bail!("step {step} of epoch {epoch}: no rank had a decodable image");
+            }
+            if synced.non_finite {
+                let what = if bad { "this rank's loss or batch-norm statistics" } else { "another rank's step" };
+                match tc.on_nonfinite {
+                    OnNonFinite::Fail => bail!(
+                        "epoch {epoch}, step {}/{steps}: the loss or gradient is not finite (NaN or infinite; \
+                         {what}); training stops and nothing of this epoch is saved. Lower train.lr, look for \
+                         bad images, or set train.on_nonfinite = \"skip\" to leave such steps out",
+                        step + 1
+                    ),
+                    OnNonFinite::Skip => {
+                        tch::no_grad(|| {
+                            buffers.iter().zip(&saved_buffers).for_each(|(b, s)| b.shallow_clone().copy_(s))
+                        });
+                        nonfinite_steps += 1;
+                        warn!(
+                            "epoch {epoch}, step {}/{steps}: non-finite loss or gradient ({what}); step left out \
+                             (train.on_nonfinite = \"skip\")",
+                            step + 1
+                        );
+                        pb.inc(1);
+                        continue;
+                    }
+                }
             }
             let total = synced.images;
             let g = synced.grad.to_device(device);
@@ -710,10 +796,15 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
         let skipped_all = dist.sum_f64(skipped as f64) as u64;
         let images_per_second = seen / train_seconds;
 
-        average_tensors(dist, &model.buffers.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());
+        average_tensors(dist, &buffers);
         let (val_loss, top1, top5) = if tc.validate {
-            let v = validate(dist, &model, &shard.test, &mut test_loader, tc.batch_size, device)?;
-            (Some(v.0), Some(v.1), Some(v.2))
+            match validate(dist, &model, &shard.test, &mut test_loader, tc.batch_size, device, &stop)? {
+                Some(v) => (Some(v.0), Some(v.1), Some(v.2)),
+                None => {
+                    warn!("validation of epoch {epoch} cut short by a stop signal; the epoch is saved without it");
+                    (None, None, None)
+                }
+            }
         } else {
             (None, None, None)
         };
@@ -726,6 +817,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
             images_per_second,
             seconds: t_epoch.elapsed().as_secs_f64(),
             skipped_images: skipped_all,
+            nonfinite_steps,
         };
         let pct = |x: Option<f64>| x.map_or("-".into(), |v| format!("{:.2} %", 100.0 * v));
         info!(
@@ -740,6 +832,9 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
         if skipped_all > 0 {
             warn!("{skipped_all} image(s) could not be decoded and were skipped this epoch");
         }
+        if nonfinite_steps > 0 {
+            warn!("{nonfinite_steps} step(s) of epoch {epoch} were left out: non-finite loss or gradient");
+        }
         state.epoch = epoch;
         state.history.push(record);
         let improved = top1.is_some_and(|t| state.best_top1.is_none_or(|b| t > b));
@@ -748,17 +843,46 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool) -> Result<()> {
             state.best_epoch = Some(epoch);
         }
         if dist.is_root() {
-            save(&dir, &model, &opt, &state, improved)?;
+            save(&store, &model, &opt, &state, improved, first_save && overwrite)?;
         }
-        // Nobody starts the next epoch (or exits) before the checkpoint is complete.
-        dist.barrier();
+        first_save = false;
+        // Nobody starts the next epoch (or exits) before the checkpoint is complete; a stop signal
+        // that came during validation or saving ends the run here, with this epoch saved.
+        if dist.any(stop.load(Ordering::Relaxed)) && epoch < tc.epochs {
+            warn!(
+                "stopping after epoch {epoch} on a signal; its checkpoint in {} is complete; continue with \
+                 `sac train --resume`",
+                dir.display()
+            );
+            return Err(Interrupted.into());
+        }
     }
     let (rss, cpu) = crate::resource_usage();
     info!("done: checkpoints in {}; this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s", dir.display());
     Ok(())
 }
 
-/// Validation on every rank's share of test.csv, summed with one allreduce: (loss, top-1, top-5).
+/// The message of a stop at a step boundary.
+fn stopping(epoch: u32, step: usize, steps: usize, state: &State, dir: &Path) {
+    if state.epoch == 0 {
+        warn!("stopping at epoch {epoch}, step {step}/{steps} on a signal, before any checkpoint was written");
+    } else {
+        warn!(
+            "stopping at epoch {epoch}, step {step}/{steps} on a signal; the checkpoint of epoch {} in {} \
+             is intact; continue with `sac train --resume`",
+            state.epoch,
+            dir.display()
+        );
+    }
+}
+
+/// Are all batch-norm statistics finite? (A few thousand numbers: cheap every step.)
+fn buffers_finite(buffers: &[Tensor]) -> bool {
+    buffers.iter().all(|t| !t.is_floating_point() || bool::try_from(t.isfinite().all()).unwrap_or(false))
+}
+
+/// Validation on every rank's share of test.csv, summed with one allreduce: (loss, top-1, top-5),
+/// or None when a stop signal cut it short on some rank.
 fn validate(
     dist: &Dist,
     model: &Model,
@@ -766,10 +890,16 @@ fn validate(
     loader: &mut Loader,
     batch: usize,
     device: Device,
-) -> Result<(f64, f64, f64)> {
-    let mut sums = [0f64; 4]; // loss * n, top-1 hits, top-5 hits, n
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Option<(f64, f64, f64)>> {
+    let mut sums = [0f64; 5]; // loss * n, top-1 hits, top-5 hits, n, stopped
     let idx: Vec<usize> = (0..rows.len()).collect();
     for chunk in idx.chunks(batch) {
+        crate::fault::point("validate");
+        if stop.load(Ordering::Relaxed) {
+            sums[4] = 1.0;
+            break;
+        }
         let (Some((x, y)), _) = loader.batch(rows, chunk, device)? else { continue };
         tch::no_grad(|| {
             let logits = model.net.forward_t(&x, false);
@@ -782,8 +912,11 @@ fn validate(
         });
     }
     dist.allreduce_sum(&mut sums, &mut Vec::new());
+    if sums[4] > 0.0 {
+        return Ok(None);
+    }
     let n = sums[3].max(1.0);
-    Ok((sums[0] / n, sums[1] / n, sums[2] / n))
+    Ok(Some((sums[0] / n, sums[1] / n, sums[2] / n)))
 }
 
 /// Hits among the top 1 and the top 5 (or all classes, if fewer) predictions.
@@ -796,49 +929,128 @@ pub fn topk_hits(logits: &Tensor, labels: &Tensor) -> (f64, f64) {
     (h1, h5)
 }
 
-fn save(dir: &Path, model: &Model, opt: &Optimizer, state: &State, best: bool) -> Result<()> {
+fn save(
+    store: &checkpoint::Store,
+    model: &Model,
+    opt: &Optimizer,
+    state: &State,
+    best: bool,
+    replace_old_run: bool,
+) -> Result<()> {
+    crate::fault::point("save");
+    // Never save a NaN: name the first tensor that holds one.
+    let opt_tensors = opt.tensors();
+    if let Some(name) = checkpoint::first_non_finite(model.vars.iter().chain(opt_tensors.iter().map(|(n, t)| (n, t)))) {
+        bail!(
+            "epoch {}: {name} holds NaN or infinite values, so no checkpoint is written (the last one in {} stays). \
+             A batch-norm statistic goes NaN when a batch has one value per channel (batch size 1, or one image \
+             at an input so small that the last layers are 1x1): use a larger train.batch_size or image size",
+            state.epoch,
+            store.dir.display()
+        );
+    }
+    let categories: Vec<i64> = state.classes.iter().map(|c| c.category_id).collect();
     let meta = BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
         ("arch".to_string(), state.arch.to_string()),
         ("num_classes".to_string(), state.num_classes.to_string()),
         ("epoch".to_string(), state.epoch.to_string()),
+        (checkpoint::CATEGORY_IDS.to_string(), serde_json::to_string(&categories)?),
     ]);
     let model_bytes = checkpoint::to_safetensors(&checkpoint::with_batch_counters(&model.vars, state.steps), &meta)?;
     let mut opt_meta = meta.clone();
     opt_meta.insert("optimizer".into(), format!("{:?}", opt.kind).to_lowercase());
     opt_meta.insert("step".into(), opt.step.to_string());
-    let opt_bytes = checkpoint::to_safetensors(&opt.tensors(), &opt_meta)?;
-    // The state file is written last: it names the epoch the other two files hold.
-    checkpoint::write_atomic(&model_file(dir), &model_bytes)?;
-    checkpoint::write_atomic(&dir.join("optimizer.safetensors"), &opt_bytes)?;
-    checkpoint::write_atomic(&dir.join("state.json"), &(serde_json::to_string_pretty(state)? + "\n").into_bytes())?;
-    if best {
-        checkpoint::write_atomic(&dir.join("best.safetensors"), &model_bytes)?;
+    let opt_bytes = checkpoint::to_safetensors(&opt_tensors, &opt_meta)?;
+    let state_bytes = (serde_json::to_string_pretty(state)? + "\n").into_bytes();
+    store.write_epoch(
+        state.epoch,
+        &[
+            ("model.safetensors", &model_bytes[..]),
+            ("optimizer.safetensors", &opt_bytes[..]),
+            ("state.json", &state_bytes[..]),
+        ],
+    )?;
+    store.publish(state.epoch)?;
+    if replace_old_run {
+        let _ = std::fs::remove_file(store.dir.join("best.safetensors"));
     }
-    if let Err(e) = crate::plot::training_curves(&dir.join("training.png"), &state.history) {
+    if best {
+        store.set_best(state.epoch)?;
+    }
+    store.prune(state.epoch, 2, replace_old_run)?;
+    if let Err(e) = crate::plot::training_curves(&store.dir.join("training.png"), &state.history) {
         warn!("training.png not drawn: {e:#}");
     }
-    info!("checkpoint of epoch {} written to {}", state.epoch, dir.display());
+    info!("checkpoint of epoch {} written to {}", state.epoch, store.epoch_dir(state.epoch).display());
     Ok(())
 }
 
-fn load_for_resume(dir: &Path, model: &Model, opt: &mut Optimizer, fresh: &State) -> Result<State> {
+/// The newest checkpoint that is whole and loads: epoch directories newest first (checked against
+/// their manifests), else the older flat layout. Says which it took and why it passed others over.
+fn load_for_resume(store: &checkpoint::Store, model: &Model, opt: &mut Optimizer, fresh: &State) -> Result<State> {
+    let dir = &store.dir;
+    let epochs = store.epochs();
+    if epochs.is_empty() {
+        if dir.join("state.json").is_file() {
+            let state = load_checkpoint_files(dir, model, opt, fresh)?;
+            info!(
+                "resuming after epoch {} from {} (a checkpoint of the older flat layout)",
+                state.epoch,
+                dir.display()
+            );
+            return Ok(state);
+        }
+        bail!("--resume: no checkpoint to resume in {} (train without --resume first)", dir.display());
+    }
+    let mut passed_over = Vec::new();
+    for (n, path) in &epochs {
+        let loaded = checkpoint::Store::verify(path).and_then(|()| load_checkpoint_files(path, model, opt, fresh));
+        match loaded {
+            Ok(state) => {
+                for (m, why) in &passed_over {
+                    warn!("--resume: epoch {m} is not usable ({why}); falling back to epoch {n}");
+                }
+                info!("resuming after epoch {} from {} (the newest complete checkpoint)", state.epoch, path.display());
+                return Ok(state);
+            }
+            // A checkpoint of another model or data set is not damage: no fallback past it.
+            Err(e) if e.is::<Mismatch>() => return Err(e),
+            Err(e) => passed_over.push((*n, format!("{e:#}"))),
+        }
+    }
+    let list: Vec<String> = passed_over.iter().map(|(n, why)| format!("epoch {n}: {why}")).collect();
+    bail!("--resume: no complete checkpoint in {}: {}", dir.display(), list.join("; "))
+}
+
+/// The checkpoint is of another architecture, class count or optimizer than the config asks for.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Mismatch(String);
+
+/// Loads `state.json`, the model and the optimizer state from `dir` (one epoch's files).
+fn load_checkpoint_files(dir: &Path, model: &Model, opt: &mut Optimizer, fresh: &State) -> Result<State> {
     let state_file = dir.join("state.json");
-    let text = std::fs::read_to_string(&state_file).with_context(|| {
-        format!("--resume: no checkpoint to resume in {} (train without --resume first)", dir.display())
-    })?;
+    let text = std::fs::read_to_string(&state_file).with_context(|| format!("cannot read {}", state_file.display()))?;
     let state: State =
         serde_json::from_str(&text).with_context(|| format!("{} is not a sac training state", state_file.display()))?;
     if state.arch != fresh.arch {
-        bail!("--resume: {} holds a {} checkpoint, the config asks for {}", dir.display(), state.arch, fresh.arch);
+        return Err(Mismatch(format!(
+            "--resume: {} holds a {} checkpoint, the config asks for {}",
+            dir.display(),
+            state.arch,
+            fresh.arch
+        ))
+        .into());
     }
     if state.num_classes != fresh.num_classes {
-        bail!(
+        return Err(Mismatch(format!(
             "--resume: the checkpoint in {} has {} classes, the data dir has {} (a different data set?)",
             dir.display(),
             state.num_classes,
             fresh.num_classes
-        );
+        ))
+        .into());
     }
     let what = model_file(dir);
     let (tensors, meta) = checkpoint::read_safetensors(&what)?;
@@ -849,7 +1061,12 @@ fn load_for_resume(dir: &Path, model: &Model, opt: &mut Optimizer, fresh: &State
     check_epoch(&ometa, state.epoch, &opt_file)?;
     let kind = format!("{:?}", opt.kind).to_lowercase();
     if ometa.get("optimizer") != Some(&kind) {
-        bail!("{} holds {:?} state, the config asks for {kind}", opt_file.display(), ometa.get("optimizer"));
+        return Err(Mismatch(format!(
+            "{} holds {:?} state, the config asks for {kind}",
+            opt_file.display(),
+            ometa.get("optimizer")
+        ))
+        .into());
     }
     let state_tensors: BTreeMap<String, Tensor> = opt.tensors().into_iter().collect();
     checkpoint::load_into(&state_tensors, &ot, &|_| false, &opt_file.display().to_string())?;
@@ -900,6 +1117,26 @@ mod tests {
         assert_eq!(a, epoch_order(100, 0, 1, 0));
         assert_ne!(a, epoch_order(100, 0, 2, 0));
         assert_ne!(a, epoch_order(100, 0, 1, 1));
+    }
+
+    #[test]
+    fn a_last_batch_of_one_image_joins_the_batch_before_it() {
+        let b = |len, batch| batch_bounds(len, batch).into_iter().map(|r| (r.start, r.end)).collect::<Vec<_>>();
+        assert_eq!(b(5, 2), [(0, 2), (2, 5)]);
+        assert_eq!(b(4, 2), [(0, 2), (2, 4)]);
+        assert_eq!(b(9, 4), [(0, 4), (4, 9)]);
+        assert_eq!(b(1, 4), [(0, 1)], "a shard of one image stays one batch");
+        assert_eq!(b(0, 4), []);
+        assert_eq!(b(3, 1), [(0, 1), (1, 2), (2, 3)], "batch size 1 is the user's choice");
+    }
+
+    #[test]
+    fn steps_per_epoch_is_the_most_batches_of_any_rank() {
+        // 16 images over 3 ranks: shards of 6, 5, 5; batch 4 gives 2, 1 (4 + 1 folded), 1 batches.
+        assert_eq!(steps_per_epoch(16, 3, 4), 2);
+        assert_eq!(steps_per_epoch(16, 2, 4), 2);
+        assert_eq!(steps_per_epoch(10, 2, 2), 2, "shards of 5: batches of 2 and 3");
+        assert_eq!(steps_per_epoch(7, 1, 64), 1);
     }
 
     #[test]

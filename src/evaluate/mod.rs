@@ -22,8 +22,10 @@ use crate::data::{self, Geometry};
 use crate::dist::Dist;
 use pipeline::{Ctx, RankReport, Stage};
 
-/// Checks a checkpoint's architecture and class count from its metadata, without building a model.
-pub fn check_checkpoint(path: &Path, arch: Arch, classes: usize) -> Result<()> {
+/// Checks a checkpoint's architecture, class count and class map (the category id of every label)
+/// against the config and `classes.csv`, from its metadata, without building a model. A checkpoint
+/// without a class map in its metadata is compared through the `state.json` beside it, if any.
+pub fn check_checkpoint(path: &Path, arch: Arch, classes: &[data::Class]) -> Result<()> {
     if !path.is_file() {
         bail!("checkpoint {} not found: train first (`sac train`) or pass --checkpoint PATH", path.display());
     }
@@ -37,14 +39,48 @@ pub fn check_checkpoint(path: &Path, arch: Arch, classes: usize) -> Result<()> {
         }
     }
     if let Some(k) = meta.get("num_classes") {
-        if k != &classes.to_string() {
+        if k != &classes.len().to_string() {
             bail!(
-                "checkpoint {} has {k} classes, classes.csv has {classes}: it was trained on another data set",
-                path.display()
+                "checkpoint {} has {k} classes, classes.csv has {}: it was trained on another data set",
+                path.display(),
+                classes.len()
             );
         }
     }
+    let theirs: Option<Vec<i64>> = match meta.get(checkpoint::CATEGORY_IDS) {
+        Some(json) => Some(
+            serde_json::from_str(json)
+                .with_context(|| format!("{}: its {} metadata is damaged", path.display(), checkpoint::CATEGORY_IDS))?,
+        ),
+        None => class_map_beside(path),
+    };
+    let Some(theirs) = theirs else {
+        tracing::warn!(
+            "{} records no class map (not written by this sac): its labels are taken to be classes.csv's",
+            path.display()
+        );
+        return Ok(());
+    };
+    let ours: Vec<i64> = classes.iter().map(|c| c.category_id).collect();
+    if let Some(i) = (0..ours.len().max(theirs.len())).find(|&i| ours.get(i) != theirs.get(i)) {
+        let show = |v: Option<&i64>| v.map_or("none".to_string(), i64::to_string);
+        bail!(
+            "checkpoint {} was trained with another class map than classes.csv: label {i} is category {} there \
+             and {} in classes.csv, so its predictions would name the wrong categories. Evaluate with the data \
+             dir it was trained on (paths.data_dir), or train on this one",
+            path.display(),
+            show(theirs.get(i)),
+            show(ours.get(i))
+        );
+    }
     Ok(())
+}
+
+/// The class map of the `state.json` beside a checkpoint written before checkpoints carried one.
+fn class_map_beside(path: &Path) -> Option<Vec<i64>> {
+    let text = std::fs::read_to_string(path.parent()?.join("state.json")).ok()?;
+    let state: serde_json::Value = serde_json::from_str(&text).ok()?;
+    state["classes"].as_array()?.iter().map(|c| c["category_id"].as_i64()).collect()
 }
 
 /// The model with the checkpoint's weights, for inference.
@@ -89,7 +125,7 @@ pub fn run(dist: &Dist, s: &Settings) -> Result<()> {
             bail!("{} has no rows", test_file.display());
         }
         data::check_labels(&rows, classes.len(), &test_file)?;
-        check_checkpoint(&ckpt, arch, classes.len())?;
+        check_checkpoint(&ckpt, arch, &classes)?;
         header = classes.len().to_string().into_bytes();
     }
     dist.broadcast_bytes(0, &mut header);

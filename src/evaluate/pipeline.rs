@@ -6,7 +6,7 @@
 //! flight (credits), so memory stays bounded whatever the size of the test set.
 use std::path::Path;
 use std::sync::mpsc::sync_channel;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -402,26 +402,54 @@ pub fn mpi_pipeline(
             };
             for (seq, idx) in batches.iter().enumerate() {
                 // Wait for room at the decoder, collecting results meanwhile.
-                loop {
+                let mut failed = None;
+                dist.poll_recv(Some(1), TAG_CREDIT, || {
                     if dist.try_recv_bytes(Some(1), TAG_CREDIT).is_some() {
-                        credits_left -= 1;
-                        break;
+                        return Some(());
                     }
-                    if !collect(&mut out, &mut ended)? {
-                        std::thread::sleep(Duration::from_micros(200));
+                    if let Err(e) = collect(&mut out, &mut ended) {
+                        failed = Some(e);
+                        return Some(());
                     }
+                    None
+                });
+                if let Some(e) = failed {
+                    return Err(e);
                 }
+                credits_left -= 1;
                 let b = timed(&mut st, idx.len(), || read(ctx, rows, seq as u64, idx))?;
                 let lens = b.files.iter().map(Vec::len).collect();
                 let payload: Vec<u8> = b.files.concat();
                 let msg = encode(KIND_DATA, &RawHeader { meta: b.meta, lens }, &payload);
-                dist.send_bytes(1, TAG_FORWARD, &msg);
+                // Keep taking results while the batch goes out. Above the MPI library's eager limit
+                // a send completes only once the decoder receives it; were rank 0 to wait without
+                // receiving, a predictor blocked in sending its result to rank 0 would give no
+                // credit back, and decoder, normalizer, predictors and rank 0 could wait on each
+                // other in a circle.
+                let mut sending = dist.start_send(1, TAG_FORWARD, &msg);
+                let mut failed = None;
+                dist.finish_send(&mut sending, 1, TAG_FORWARD, || {
+                    if failed.is_none() {
+                        if let Err(e) = collect(&mut out, &mut ended) {
+                            failed = Some(e);
+                        }
+                    }
+                });
+                drop(sending);
+                if let Some(e) = failed {
+                    return Err(e);
+                }
             }
             dist.send_bytes(1, TAG_FORWARD, &end_msg());
-            while ended < predictors {
-                if !collect(&mut out, &mut ended)? {
-                    std::thread::sleep(Duration::from_micros(500));
+            let mut failed = None;
+            dist.poll_recv(None, TAG_RESULT, || {
+                if let Err(e) = collect(&mut out, &mut ended) {
+                    failed = Some(e);
                 }
+                (failed.is_some() || ended >= predictors).then_some(())
+            });
+            if let Some(e) = failed {
+                return Err(e);
             }
             // The decoder's last credits: take them so no message is left unmatched.
             for _ in 0..credits_left {
@@ -501,6 +529,7 @@ pub fn mpi_pipeline(
                     break;
                 };
                 let images = meta.rows.len();
+                crate::fault::point("predict");
                 let r = timed(&mut st, images, || predictor(TensorBatch { meta, values: bytes_f32(payload) }));
                 let msg = ResultMsg {
                     preds: r.preds.into_iter().map(|p| (p.row, p.label, p.top, p.loss)).collect(),
