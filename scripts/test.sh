@@ -19,7 +19,8 @@ stage "set-up" bash scripts/setup.sh
 stage "cargo fmt --check" cargo fmt --check
 # The tests use the venv's Python (torchvision interop) and MPICH's mpiexec.
 export SAC_PYTHON="$root/.venv/bin/python"
-stage "cargo test" cargo test --release -- --test-threads=1
+# The fault-injection feature compiles in the fault points tests/faults.rs uses (inert without SAC_FAULT).
+stage "cargo test" cargo test --release --features fault-injection -- --test-threads=1
 stage "scheduler test: jobs/*.pbs and jobs/*.slurm on a one-node Slurm (installs slurm-wlm, needs root)" \
   bash tests/scheduler/run.sh
 # Each harness step has its own time bound (bench/run.sh); this one bounds the whole smoke run.

@@ -164,6 +164,11 @@ impl Fixture {
     /// `sac --config config.toml evaluate extra…` in the fixture dir: plain (one process) when
     /// `ranks` is 1, else under `mpiexec -n ranks`. Returns the output and how long it took.
     fn evaluate(&self, ranks: usize, extra: &[&str]) -> (Output, Duration) {
+        self.evaluate_env(ranks, extra, &[])
+    }
+
+    /// `evaluate` with extra environment variables for every rank.
+    fn evaluate_env(&self, ranks: usize, extra: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
         let config = self.dir().join("config.toml");
         let mut args = vec!["--config", config.to_str().expect("utf-8 temp path"), "evaluate"];
         args.extend_from_slice(extra);
@@ -171,17 +176,28 @@ impl Fixture {
         let out = if ranks == 1 {
             run_sac_with_timeout(self.dir(), &args, RUN_TIMEOUT)
         } else {
-            run_mpi(self.dir(), ranks, &args, RUN_TIMEOUT)
+            run_mpi_env(self.dir(), ranks, &args, env, RUN_TIMEOUT)
         };
         (out, t.elapsed())
     }
 
     /// Evaluates `checkpoint` on `ranks` ranks into `<dir>/<out>/`, which must succeed.
     fn evaluate_ok(&self, ranks: usize, checkpoint: &Path, out: &str, extra: &[&str]) -> Outputs {
+        self.evaluate_ok_env(ranks, checkpoint, out, extra, &[])
+    }
+
+    fn evaluate_ok_env(
+        &self,
+        ranks: usize,
+        checkpoint: &Path,
+        out: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Outputs {
         let set_out = format!("paths.output_dir={out}");
         let mut args = vec!["--checkpoint", checkpoint.to_str().unwrap(), "--set", &set_out];
         args.extend_from_slice(extra);
-        let (output, _) = self.evaluate(ranks, &args);
+        let (output, _) = self.evaluate_env(ranks, &args, env);
         assert_success(&output);
         Outputs {
             dir: self.dir().join(out),
@@ -320,6 +336,9 @@ fn constant_checkpoint(path: &Path, bias: &[f32], metadata: bool) {
         let mut m = header.metadata().clone().unwrap_or_default();
         assert_eq!(m.get("arch").map(String::as_str), Some("resnet18"), "template metadata {m:?}");
         m.insert("num_classes".into(), bias.len().to_string());
+        // The class map of a checkpoint trained on the fixture's first `bias.len()` classes.
+        let ids: Vec<i64> = CLASSES[..bias.len()].iter().map(|c| c.0).collect();
+        m.insert("category_ids".into(), serde_json::to_string(&ids).unwrap());
         m
     });
     fs::write(path, safetensors::serialize(views, meta).unwrap()).unwrap();
@@ -359,6 +378,32 @@ fn pipeline_on_4_and_6_ranks_gives_the_predictions_of_one_process() {
         for stage in ["read", "decode", "normalize", "predict"] {
             assert_eq!(m["stages"][stage]["images"], 30, "images through {stage} at -n {ranks}");
         }
+    }
+}
+
+/// Above the MPI library's eager limit a send completes only once its receiver takes the message
+/// (rendezvous), as between nodes with 8–16 KB eager limits. Debian's MPICH moves even the
+/// messages between ranks of one host through UCX, whose rendezvous threshold `UCX_RNDV_THRESH`
+/// sets; at 1 KiB every batch message of the pipeline needs its receiver. Many large batches
+/// through 4 and 5 ranks: no cycle of ranks waiting on each other may close (rank 0 once stopped
+/// taking results while it sent, and a predictor blocked on its result held back the credit the
+/// chain needed), and the predictions are the single-process ones.
+#[test]
+fn pipeline_under_forced_rendezvous_with_many_large_batches_finishes_with_the_same_predictions() {
+    let ckpt = trained_checkpoint();
+    let fx = Fixture::new(6, 0, &cycling(360, 6));
+    let batch = ["--set", "evaluate.batch_size=24"];
+    let one = fx.evaluate_ok(1, ckpt, "out-1", &batch);
+    for ranks in [4, 5] {
+        let t = Instant::now();
+        let run = fx.evaluate_ok_env(ranks, ckpt, &format!("out-{ranks}"), &batch, &[("UCX_RNDV_THRESH", "1024")]);
+        eprintln!("-n {ranks} under rendezvous from 1 KiB: {:?}", t.elapsed());
+        assert_eq!(
+            String::from_utf8_lossy(&run.predictions_bytes()),
+            String::from_utf8_lossy(&one.predictions_bytes()),
+            "predictions.csv at -n {ranks} under forced rendezvous differs from the single-process one"
+        );
+        assert_eq!(run.metrics()["images"], 360);
     }
 }
 

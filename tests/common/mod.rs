@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// A run of `sac` that takes longer than this is killed and fails the test.
 pub const TIMEOUT: Duration = Duration::from_secs(120);
@@ -46,9 +46,24 @@ pub fn spawn_mpi(dir: &Path, ranks: usize, args: &[&str]) -> Child {
     spawn(cmd.args(["-n", &ranks.to_string(), env!("CARGO_BIN_EXE_sac")]).args(args), dir)
 }
 
+/// `spawn_mpi` with extra environment variables for every rank (hydra passes its environment on).
+pub fn spawn_mpi_env(dir: &Path, ranks: usize, args: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new("mpiexec");
+    cmd.args(["-n", &ranks.to_string(), env!("CARGO_BIN_EXE_sac")]).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    spawn(&mut cmd, dir)
+}
+
 /// `mpiexec -n <ranks> sac args…` in `dir`; the whole job is killed and the test fails after `timeout`.
 pub fn run_mpi(dir: &Path, ranks: usize, args: &[&str], timeout: Duration) -> Output {
     wait_with_timeout(spawn_mpi(dir, ranks, args), args, timeout)
+}
+
+/// `run_mpi` with extra environment variables for every rank.
+pub fn run_mpi_env(dir: &Path, ranks: usize, args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
+    wait_with_timeout(spawn_mpi_env(dir, ranks, args, env), args, timeout)
 }
 
 /// Runs `cmd` in its own process group: a timeout kills mpiexec (and sac itself when run alone); hydra's
@@ -78,7 +93,18 @@ pub fn signal_group(child: &Child, signal: i32) {
 
 /// Waits for `child` (started with `args`), collecting its output; kills it and fails the test
 /// after `timeout`.
-pub fn wait_with_timeout(mut child: Child, args: &[&str], timeout: Duration) -> Output {
+pub fn wait_with_timeout(child: Child, args: &[&str], timeout: Duration) -> Output {
+    wait_with_timeout_and(child, args, timeout, |_| {})
+}
+
+/// `wait_with_timeout`, calling `tick(&child)` every few milliseconds while the child runs (to
+/// watch its log, or signal it at the right moment).
+pub fn wait_with_timeout_and(
+    mut child: Child,
+    args: &[&str],
+    timeout: Duration,
+    mut tick: impl FnMut(&Child),
+) -> Output {
     // Drain both pipes on their own threads, so a chatty child never blocks on a full pipe.
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
@@ -103,6 +129,7 @@ pub fn wait_with_timeout(mut child: Child, args: &[&str], timeout: Duration) -> 
                 String::from_utf8_lossy(&stderr)
             );
         }
+        tick(&child);
         std::thread::sleep(Duration::from_millis(5));
     };
     Output { status, stdout: out.join().expect("stdout reader"), stderr: err.join().expect("stderr reader") }
@@ -616,5 +643,226 @@ pub fn assert_no_process_left(needle: &str, grace: Duration) {
             panic!("processes left running after the job ended: {left:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Training projects (train.rs, faults.rs)
+// ------------------------------------------------------------------------------------------------
+
+/// Any run of `sac` here is killed (and its test failed) after this.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A failing job must end this fast: an abort reaches every rank in well under a second, a hang
+/// would last until the timeout.
+pub const FAILS_WITHIN: Duration = Duration::from_secs(30);
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("creating a temp dir")
+}
+
+/// A project dir: `config.toml`, and `data/` written by [`write_data_dir`] (image `i` has label
+/// `i % classes`). The config trains resnet18 on `side`×`side` images, 1 epoch, batch 2 per rank,
+/// one torch thread, no validation; tests change what they need with flags and `--set`.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new(classes: usize, n_train: usize, n_test: usize, side: u32) -> Project {
+        let dir = tempdir();
+        write_data_dir(&dir.path().join("data"), classes, n_train, n_test, side);
+        write_config(
+            dir.path(),
+            &format!(
+                "[paths]\ndata_dir = \"data\"\ncheckpoint_dir = \"checkpoints\"\nlog_file = \"sac.log\"\n\n\
+                 [image]\nwidth = {side}\nheight = {side}\n\n[model]\nname = \"resnet18\"\n\n\
+                 [train]\nepochs = 1\nbatch_size = 2\nthreads = 1\nvalidate = false\n"
+            ),
+        );
+        Project { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.path().join("data")
+    }
+
+    /// `--config <abs> train extra…`
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        let config = self.path().join("config.toml");
+        let mut args = vec!["--config".to_string(), config.to_str().expect("utf-8 temp path").to_string()];
+        args.push("train".into());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// `mpiexec -n ranks sac train extra…`; also fails unless every rank is gone once it returns.
+    pub fn train_mpi(&self, ranks: usize, extra: &[&str]) -> Output {
+        let args = self.args(extra);
+        let out = run_mpi(self.path(), ranks, &strs(&args), RUN_TIMEOUT);
+        self.assert_no_rank_left();
+        out
+    }
+
+    /// No process of this project (its config path is on every rank's command line) is running.
+    #[track_caller]
+    pub fn assert_no_rank_left(&self) {
+        assert_no_process_left(self.path().join("config.toml").to_str().unwrap(), Duration::from_secs(5));
+    }
+
+    /// `sac train extra…` as one plain process (no mpiexec).
+    pub fn train(&self, extra: &[&str]) -> Output {
+        let args = self.args(extra);
+        run_sac_with_timeout(self.path(), &strs(&args), RUN_TIMEOUT)
+    }
+
+    /// `checkpoints/<arch>/` (or `<checkpoint_dir>/<arch>/` for another checkpoint dir).
+    pub fn model_dir_in(&self, checkpoint_dir: &str, arch: &str) -> PathBuf {
+        self.path().join(checkpoint_dir).join(arch)
+    }
+
+    pub fn model_dir(&self, arch: &str) -> PathBuf {
+        self.model_dir_in("checkpoints", arch)
+    }
+
+    pub fn state(&self, arch: &str) -> Value {
+        read_json(&self.model_dir(arch).join("state.json"))
+    }
+
+    /// Points row `row` of train.csv at a file of garbage bytes named `corrupt.png`; returns its path.
+    pub fn corrupt_train_row(&self, row: usize) -> PathBuf {
+        let bad = self.data().join("img/train/corrupt.png");
+        // Not an image of any format: what a truncated copy or a disk error leaves behind.
+        fs::write(&bad, (0..600u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect::<Vec<_>>()).unwrap();
+        let csv_path = self.data().join("train.csv");
+        let csv = fs::read_to_string(&csv_path).unwrap();
+        let mut lines: Vec<String> = csv.lines().map(str::to_string).collect();
+        let fields: Vec<&str> = lines[row + 1].splitn(2, ',').collect();
+        lines[row + 1] = format!("img/train/corrupt.png,{}", fields[1]);
+        fs::write(&csv_path, lines.join("\n") + "\n").unwrap();
+        bad
+    }
+}
+
+/// What a failed job reported: its stderr, then its log file. An MPI job's failure is checked
+/// against both because the last lines a rank writes to stderr just before `MPI_Abort` can be lost:
+/// hydra's proxy is killed before it forwards them (a few % of runs under load; see
+/// `error_of_an_aborting_rank_always_reaches_stderr`). The log file is written synchronously, so
+/// it always has them.
+#[track_caller]
+pub fn assert_job_fails_with(out: &Output, p: &Project, needles: &[&str]) -> String {
+    let err = stderr(out);
+    match out.status.code() {
+        Some(0) => panic!("the job succeeded but should have failed; stderr:\n{err}"),
+        None => panic!("the job was killed by a signal ({:?}); stderr:\n{err}", out.status),
+        Some(_) => {}
+    }
+    let log = fs::read_to_string(p.path().join("sac.log")).unwrap_or_default();
+    let text = format!("{err}\n--- sac.log ---\n{log}");
+    assert!(!text.contains("panicked at"), "sac panicked:\n{text}");
+    for n in needles {
+        assert!(text.contains(n), "neither stderr nor sac.log has {n:?}:\n{text}");
+    }
+    text
+}
+
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn u64_of(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} is not a count in {v}"))
+}
+
+/// Runs `python -c code args…` with the venv's python; fails the test with its output unless it
+/// exits 0. Returns stdout.
+pub fn python(code: &str, args: &[&str]) -> String {
+    let child = Command::new(venv_python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running the venv's python (scripts/setup.sh installs it; or set SAC_PYTHON)");
+    let out = wait_with_timeout(child, &["python"], RUN_TIMEOUT);
+    assert!(out.status.success(), "python failed ({:?}):\n{}\n{}", out.status, stdout(&out), stderr(&out));
+    stdout(&out)
+}
+
+/// How two safetensors files of the same model compare.
+#[derive(Debug)]
+pub struct Comparison {
+    /// Same names, dtypes, shapes, metadata, and every tensor's bytes equal.
+    pub bitwise: bool,
+    /// Largest |a - b| over the float tensors.
+    pub max_abs_diff: f64,
+}
+
+/// Compares two safetensors files tensor by tensor; panics if their names, dtypes, shapes or
+/// metadata differ.
+pub fn compare_safetensors(a: &Path, b: &Path) -> Comparison {
+    use safetensors::{Dtype, SafeTensors};
+    let (ba, bb) = (fs::read(a).unwrap(), fs::read(b).unwrap());
+    let (sa, sb) = (SafeTensors::deserialize(&ba).unwrap(), SafeTensors::deserialize(&bb).unwrap());
+    let meta = |bytes: &[u8]| SafeTensors::read_metadata(bytes).unwrap().1.metadata().clone();
+    assert_eq!(meta(&ba), meta(&bb), "metadata of {} and {}", a.display(), b.display());
+    let (mut na, mut nb) = (sa.names(), sb.names());
+    na.sort();
+    nb.sort();
+    assert_eq!(na, nb, "tensor names of {} and {}", a.display(), b.display());
+    let mut cmp = Comparison { bitwise: true, max_abs_diff: 0.0 };
+    for name in na {
+        let (ta, tb) = (sa.tensor(name).unwrap(), sb.tensor(name).unwrap());
+        assert_eq!((ta.dtype(), ta.shape()), (tb.dtype(), tb.shape()), "tensor {name}");
+        if ta.data() == tb.data() {
+            continue;
+        }
+        cmp.bitwise = false;
+        match ta.dtype() {
+            Dtype::F32 => {
+                let f =
+                    |d: &[u8]| d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>();
+                for (x, y) in f(ta.data()).into_iter().zip(f(tb.data())) {
+                    cmp.max_abs_diff = cmp.max_abs_diff.max(f64::from((x - y).abs()));
+                }
+            }
+            d => panic!("tensor {name} ({d:?}) differs between {} and {}", a.display(), b.display()),
+        }
+    }
+    cmp
+}
+
+/// The metadata of a safetensors file (fails unless it parses completely).
+pub fn safetensors_metadata(path: &Path) -> BTreeMap<String, String> {
+    let bytes = fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| panic!("{} is not safetensors: {e}", path.display()));
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default().into_iter().collect()
+}
+
+/// Every one of `ranks` ranks took the interrupted exit (a stop signal; code 130), and so did the job.
+#[track_caller]
+pub fn assert_interrupted(out: &Output, ranks: usize) {
+    let err = stderr(out);
+    assert_eq!(err.matches("training stopped by a signal").count(), ranks, "{err}");
+    // Every rank exits with 130, and mpiexec usually passes that on. But MPICH 4.0's hydra
+    // sometimes loses the exit statuses of ranks it forwarded a signal to and then exits 0 (about
+    // 1 run in 4 with a minimal C program that exits 130 on SIGTERM): accept 0 only then, when
+    // every rank is known (above) to have taken the interrupted exit.
+    match out.status.code() {
+        Some(130) => {}
+        Some(0) => eprintln!("mpiexec exited 0 although every rank exited 130 (hydra lost their statuses)"),
+        other => panic!("exit status {other:?} (want 130); stderr:\n{err}"),
     }
 }
