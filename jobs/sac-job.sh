@@ -6,6 +6,9 @@
 #   CONFIG    the config file (default config.toml; relative to the submit directory)
 #   SAC_ARGS  extra flags for `sac train` / `sac evaluate`, e.g. --resume (default: none)
 #   SAC_BIN   the sac binary (default $PWD/target/release/sac: `cargo build --release` builds it)
+#   SAC_STALL_ABORT  seconds after which a rank that stops answering (a hung node, a stopped
+#             process) ends the job instead of holding the allocation until the walltime
+#             (train.stall_abort; default 900; 0: never). A --set in SAC_ARGS wins over it.
 # Rank count: PBS_NP, else the lines of PBS_NODEFILE (Torque/PBS), else SLURM_NTASKS (Slurm, and
 # Slurm's qsub wrapper, which sets no PBS_* variables), else 1.
 #
@@ -14,7 +17,8 @@
 # the background so that this shell, which receives the signal too, passes it on and then waits for
 # sac to finish instead of exiting first (`qsig` on PBS and `scancel -b` on Slurm signal only this
 # shell). The scheduler's SIGKILL follows after a grace period (Slurm KillWait, 30 s by default;
-# PBS kill_delay, often a few seconds): a training step must end within it for the clean stop.
+# PBS kill_delay, often a few seconds): a training step must end within it for the clean stop. A
+# rank that waits for peers which do not come ends the job itself 20 s after the signal.
 set -uo pipefail
 
 say() { printf 'sac-job: %s\n' "$*" >&2; }
@@ -50,10 +54,12 @@ command -v mpiexec >/dev/null || die "mpiexec is not on PATH: load your site's M
 
 job_id="${PBS_JOBID:-${SLURM_JOB_ID:-none}}"
 say "job $job_id on $(hostname), $(date '+%F %T'), in $PWD"
-say "mpiexec -n $np $sac --config $config $cmd ${extra[*]+${extra[*]}}"
+stall="${SAC_STALL_ABORT:-900}"
+[[ $stall =~ ^[0-9]+$ ]] || die "SAC_STALL_ABORT must be a whole number of seconds (got '$stall')"
+say "mpiexec -n $np $sac --config $config --set train.stall_abort=$stall $cmd ${extra[*]+${extra[*]}}"
 start=$SECONDS
 
-mpiexec -n "$np" "$sac" --config "$config" "$cmd" ${extra[@]+"${extra[@]}"} &
+mpiexec -n "$np" "$sac" --config "$config" --set "train.stall_abort=$stall" "$cmd" ${extra[@]+"${extra[@]}"} &
 pid=$!
 forward() {
   say "received SIG$1: passing it on to mpiexec and waiting for sac to stop at a safe point"

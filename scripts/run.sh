@@ -15,8 +15,11 @@ sac="$root/target/release/sac"
 
 echo "== sac create-dataset" >&2
 "$sac" --config "$config" create-dataset
-echo "== mpiexec -n $ranks sac train" >&2
-# shellcheck disable=SC2086
-mpiexec -n "$ranks" "$sac" --config "$config" train ${SAC_ARGS:-}
+# The job starts from scratch (create-dataset has just written the data dir): the checkpoint of an
+# earlier run of this script is replaced, unless SAC_ARGS asks to --resume it.
+read -ra train_args <<<"${SAC_ARGS:-}"
+[[ " ${SAC_ARGS:-} " == *" --resume "* ]] || train_args+=(--overwrite)
+echo "== mpiexec -n $ranks sac train ${train_args[*]}" >&2
+mpiexec -n "$ranks" "$sac" --config "$config" train "${train_args[@]}"
 echo "== mpiexec -n $ranks sac evaluate" >&2
 mpiexec -n "$ranks" "$sac" --config "$config" evaluate
