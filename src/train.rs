@@ -37,7 +37,6 @@ struct Shard {
     train: Vec<Row>,
     test: Vec<Row>,
     total_train: usize,
-    max_train_shard: usize,
 }
 
 /// One epoch's figures, kept in `state.json`.
@@ -515,7 +514,6 @@ fn distribute(dist: &Dist, s: &Settings) -> Result<Shard> {
         data::check_labels(&test, classes.len(), &test_file)?;
         let n = dist.size();
         let deal = |rows: &[Row], r: usize| rows.iter().skip(r).step_by(n).cloned().collect::<Vec<_>>();
-        let max_train_shard = train.len().div_ceil(n);
         let mut parts = Vec::with_capacity(n);
         for r in 0..n {
             let shard = Shard {
@@ -523,17 +521,16 @@ fn distribute(dist: &Dist, s: &Settings) -> Result<Shard> {
                 train: deal(&train, r),
                 test: deal(&test, r),
                 total_train: train.len(),
-                max_train_shard,
             };
             parts.push(serde_json::to_vec(&shard)?);
         }
         if train.len() % n != 0 {
             info!(
-                "{} training images over {n} ranks: shards of {} and {}; ranks with fewer images sit out \
-                 the last step with a zero-weight gradient (nothing is dropped or repeated)",
+                "{} training images over {n} ranks: shards of {} and {}; a rank with fewer batches sends a \
+                 zero-weight gradient in the steps it has none for (nothing is dropped or repeated)",
                 train.len(),
                 train.len() / n,
-                max_train_shard
+                train.len().div_ceil(n)
             );
         }
         Some(parts)
