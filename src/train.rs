@@ -270,9 +270,8 @@ impl GradSync {
             (&recv[..], &self.recv)
         };
         let total = sums[p];
-        // A NaN or an infinity anywhere in the sum makes this fold NaN (x * 0 is NaN for both); the
-        // sum is the same on every rank, so every rank decides alike. One read of the buffer.
-        let grad_finite = sums[..p].iter().fold(0f32, |acc, &x| acc + x * 0.0) == 0.0;
+        // The sum is the same on every rank, so every rank decides alike. One read of the buffer.
+        let grad_finite = all_finite(&sums[..p]);
         let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
         Synced {
             grad: tensor.narrow(0, 0, p as i64),
@@ -282,6 +281,14 @@ impl GradSync {
             non_finite: sums[p + 2] > 0.0 || !grad_finite,
         }
     }
+}
+
+/// No NaN and no infinity in `v`: an exponent of all ones marks both. An OR of integer flags is
+/// associative, so the compiler vectorizes it (a float sum would be a serial chain of adds, ~4×
+/// slower on resnet18's 11 M gradients), and the read runs at memory speed.
+fn all_finite(v: &[f32]) -> bool {
+    const EXP: u32 = 0x7f80_0000;
+    v.chunks(4096).all(|c| c.iter().fold(0u32, |acc, x| acc | u32::from(x.to_bits() & EXP == EXP)) == 0)
 }
 
 /// Numbers after the gradients in the exchange buffer: image count, stop flag, non-finite flag.
@@ -1125,6 +1132,21 @@ mod tests {
         assert_eq!(b(1, 4), [(0, 1)], "a shard of one image stays one batch");
         assert_eq!(b(0, 4), []);
         assert_eq!(b(3, 1), [(0, 1), (1, 2), (2, 3)], "batch size 1 is the user's choice");
+    }
+
+    #[test]
+    fn all_finite_finds_nan_and_both_infinities_anywhere() {
+        let mut v = vec![1.5f32; 10_000];
+        assert!(all_finite(&v));
+        v[0] = f32::MAX;
+        v[1] = -0.0;
+        v[2] = f32::MIN_POSITIVE / 2.0; // subnormal
+        assert!(all_finite(&v));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut w = v.clone();
+            w[9_999] = bad;
+            assert!(!all_finite(&w), "{bad}");
+        }
     }
 
     #[test]
