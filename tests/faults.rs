@@ -158,12 +158,20 @@ fn sigstop_of_one_rank_is_reported_then_aborted_naming_it() {
     let limits = ["--set", "train.stall_warn=2", "--set", "train.stall_abort=8"];
     let mut extra = vec!["--epochs", "2"];
     extra.extend_from_slice(&limits);
-    let run = train_watched(&p, 2, &extra, &[("SAC_FAULT", "step:stop@1#3")], "fault injection", |_| {});
+    // Three ranks: 0 and 2 wait for the stopped rank 1, and each learns from the other's answer
+    // that it has arrived.
+    let run = train_watched(&p, 3, &extra, &[("SAC_FAULT", "step:stop@1#3")], "fault injection", |_| {});
     let text = assert_fault_ends_job(
         &p,
         &run,
         Duration::from_secs(8 + 10),
-        &["stall: this rank has waited", "not arrived: rank 1 (no answer", "train.stall_abort"],
+        &[
+            "stall: this rank has waited",
+            "not arrived: rank 1 (no answer",
+            "arrived: rank(s) 2",
+            "arrived: rank(s) 0",
+            "train.stall_abort",
+        ],
     );
     assert!(text.contains("ending the job"), "the abort is not logged:\n{text}");
     assert_eq!(epoch_of(&p), 1);
