@@ -38,6 +38,12 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// which `evaluate` compares with `classes.csv`.
 pub const CATEGORY_IDS: &str = "category_ids";
 
+/// Writes `bytes` to a new file at `path` and fsyncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).with_context(|| format!("writing {}", path.display()))
+}
+
 /// The files of one epoch's checkpoint, in the order they are written.
 pub const EPOCH_FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "state.json"];
 /// Written last into an epoch directory: every other file's name, size and CRC-32.
@@ -113,18 +119,11 @@ impl Store {
             fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
             let mut manifest = Vec::new();
             for (name, bytes) in files {
-                let path = tmp.join(name);
-                let mut f = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-                f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-                f.sync_all().with_context(|| format!("writing {}", path.display()))?;
+                write_synced(&tmp.join(name), bytes)?;
                 manifest.push(ManifestEntry { name: name.to_string(), bytes: bytes.len() as u64, crc32: crc32(bytes) });
                 crate::fault::point("save-between-files");
             }
-            let path = tmp.join(MANIFEST);
-            let mut f = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-            f.write_all(&serde_json::to_vec_pretty(&manifest)?)
-                .with_context(|| format!("writing {}", path.display()))?;
-            f.sync_all().with_context(|| format!("writing {}", path.display()))?;
+            write_synced(&tmp.join(MANIFEST), &serde_json::to_vec_pretty(&manifest)?)?;
             sync_dir(&tmp)?;
             let dest = self.epoch_dir(epoch);
             if dest.exists() {
@@ -143,24 +142,25 @@ impl Store {
     /// Makes `epoch` the one that `model.safetensors`, `state.json` and `optimizer.safetensors`
     /// name: one atomic rename of the `latest` symlink (the fixed links through it are made once).
     pub fn publish(&self, epoch: u32) -> Result<()> {
-        let tmp = self.dir.join(format!(".{LATEST}.tmp-{}", std::process::id()));
-        let _ = fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(format!("epoch-{epoch:04}"), &tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        fs::rename(&tmp, self.dir.join(LATEST)).with_context(|| format!("publishing epoch {epoch}"))?;
+        self.replace_symlink(LATEST, Path::new(&format!("epoch-{epoch:04}")))
+            .with_context(|| format!("publishing epoch {epoch}"))?;
         for name in EPOCH_FILES {
-            let link = self.dir.join(name);
             let target = PathBuf::from(LATEST).join(name);
-            if fs::read_link(&link).ok().as_ref() == Some(&target) {
-                continue;
+            if fs::read_link(self.dir.join(name)).ok().as_ref() != Some(&target) {
+                // Also replaces a regular file of the older flat layout, atomically.
+                self.replace_symlink(name, &target)?;
             }
-            // Also replaces a regular file of the older flat layout, atomically.
-            let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
-            let _ = fs::remove_file(&tmp);
-            std::os::unix::fs::symlink(&target, &tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            fs::rename(&tmp, &link).with_context(|| format!("creating {}", link.display()))?;
         }
         sync_dir(&self.dir)
+    }
+
+    /// `<dir>/<name>` becomes a symlink to `target`: made beside it, then renamed over it.
+    fn replace_symlink(&self, name: &str, target: &Path) -> Result<()> {
+        let link = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        fs::rename(&tmp, &link).with_context(|| format!("replacing {}", link.display()))
     }
 
     /// `best.safetensors` becomes (a hard link to) `epoch`'s model file, by a rename.

@@ -694,7 +694,7 @@ impl Dist {
     /// Sends `data` to `dest` with `tag`, returning once the buffer may be reused.
     pub fn send_bytes(&self, dest: usize, tag: i32, data: &[u8]) {
         let mut pending = self.start_send(dest, tag, data);
-        self.poll(Op::Send { to: dest, tag }, Wait::Patient, || pending.test().then_some(()));
+        self.finish_send(&mut pending, dest, tag, || {});
     }
 
     /// Starts sending `data` to `dest` with `tag`: the caller polls the returned send (and may do
@@ -756,16 +756,7 @@ pub struct PendingSend<'d> {
 impl PendingSend<'_> {
     /// True once the send has completed and its buffer may be reused.
     pub fn test(&mut self) -> bool {
-        match self.req.take() {
-            None => true,
-            Some(r) => match r.test() {
-                Ok(_) => true,
-                Err(r) => {
-                    self.req = Some(r);
-                    false
-                }
-            },
-        }
+        self.req.is_none() || test_request(&mut self.req).is_some()
     }
 }
 

@@ -730,7 +730,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             let mut bad = false;
             if let Some((x, y)) = batch {
                 if tc.on_nonfinite == OnNonFinite::Skip {
-                    tch::no_grad(|| saved_buffers.iter().zip(&buffers).for_each(|(s, b)| s.shallow_clone().copy_(b)));
+                    copy_tensors(&saved_buffers, &buffers);
                 }
                 let logits = model.net.forward_t(&x, true);
                 let mut loss = logits.cross_entropy_for_logits(&y);
@@ -766,9 +766,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
                         step + 1
                     ),
                     OnNonFinite::Skip => {
-                        tch::no_grad(|| {
-                            buffers.iter().zip(&saved_buffers).for_each(|(b, s)| b.shallow_clone().copy_(s))
-                        });
+                        copy_tensors(&buffers, &saved_buffers);
                         nonfinite_steps += 1;
                         warn!(
                             "epoch {epoch}, step {}/{steps}: non-finite loss or gradient ({what}); step left out \
@@ -878,6 +876,11 @@ fn stopping(epoch: u32, step: usize, steps: usize, state: &State, dir: &Path) {
             dir.display()
         );
     }
+}
+
+/// `dst[i] = src[i]` in place, outside autograd.
+fn copy_tensors(dst: &[Tensor], src: &[Tensor]) {
+    tch::no_grad(|| dst.iter().zip(src).for_each(|(d, s)| d.shallow_clone().copy_(s)));
 }
 
 /// Are all batch-norm statistics finite? (A few thousand numbers: cheap every step.)
