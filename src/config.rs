@@ -149,6 +149,9 @@ pub struct DatasetCfg {
     pub stratify: bool,
     pub seed: u64,
     pub place: Place,
+    /// An unlabeled FGVC/COCO metadata file (Herbarium's `test/metadata.json`) whose images become
+    /// `predict.csv` and `img/predict/`; empty for none. Taken whole: no sampling, no split.
+    pub predict_source: PathBuf,
 }
 
 impl Default for DatasetCfg {
@@ -161,6 +164,7 @@ impl Default for DatasetCfg {
             stratify: false,
             seed: 0,
             place: Place::Copy,
+            predict_source: PathBuf::new(),
         }
     }
 }
@@ -270,6 +274,92 @@ pub enum OnNonFinite {
     Skip,
 }
 
+/// `[train] cache`: how much of a rank's shard is kept decoded in memory across epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cache {
+    /// `false`: decode every image every epoch.
+    Off,
+    /// `true`: keep the whole shard, however large.
+    All,
+    /// `"auto"`: a share of the node's available memory, divided among the node's ranks.
+    Auto,
+    /// A byte budget per rank, written like `"4 GiB"`, `"500 MB"` or a plain number of bytes.
+    Bytes(u64),
+}
+
+impl Cache {
+    /// Parses `"auto"` or a size: a number with an optional unit (B, KB, MB, GB, TB: powers of
+    /// 1000; KiB, MiB, GiB, TiB: powers of 1024).
+    fn parse(s: &str) -> std::result::Result<Cache, String> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("auto") {
+            return Ok(Cache::Auto);
+        }
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: f64 = num.parse().map_err(|_| format!("`{s}` is not true, false, \"auto\" or a size like \"4 GiB\""))?;
+        let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "kb" | "k" => 1e3,
+            "mb" | "m" => 1e6,
+            "gb" | "g" => 1e9,
+            "tb" | "t" => 1e12,
+            "kib" => 1024.0,
+            "mib" => 1024f64.powi(2),
+            "gib" => 1024f64.powi(3),
+            "tib" => 1024f64.powi(4),
+            other => return Err(format!("`{s}`: unknown unit `{other}` (use B, KB, MB, GB, KiB, MiB, GiB, ...)")),
+        };
+        let bytes = n * scale;
+        if !(0.0..=1e18).contains(&bytes) {
+            return Err(format!("`{s}` is not a plausible size"));
+        }
+        Ok(Cache::Bytes(bytes as u64))
+    }
+}
+
+impl fmt::Display for Cache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cache::Off => f.write_str("false"),
+            Cache::All => f.write_str("true"),
+            Cache::Auto => f.write_str("auto"),
+            Cache::Bytes(b) => write!(f, "{}", crate::logging::bytes(*b)),
+        }
+    }
+}
+
+impl Serialize for Cache {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Cache::Off => s.serialize_bool(false),
+            Cache::All => s.serialize_bool(true),
+            Cache::Auto => s.serialize_str("auto"),
+            Cache::Bytes(b) => s.serialize_str(&format!("{b} B")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Cache {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Int(i64),
+            Str(String),
+        }
+        let msg = "expected true, false, \"auto\" or a size like \"4 GiB\"";
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(msg))? {
+            Raw::Bool(false) => Ok(Cache::Off),
+            Raw::Bool(true) => Ok(Cache::All),
+            Raw::Int(n) if n >= 0 => Ok(Cache::Bytes(n as u64)),
+            Raw::Int(n) => Err(serde::de::Error::custom(format!("{n} is negative"))),
+            Raw::Str(s) => Cache::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainCfg {
@@ -280,7 +370,9 @@ pub struct TrainCfg {
     pub validate: bool,
     pub device: DeviceKind,
     pub threads: usize,
-    pub cache: bool,
+    pub cache: Cache,
+    /// Batches a loader thread prepares ahead of the step that uses them; 0: no loader thread.
+    pub prefetch: usize,
     pub on_bad_image: OnBadImage,
     pub on_nonfinite: OnNonFinite,
     /// Seconds a rank waits for its peers before it logs which have not arrived (train and evaluate).
@@ -299,7 +391,8 @@ impl Default for TrainCfg {
             validate: true,
             device: DeviceKind::Cpu,
             threads: 0,
-            cache: true,
+            cache: Cache::Auto,
+            prefetch: 2,
             on_bad_image: OnBadImage::Skip,
             on_nonfinite: OnNonFinite::Fail,
             stall_warn: 60.0,
@@ -322,13 +415,35 @@ impl TrainCfg {
 #[serde(deny_unknown_fields, default)]
 pub struct EvaluateCfg {
     pub batch_size: usize,
+    /// Threads that decode and resize images (the decode rank's, or the decode stage's with fewer
+    /// than 4 ranks); 0: the rank's share of its node's cores.
+    pub decode_threads: usize,
     /// Empty: `<checkpoint_dir>/<model.name>/model.safetensors`.
     pub checkpoint: PathBuf,
 }
 
 impl Default for EvaluateCfg {
     fn default() -> Self {
-        Self { batch_size: 32, checkpoint: PathBuf::new() }
+        Self { batch_size: 32, decode_threads: 0, checkpoint: PathBuf::new() }
+    }
+}
+
+/// Which split of the data dir `sac evaluate` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// test.csv: labeled; predictions, metrics, per-class scores and the confusion picture.
+    Test,
+    /// predict.csv (from dataset.predict_source): unlabeled; predictions.csv only.
+    Predict,
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Test => "test",
+            Split::Predict => "predict",
+        }
     }
 }
 
@@ -505,8 +620,14 @@ impl Config {
             "train.stall_abort",
             format!("{} must be 0 (never) or at least 1 (seconds)", t.stall_abort),
         )?;
+        check(t.prefetch <= 16, "train.prefetch", format!("{} batches ahead is too many (at most 16)", t.prefetch))?;
         check(t.threads <= 1024, "train.threads", format!("{} is not a plausible thread count", t.threads))?;
         check(self.evaluate.batch_size >= 1, "evaluate.batch_size", "must be at least 1")?;
+        check(
+            self.evaluate.decode_threads <= 1024,
+            "evaluate.decode_threads",
+            format!("{} is not a plausible thread count", self.evaluate.decode_threads),
+        )?;
         Ok(())
     }
 
@@ -521,6 +642,7 @@ impl Config {
         abs(&mut self.paths.output_dir);
         abs(&mut self.paths.log_file);
         abs(&mut self.dataset.source);
+        abs(&mut self.dataset.predict_source);
         abs(&mut self.model.pretrained);
         abs(&mut self.evaluate.checkpoint);
     }
@@ -616,6 +738,27 @@ mod tests {
         assert_eq!(c.train.stall_limits().abort, Some(std::time::Duration::from_secs(30)));
         let d = Config::default().train.stall_limits();
         assert_eq!((d.warn, d.abort), (std::time::Duration::from_secs(60), None));
+    }
+
+    #[test]
+    fn cache_is_a_switch_auto_or_a_byte_budget() {
+        let cache = |v: &str| parse_with_sets(&format!("[train]\ncache = {v}\n"), &[]).map(|c| c.train.cache);
+        assert_eq!(cache("false").unwrap(), Cache::Off);
+        assert_eq!(cache("true").unwrap(), Cache::All);
+        assert_eq!(cache("\"auto\"").unwrap(), Cache::Auto);
+        assert_eq!(cache("\"4 GiB\"").unwrap(), Cache::Bytes(4 << 30));
+        assert_eq!(cache("\"1.5GB\"").unwrap(), Cache::Bytes(1_500_000_000));
+        assert_eq!(cache("1000").unwrap(), Cache::Bytes(1000));
+        let msg = format!("{:#}", cache("\"4 GiBs\"").unwrap_err());
+        assert!(msg.contains("unknown unit `gibs`"), "{msg}");
+        let msg = format!("{:#}", cache("\"lots\"").unwrap_err());
+        assert!(msg.contains("\"auto\" or a size"), "{msg}");
+        assert_eq!(Config::default().train.cache, Cache::Auto);
+        // Round trip through --set (the config is re-encoded before overrides merge).
+        let c = parse_with_sets("[train]\ncache = \"2 MiB\"\n", &["train.lr=0.1".into()]).unwrap();
+        assert_eq!(c.train.cache, Cache::Bytes(2 << 20));
+        let c = parse_with_sets("", &["train.cache=false".into()]).unwrap();
+        assert_eq!(c.train.cache, Cache::Off);
     }
 
     #[test]

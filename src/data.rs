@@ -1,5 +1,5 @@
 //! The data dir's CSVs, and images: decode → resize → normalize → batch tensors, with an optional
-//! in-memory cache of decoded, resized images.
+//! in-memory cache of decoded, resized images within a byte budget.
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -67,6 +67,18 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
     let cats = if df.column("category_id").is_ok() { int_column(&df, "category_id", path)? } else { vec![-1; n] };
     Ok((0..n)
         .map(|i| Row { path: paths[i].clone(), label: labels[i], category_id: cats[i], image_id: image_ids[i] })
+        .collect())
+}
+
+/// Reads an unlabeled split (`predict.csv`): only `path` and `image_id` count; every label is -1.
+pub fn read_unlabeled_rows(path: &Path) -> Result<Vec<Row>> {
+    let df = read_csv(path)?;
+    let paths = str_column(&df, "path", path)?;
+    let image_ids = int_column(&df, "image_id", path)?;
+    Ok(paths
+        .into_iter()
+        .zip(image_ids)
+        .map(|(path, image_id)| Row { path, label: -1, category_id: -1, image_id })
         .collect())
 }
 
@@ -179,34 +191,72 @@ pub fn batch_tensor(values: &[f32], n: usize, g: &Geometry) -> Tensor {
     Tensor::from_slice(values).view([n as i64, 3, g.height as i64, g.width as i64]).to_kind(Kind::Float)
 }
 
-/// A rank's images: decoded on first use, kept in memory when `cache` is on.
+/// The node's available memory (`MemAvailable` of /proc/meminfo), if it can be read.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The share of the node's available memory that `train.cache = "auto"` gives all of its ranks'
+/// caches together: the rest stays for the models, libtorch's buffers, MPI and the page cache.
+pub const AUTO_CACHE_SHARE: f64 = 0.5;
+
+/// The byte budget of one rank's cache under `setting`, for a node with `local_ranks` ranks.
+pub fn cache_budget(setting: crate::config::Cache, local_ranks: usize, available: Option<u64>) -> u64 {
+    use crate::config::Cache;
+    match setting {
+        Cache::Off => 0,
+        Cache::All => u64::MAX,
+        Cache::Bytes(b) => b,
+        // Without /proc/meminfo (not Linux), nothing is assumed: no cache.
+        Cache::Auto => available.map_or(0, |a| (a as f64 * AUTO_CACHE_SHARE) as u64 / local_ranks.max(1) as u64),
+    }
+}
+
+/// A rank's images: decoded on first use; kept in memory while the cache's byte budget allows.
+/// Images are kept in the order they are first used and never evicted, so a full cache serves a
+/// fixed part of the shard from memory and decodes the rest every epoch.
 pub struct ImageStore {
     root: PathBuf,
     geometry: Geometry,
-    cache: Option<Vec<Option<Box<[u8]>>>>,
+    cache: Vec<Option<Box<[u8]>>>,
+    budget: u64,
+    used: u64,
+    held: usize,
 }
 
 impl ImageStore {
-    pub fn new(root: &Path, geometry: Geometry, len: usize, cache: bool) -> Self {
-        ImageStore { root: root.to_path_buf(), geometry, cache: cache.then(|| vec![None; len]) }
+    /// A store for a shard of `len` images with a cache of at most `budget` bytes (0: none).
+    pub fn new(root: &Path, geometry: Geometry, len: usize, budget: u64) -> Self {
+        let cache = if budget >= geometry.image_bytes() as u64 { vec![None; len] } else { Vec::new() };
+        ImageStore { root: root.to_path_buf(), geometry, cache, budget, used: 0, held: 0 }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
     }
 
+    /// Bytes the cache holds, and how many images.
+    pub fn held(&self) -> (u64, usize) {
+        (self.used, self.held)
+    }
+
     /// Image `index` (its position in the rank's shard) at `rel`.
     pub fn get(&mut self, index: usize, rel: &str) -> Result<std::borrow::Cow<'_, [u8]>> {
-        let path = self.root.join(rel);
-        match &mut self.cache {
-            Some(cache) => {
-                if cache[index].is_none() {
-                    cache[index] = Some(load_image(&path, &self.geometry)?.into_boxed_slice());
-                }
-                Ok(std::borrow::Cow::Borrowed(cache[index].as_deref().expect("filled")))
-            }
-            None => Ok(std::borrow::Cow::Owned(load_image(&path, &self.geometry)?)),
+        if self.cache.get(index).is_some_and(Option::is_some) {
+            return Ok(std::borrow::Cow::Borrowed(self.cache[index].as_deref().expect("checked")));
         }
+        let img = load_image(&self.root.join(rel), &self.geometry)?;
+        let size = img.len() as u64;
+        if index < self.cache.len() && self.used + size <= self.budget {
+            self.used += size;
+            self.held += 1;
+            let slot = &mut self.cache[index];
+            return Ok(std::borrow::Cow::Borrowed(slot.insert(img.into_boxed_slice())));
+        }
+        Ok(std::borrow::Cow::Owned(img))
     }
 }
 
@@ -248,5 +298,47 @@ mod tests {
         assert_eq!(rgb.len(), 64 * 32 * 3);
         assert!(rgb.iter().all(|&v| v == 200));
         assert!(decode_resize(b"not an image", &g).is_err());
+    }
+
+    #[test]
+    fn cache_holds_images_up_to_its_budget_and_decodes_the_rest_each_time() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..5u8 {
+            image::RgbImage::from_pixel(20, 10, image::Rgb([i * 40, 0, 0]))
+                .save(dir.path().join(format!("{i}.png")))
+                .unwrap();
+        }
+        let g = Geometry { width: 8, height: 8, mean: [0.0; 3], std: [1.0; 3] };
+        let one = g.image_bytes() as u64;
+        // Room for 2 images and a half: 2 are kept, in the order they were first used.
+        let mut store = ImageStore::new(dir.path(), g, 5, 2 * one + one / 2);
+        for round in 0..2 {
+            for i in [3usize, 1, 4, 0, 2] {
+                let img = store.get(i, &format!("{i}.png")).unwrap();
+                assert_eq!(img[0], i as u8 * 40, "round {round}, image {i}");
+                assert_eq!(matches!(img, std::borrow::Cow::Borrowed(_)), i == 3 || i == 1, "image {i}");
+            }
+        }
+        assert_eq!(store.held(), (2 * one, 2));
+        // Image 3 comes from memory: removing its file does not matter.
+        std::fs::remove_file(dir.path().join("3.png")).unwrap();
+        assert!(store.get(3, "3.png").is_ok());
+        assert!(store.get(0, "0.png").is_ok() && store.get(4, "gone.png").is_err());
+
+        let mut none = ImageStore::new(dir.path(), g, 5, 0);
+        assert!(matches!(none.get(1, "1.png").unwrap(), std::borrow::Cow::Owned(_)));
+        assert_eq!(none.held(), (0, 0));
+    }
+
+    #[test]
+    fn cache_budget_of_auto_shares_half_the_available_memory_among_the_node_ranks() {
+        use crate::config::Cache;
+        let gib = 1u64 << 30;
+        assert_eq!(cache_budget(Cache::Auto, 4, Some(16 * gib)), 2 * gib);
+        assert_eq!(cache_budget(Cache::Auto, 4, None), 0);
+        assert_eq!(cache_budget(Cache::Off, 1, Some(gib)), 0);
+        assert_eq!(cache_budget(Cache::All, 1, None), u64::MAX);
+        assert_eq!(cache_budget(Cache::Bytes(123), 8, Some(gib)), 123);
+        assert!(available_memory().is_some_and(|m| m > 0), "Linux has MemAvailable");
     }
 }

@@ -107,7 +107,7 @@ fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
     if let Command::MpiCheck(a) = &cli.command {
         logging::init(dist.rank(), dist.size(), cli.global.verbose, cli.global.quiet, None)?;
         *logging = true;
-        return mpicheck::run(dist, a.batch, a.model, a.reps);
+        return mpicheck::run(dist, a.batch, a.model, a.classes, a.reps);
     }
     let flags = match &cli.command {
         Command::CreateDataset(a) => {
@@ -140,7 +140,7 @@ fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
             dataset::create(&settings)
         }
         Command::Train(a) => train::run(dist, &settings, a.resume, a.overwrite),
-        Command::Evaluate(_) => evaluate::run(dist, &settings),
+        Command::Evaluate(a) => evaluate::run(dist, &settings, a.split),
         Command::MpiCheck(_) => unreachable!("handled above"),
     }
 }

@@ -161,6 +161,22 @@ pub fn init(rank: usize, size: usize, verbose: u8, quiet: bool, log_file: Option
     Ok(())
 }
 
+/// A byte count for people: `812 B`, `3.4 MiB`, `12.0 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -5,8 +5,10 @@
 //!    training uses, and the result must equal the gradient of the whole batch in one process
 //!    (relative error ≤ 1e-5). The model has no batch norm or dropout, which would make the two
 //!    differ by design.
-//! 2. How long one step's gradient exchange takes for a real model: sac's fused buckets against
-//!    one allreduce per parameter tensor (what the original script did).
+//! 2. How long one step's gradient exchange takes for a real model with a chosen class count
+//!    (`--classes 64500`: Herbarium's head): sac's fused buckets against one allreduce per
+//!    parameter tensor (what the original script did), and how long the fused Adam step over the
+//!    same parameters takes on one thread and on the rank's share of the node's cores.
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -123,8 +125,22 @@ pub struct Exchange {
     pub numel: usize,
 }
 
+/// Milliseconds per fused Adam step over `numel` parameters, with `threads` threads.
+pub fn time_optimizer(numel: usize, threads: usize, reps: usize) -> f64 {
+    tch::set_num_threads(threads as i32);
+    let params = vec![("p".to_string(), Tensor::zeros([numel as i64], (Kind::Float, Device::Cpu)))];
+    let g = Tensor::ones([numel as i64], (Kind::Float, Device::Cpu));
+    let mut opt = crate::train::optim::Optimizer::new(crate::config::OptimizerKind::Adam, 1e-3, numel, Device::Cpu);
+    opt.apply(&g, 1.0, &params); // pages touched once before timing
+    let t = Instant::now();
+    for _ in 0..reps {
+        opt.apply(&g, 1.0, &params);
+    }
+    t.elapsed().as_secs_f64() * 1e3 / reps as f64
+}
+
 /// The subcommand.
-pub fn run(dist: &Dist, batch: usize, arch: Arch, reps: usize) -> Result<()> {
+pub fn run(dist: &Dist, batch: usize, arch: Arch, classes: i64, reps: usize) -> Result<()> {
     tch::set_num_threads(1);
     let err = check_averaging(dist, batch)?;
     let ok = dist.all_ok(err <= TOLERANCE);
@@ -139,17 +155,35 @@ pub fn run(dist: &Dist, batch: usize, arch: Arch, reps: usize) -> Result<()> {
         bail!("gradient averaging is not exact on rank {} (relative error {err:.2e})", dist.rank());
     }
     if reps > 0 {
-        let x = time_exchange(dist, arch, 10, reps);
+        let x = time_exchange(dist, arch, classes, reps);
         if dist.is_root() {
             println!(
-                "{arch} gradients ({} tensors, {:.1} M floats) over {} rank(s), ms per step: fused {:.1} \
-                 (allreduce alone {:.1}), one allreduce per tensor {:.1}",
+                "{arch} with {classes} classes: gradients ({} tensors, {:.1} M floats, {} buckets of at most {:.1} M) \
+                 over {} rank(s), ms per step: fused {:.1} (allreduce alone {:.1}), one allreduce per tensor {:.1}",
                 x.tensors,
                 x.numel as f64 / 1e6,
+                x.numel.div_ceil(crate::dist::bucket_floats()),
+                crate::dist::bucket_floats() as f64 / 1e6,
                 dist.size(),
                 x.fused,
                 x.raw,
                 x.per_tensor
+            );
+        }
+        // Every rank steps its optimizer at once, as in training.
+        let share = crate::train::set_threads(0, dist);
+        dist.barrier();
+        let one = time_optimizer(x.numel, 1, reps);
+        dist.barrier();
+        let many = if share > 1 { Some(time_optimizer(x.numel, share, reps)) } else { None };
+        if dist.is_root() {
+            println!(
+                "fused Adam step over the same {:.1} M parameters, ms per step (all ranks at once): 1 thread {one:.1}{}",
+                x.numel as f64 / 1e6,
+                many.map_or_else(
+                    || " (the rank's share of the node's cores is 1 thread)".to_string(),
+                    |t| format!(", {share} threads {t:.1}")
+                )
             );
         }
         info!("mpi-check timing done");

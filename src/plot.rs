@@ -7,6 +7,7 @@ use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
+use crate::evaluate::metrics::TopConfusion;
 use crate::train::EpochRecord;
 
 const FONT_FILES: [&str; 4] = [
@@ -111,15 +112,11 @@ pub fn training_curves(path: &Path, history: &[EpochRecord]) -> Result<()> {
     Ok(())
 }
 
-/// A heat map of the confusion matrix (rows: true class, columns: predicted), normalized by row.
-/// With more than 50 classes, the 50 with the most test images are shown.
-pub fn confusion(path: &Path, matrix: &[Vec<u64>], names: &[String]) -> Result<()> {
+/// A heat map of the confusion counts among the most frequent classes (rows: true class, columns:
+/// predicted), each row normalized by all images of its class. `names[i]` names `c.labels[i]`.
+pub fn confusion(path: &Path, c: &TopConfusion, names: &[String]) -> Result<()> {
     ensure_font()?;
-    let mut order: Vec<usize> = (0..matrix.len()).collect();
-    order.sort_by_key(|&c| std::cmp::Reverse(matrix[c].iter().sum::<u64>()));
-    order.truncate(50);
-    order.sort_unstable();
-    let n = order.len();
+    let n = c.labels.len();
     let cell = if n <= 10 {
         48
     } else if n <= 25 {
@@ -133,33 +130,33 @@ pub fn confusion(path: &Path, matrix: &[Vec<u64>], names: &[String]) -> Result<(
     {
         let root = BitMapBackend::new(&tmp, (side + label_w + 40, side + label_w + 60)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        let title = if matrix.len() > n {
-            format!("confusion matrix ({n} most frequent of {} classes; rows: true, normalized)", matrix.len())
+        let title = if c.classes_present > n {
+            format!("confusion matrix ({n} most frequent of {} classes; rows: true, normalized)", c.classes_present)
         } else {
             "confusion matrix (rows: true class, columns: predicted; normalized by row)".to_string()
         };
         root.draw(&Text::new(title, (10, 10), ("sans-serif", 16))).map_err(err)?;
         let (x0, y0) = (label_w as i32, 40);
         let font = ("sans-serif", (cell as i32 * 6 / 10).clamp(9, 14));
-        for (i, &r) in order.iter().enumerate() {
-            let total: u64 = matrix[r].iter().sum();
-            for (j, &c) in order.iter().enumerate() {
-                let v = if total > 0 { matrix[r][c] as f64 / total as f64 } else { 0.0 };
+        for (i, row) in c.counts.iter().enumerate() {
+            let total = c.support[i];
+            for (j, &count) in row.iter().enumerate() {
+                let v = if total > 0 { count as f64 / total as f64 } else { 0.0 };
                 let color = ViridisRGB::get_color(v);
                 let (x, y) = (x0 + (j as u32 * cell) as i32, y0 + (i as u32 * cell) as i32);
                 root.draw(&Rectangle::new([(x, y), (x + cell as i32, y + cell as i32)], color.filled()))
                     .map_err(err)?;
-                if cell >= 28 && matrix[r][c] > 0 {
+                if cell >= 28 && count > 0 {
                     let ink = if v > 0.6 { BLACK } else { WHITE };
                     root.draw(&Text::new(
-                        matrix[r][c].to_string(),
+                        count.to_string(),
                         (x + 3, y + cell as i32 / 3),
                         font.into_font().color(&ink),
                     ))
                     .map_err(err)?;
                 }
             }
-            let name: String = names.get(r).map_or_else(|| r.to_string(), |s| s.chars().take(22).collect());
+            let name: String = names.get(i).map_or_else(|| c.labels[i].to_string(), |s| s.chars().take(22).collect());
             root.draw(&Text::new(name.clone(), (5, y0 + (i as u32 * cell) as i32 + cell as i32 / 3), font))
                 .map_err(err)?;
             let x = x0 + (i as u32 * cell) as i32 + cell as i32 / 3;
@@ -198,9 +195,14 @@ mod tests {
         let img = image::open(&curves).unwrap();
         assert_eq!((img.width(), img.height()), (1200, 450));
         let confusion_png = dir.path().join("confusion.png");
-        let matrix: Vec<Vec<u64>> = (0..60).map(|i| (0..60).map(|j| u64::from(i == j) * 5 + 1).collect()).collect();
-        let names: Vec<String> = (0..60).map(|i| format!("class {i}")).collect();
-        confusion(&confusion_png, &matrix, &names).unwrap();
+        let top = TopConfusion {
+            labels: (0..50).map(|i| i * 3).collect(),
+            counts: (0..50).map(|i| (0..50).map(|j| u64::from(i == j) * 5 + 1).collect()).collect(),
+            support: vec![60; 50],
+            classes_present: 900,
+        };
+        let names: Vec<String> = (0..50).map(|i| format!("class {}", i * 3)).collect();
+        confusion(&confusion_png, &top, &names).unwrap();
         let img = image::open(&confusion_png).unwrap();
         assert!(img.width() > 50 * 16, "50 of the 60 classes are drawn");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary files left");

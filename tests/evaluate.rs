@@ -245,7 +245,7 @@ impl Outputs {
 
     fn per_class(&self) -> Csv {
         let csv = read_csv(&self.dir.join("per_class.csv"));
-        assert_eq!(csv.header, ["label", "category_id", "name", "precision", "recall", "f1", "support"]);
+        assert_eq!(csv.header, ["label", "category_id", "name", "precision", "recall", "f1", "support", "predicted"]);
         csv
     }
 }
@@ -448,13 +448,14 @@ fn metrics_match_values_worked_out_by_hand_for_a_checkpoint_that_always_predicts
     let want_loss = lse - (3.0 * 0.5 + 4.0 * 3.0 + 2.0 * 2.5 + 2.0 * 2.0 + 1.5) / 12.0;
     assert!((num(&m, "loss") - want_loss).abs() < 1e-4, "loss {} vs {want_loss}", m["loss"]);
 
+    // One row per class that occurs as a label or a prediction: fir (label 5) does neither.
     let pc = run.per_class();
-    assert_eq!(pc.column_i64("label"), [0, 1, 2, 3, 4, 5]);
-    assert_eq!(pc.column_i64("category_id"), [11, 23, 37, 42, 58, 64]);
-    assert_eq!(pc.column("name"), ["alder", "birch", "cedar", "dogwood", "elm", "fir"]);
-    assert_eq!(pc.column_i64("support"), [3, 4, 2, 2, 1, 0]);
-    let want =
-        [(0.0, 0.0, 0.0), (1.0 / 3.0, 1.0, 0.5), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)];
+    assert_eq!(pc.column_i64("label"), [0, 1, 2, 3, 4]);
+    assert_eq!(pc.column_i64("category_id"), [11, 23, 37, 42, 58]);
+    assert_eq!(pc.column("name"), ["alder", "birch", "cedar", "dogwood", "elm"]);
+    assert_eq!(pc.column_i64("support"), [3, 4, 2, 2, 1]);
+    assert_eq!(pc.column_i64("predicted"), [0, 12, 0, 0, 0]);
+    let want = [(0.0, 0.0, 0.0), (1.0 / 3.0, 1.0, 0.5), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)];
     let (p, r, f) = (column_f64(&pc, "precision"), column_f64(&pc, "recall"), column_f64(&pc, "f1"));
     for (c, &(wp, wr, wf)) in want.iter().enumerate() {
         assert_close(p[c], wp, &format!("precision of label {c}"));

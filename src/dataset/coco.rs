@@ -118,6 +118,46 @@ fn build(meta: Metadata, root: &Path, file: &Path) -> Result<Source> {
     Ok(Source { root: root.to_path_buf(), items, categories, idx: Vec::new() })
 }
 
+/// An unlabeled image set (`[dataset] predict_source`, e.g. Herbarium's `test/metadata.json`):
+/// the directory its file names are relative to, and every image as `(image id, file name)`.
+/// Annotations, if the file has any, are ignored (with a warning): the set is predicted, not scored.
+pub fn read_unlabeled(path: &Path) -> Result<(PathBuf, Vec<(i64, PathBuf)>)> {
+    let file = if path.is_dir() { path.join("metadata.json") } else { path.to_path_buf() };
+    let root = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+    let meta: Metadata = serde_json::from_reader(BufReader::with_capacity(1 << 20, f))
+        .with_context(|| format!("{} is not valid FGVC/COCO metadata", file.display()))?;
+    Ok((root, images_only(meta, &file)?))
+}
+
+fn images_only(meta: Metadata, file: &Path) -> Result<Vec<(i64, PathBuf)>> {
+    if !meta.annotations.is_empty() {
+        warn!(
+            "{} has {} annotation(s): dataset.predict_source is predicted as unlabeled, they are ignored",
+            file.display(),
+            meta.annotations.len()
+        );
+    }
+    let mut ids = std::collections::HashSet::with_capacity(meta.images.len());
+    let mut names = std::collections::HashSet::with_capacity(meta.images.len());
+    let mut out = Vec::with_capacity(meta.images.len());
+    for img in meta.images {
+        check_relative(&img.file_name)
+            .with_context(|| format!("{}: image {} has file_name {:?}", file.display(), img.id, img.file_name))?;
+        if !ids.insert(img.id) {
+            bail!("{}: image id {} is listed twice", file.display(), img.id);
+        }
+        if !names.insert(img.file_name.clone()) {
+            bail!("{}: file_name {:?} is listed twice", file.display(), img.file_name);
+        }
+        out.push((img.id, PathBuf::from(img.file_name)));
+    }
+    if out.is_empty() {
+        bail!("{} lists no images (dataset.predict_source)", file.display());
+    }
+    Ok(out)
+}
+
 /// A `file_name` must stay inside the source directory.
 fn check_relative(name: &str) -> Result<()> {
     let p = Path::new(name);
@@ -163,6 +203,24 @@ mod tests {
             parse(r#"{"images": [], "annotations": [{"image_id": 3, "category_id": 1}], "categories": [{"id": 1}]}"#)
                 .unwrap_err();
         assert!(format!("{e:#}").contains("image id 3, which is not in `images`"));
+    }
+
+    #[test]
+    fn an_unlabeled_set_keeps_every_image_and_refuses_duplicates() {
+        let meta: Metadata = serde_json::from_str(
+            r#"{"images": [{"id": 7, "file_name": "images/000/7.jpg"}, {"id": 3, "file_name": "images/000/3.jpg"}],
+               "info": {"year": 2021}}"#,
+        )
+        .unwrap();
+        let got = images_only(meta, Path::new("/t/metadata.json")).unwrap();
+        assert_eq!(got, vec![(7, PathBuf::from("images/000/7.jpg")), (3, PathBuf::from("images/000/3.jpg"))]);
+        let meta: Metadata =
+            serde_json::from_str(r#"{"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}]}"#)
+                .unwrap();
+        let e = images_only(meta, Path::new("/t/metadata.json")).unwrap_err();
+        assert!(e.to_string().contains("image id 1 is listed twice"), "{e}");
+        let meta: Metadata = serde_json::from_str(r#"{"images": []}"#).unwrap();
+        assert!(images_only(meta, Path::new("/t/m.json")).unwrap_err().to_string().contains("lists no images"));
     }
 
     #[test]

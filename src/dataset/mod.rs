@@ -53,6 +53,14 @@ pub struct Source {
     pub idx: Vec<idx::ImageSet>,
 }
 
+/// The unlabeled images of `[dataset] predict_source`: the directory their file names are
+/// relative to, and `(image id, file name)` per image.
+#[derive(Debug, Default)]
+pub struct PredictSet {
+    pub root: PathBuf,
+    pub images: Vec<(i64, PathBuf)>,
+}
+
 pub fn read_source(format: Format, path: &std::path::Path) -> Result<Source> {
     match format {
         Format::Coco => coco::read(path),
@@ -75,17 +83,35 @@ pub fn create(settings: &Settings) -> Result<()> {
         source.categories.len(),
         t0.elapsed().as_secs_f64()
     );
+    let predict = if cfg.predict_source.as_os_str().is_empty() {
+        None
+    } else {
+        let (root, images) = coco::read_unlabeled(&cfg.predict_source).with_context(|| {
+            format!("reading the unlabeled set {} (dataset.predict_source)", cfg.predict_source.display())
+        })?;
+        info!("{} unlabeled images to predict in {}", images.len(), cfg.predict_source.display());
+        Some(PredictSet { root, images })
+    };
     let split = sample::choose(&source, cfg.sample, cfg.test_fraction, cfg.stratify, cfg.seed)?;
     info!("sample {} (seed {}): {} train + {} test images", cfg.sample, cfg.seed, split.train.len(), split.test.len());
+    if split.train_only_classes > 0 {
+        info!(
+            "{} class(es) have fewer than {} images in the sample and stay whole in train (none in test)",
+            split.train_only_classes,
+            sample::MIN_TO_SPLIT
+        );
+    }
     let stop = crate::stop_on_signals()?;
-    let summary = write::write_data_dir(settings, &source, &split, &stop)?;
+    let summary = write::write_data_dir(settings, &source, &split, predict.as_ref(), &stop)?;
     info!(
-        "wrote {} ({} train, {} test, {} classes) in {:.1} s",
+        "wrote {} ({} train, {} test, {} predict, {} classes) in {:.1} s; peak memory {:.0} MiB",
         settings.data_dir().display(),
         summary.train,
         summary.test,
+        summary.predict,
         summary.classes,
-        t0.elapsed().as_secs_f64()
+        t0.elapsed().as_secs_f64(),
+        crate::resource_usage().0
     );
     Ok(())
 }

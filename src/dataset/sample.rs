@@ -15,7 +15,14 @@ use crate::config::Sample;
 pub struct Split {
     pub train: Vec<usize>,
     pub test: Vec<usize>,
+    /// Stratified splits: classes with too few images to give the test split one (fewer than
+    /// [`MIN_TO_SPLIT`]), kept whole in train.
+    pub train_only_classes: usize,
 }
+
+/// A class needs this many sampled images before a stratified split sends any to test: with fewer,
+/// a test image would leave one image or none to learn the class from.
+pub const MIN_TO_SPLIT: usize = 3;
 
 /// The first `k` entries of `v` become a uniform random `k`-subset, in random order.
 fn partial_shuffle(v: &mut [usize], k: usize, rng: &mut ChaCha8Rng) {
@@ -37,6 +44,7 @@ pub fn choose(source: &Source, sample: Sample, test_fraction: f64, stratify: boo
     let mut chosen = all;
     chosen.truncate(k);
 
+    let mut train_only_classes = 0;
     let (mut train, mut test) = if stratify {
         chosen.sort_unstable();
         let mut by_class: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
@@ -45,7 +53,13 @@ pub fn choose(source: &Source, sample: Sample, test_fraction: f64, stratify: boo
         }
         let (mut train, mut test) = (Vec::new(), Vec::new());
         for (_, mut members) in by_class {
-            let n_test = ((members.len() as f64) * test_fraction).round() as usize;
+            if members.len() < MIN_TO_SPLIT {
+                train_only_classes += 1;
+                train.extend_from_slice(&members);
+                continue;
+            }
+            // At least one image each side, the share rounded to the nearest count.
+            let n_test = (((members.len() as f64) * test_fraction).round() as usize).clamp(1, members.len() - 1);
             partial_shuffle(&mut members, n_test, &mut rng);
             test.extend_from_slice(&members[..n_test]);
             train.extend_from_slice(&members[n_test..]);
@@ -64,7 +78,7 @@ pub fn choose(source: &Source, sample: Sample, test_fraction: f64, stratify: boo
     }
     train.sort_unstable();
     test.sort_unstable();
-    Ok(Split { train, test })
+    Ok(Split { train, test, train_only_classes })
 }
 
 #[cfg(test)]
@@ -111,6 +125,38 @@ mod tests {
         for c in 0..4 {
             let n = s.test.iter().filter(|&&i| src.items[i].category_id == c).count();
             assert_eq!(n, 50, "class {c}");
+        }
+    }
+
+    #[test]
+    fn stratified_split_keeps_classes_of_one_or_two_images_in_train_and_splits_the_rest_both_ways() {
+        // Class c has c + 1 images: classes 0 and 1 (1 and 2 images) stay whole in train.
+        let mut items = Vec::new();
+        for c in 0..6i64 {
+            for _ in 0..=c {
+                let i = items.len();
+                items.push(Item {
+                    data: ImageData::Idx { set: 0, index: i },
+                    rel: format!("{i}.png").into(),
+                    category_id: c * 10,
+                    image_id: i as i64,
+                });
+            }
+        }
+        let src = Source { items, ..Default::default() };
+        for fraction in [0.2, 0.5, 0.9] {
+            let s = choose(&src, Sample::Fraction(1.0), fraction, true, 3).unwrap();
+            assert_eq!(s.train_only_classes, 2, "test_fraction {fraction}");
+            for c in 0..6i64 {
+                let count = |v: &[usize]| v.iter().filter(|&&i| src.items[i].category_id == c * 10).count();
+                let (train, test) = (count(&s.train), count(&s.test));
+                assert_eq!(train + test, c as usize + 1);
+                if c < 2 {
+                    assert_eq!(test, 0, "class {c}, test_fraction {fraction}");
+                } else {
+                    assert!(train >= 1 && test >= 1, "class {c}, test_fraction {fraction}: {train} + {test}");
+                }
+            }
         }
     }
 

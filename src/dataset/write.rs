@@ -1,5 +1,5 @@
-//! Builds the data dir: `train.csv`, `test.csv`, `classes.csv`, `dataset.json` and
-//! `img/{train,test}/…`. Everything is written into a temporary directory beside the target and
+//! Builds the data dir: `train.csv`, `test.csv`, `classes.csv`, `dataset.json`,
+//! `img/{train,test}/…`, and with `[dataset] predict_source` also `predict.csv` and `img/predict/…`. Everything is written into a temporary directory beside the target and
 //! renamed into place only when complete, so a failure never leaves a half-written data dir.
 use std::collections::BTreeMap;
 use std::fs;
@@ -14,7 +14,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::sample::Split;
-use super::{ImageData, Source};
+use super::{ImageData, PredictSet, Source};
 use crate::config::{Place, Settings};
 
 /// The file that marks a data dir as written by `sac create-dataset` (and records how).
@@ -24,6 +24,7 @@ pub const MARKER: &str = "dataset.json";
 pub struct Summary {
     pub train: usize,
     pub test: usize,
+    pub predict: usize,
     pub classes: usize,
 }
 
@@ -41,6 +42,10 @@ struct Record<'a> {
     train: usize,
     test: usize,
     classes: usize,
+    /// Classes kept whole in train by a stratified split (too few images to split).
+    train_only_classes: usize,
+    predict_source: Option<&'a Path>,
+    predict: usize,
 }
 
 /// A directory that is removed on drop unless `keep` is called.
@@ -61,7 +66,14 @@ impl Drop for TempDir {
 }
 
 /// `stop`: raised by a signal; the write is abandoned and the temporary directory removed.
-pub fn write_data_dir(settings: &Settings, source: &Source, split: &Split, stop: &AtomicBool) -> Result<Summary> {
+/// `predict`: the unlabeled images of `[dataset] predict_source`, written whole to `predict.csv`.
+pub fn write_data_dir(
+    settings: &Settings,
+    source: &Source,
+    split: &Split,
+    predict: Option<&PredictSet>,
+    stop: &AtomicBool,
+) -> Result<Summary> {
     let target = settings.data_dir().to_path_buf();
     check_replaceable(&target)?;
     let name = target.file_name().context("paths.data_dir has no final component")?.to_string_lossy();
@@ -75,21 +87,34 @@ pub fn write_data_dir(settings: &Settings, source: &Source, split: &Split, stop:
     let tmp = TempDir(Some(tmp_path.clone()));
 
     let cfg = &settings.config.dataset;
-    check_files_exist(source, split)?;
-    let total = (split.train.len() + split.test.len()) as u64;
+    check_files_exist(source, split, predict)?;
+    let n_predict = predict.map_or(0, |p| p.images.len());
+    let total = (split.train.len() + split.test.len() + n_predict) as u64;
     let pb = crate::logging::progress_bar(total, "images", true);
+    let interrupted = || bail!("interrupted by a signal: nothing was written, {} is as it was", target.display());
     for (split_name, indices) in [("train", &split.train), ("test", &split.test)] {
         for &i in indices.iter() {
             if stop.load(Ordering::Relaxed) {
-                bail!("interrupted by a signal: nothing was written, {} is as it was", target.display());
+                return interrupted();
             }
             let item = &source.items[i];
             place(source, item, &tmp_path.join(image_path(split_name, &item.rel)), cfg.place)?;
             pb.inc(1);
         }
     }
+    for (_, rel) in predict.map_or(&[][..], |p| &p.images) {
+        if stop.load(Ordering::Relaxed) {
+            return interrupted();
+        }
+        let root = &predict.expect("images come from it").root;
+        place_file(&root.join(rel), &tmp_path.join(image_path("predict", rel)), cfg.place)?;
+        pb.inc(1);
+    }
     pb.finish_and_clear();
-    let summary = write_csvs(&tmp_path, source, split)?;
+    let mut summary = write_csvs(&tmp_path, source, split)?;
+    if let Some(p) = predict {
+        summary.predict = write_predict_csv(&tmp_path, p)?;
+    }
     let record = Record {
         created_by: format!("sac {}", env!("CARGO_PKG_VERSION")),
         format: cfg.format,
@@ -103,6 +128,9 @@ pub fn write_data_dir(settings: &Settings, source: &Source, split: &Split, stop:
         train: summary.train,
         test: summary.test,
         classes: summary.classes,
+        train_only_classes: split.train_only_classes,
+        predict_source: predict.map(|_| cfg.predict_source.as_path()),
+        predict: summary.predict,
     };
     fs::write(tmp_path.join(MARKER), serde_json::to_string_pretty(&record)? + "\n")
         .with_context(|| format!("writing {MARKER}"))?;
@@ -142,7 +170,20 @@ pub fn write_csvs(dir: &Path, source: &Source, split: &Split) -> Result<Summary>
         "count" => counts.values().map(|&n| n as i64).collect::<Vec<_>>(),
     )?;
     write_csv(&mut classes, &dir.join("classes.csv"))?;
-    Ok(Summary { train: split.train.len(), test: split.test.len(), classes: counts.len() })
+    Ok(Summary { train: split.train.len(), test: split.test.len(), predict: 0, classes: counts.len() })
+}
+
+/// Writes `predict.csv`: the same columns as `test.csv`, with `label` and `category_id` empty.
+fn write_predict_csv(dir: &Path, predict: &PredictSet) -> Result<usize> {
+    let n = predict.images.len();
+    let mut df = df!(
+        "path" => predict.images.iter().map(|(_, rel)| image_path("predict", rel).to_string_lossy().into_owned()).collect::<Vec<_>>(),
+        "label" => vec![None::<i64>; n],
+        "category_id" => vec![None::<i64>; n],
+        "image_id" => predict.images.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+    )?;
+    write_csv(&mut df, &dir.join("predict.csv"))?;
+    Ok(n)
 }
 
 fn write_csv(df: &mut DataFrame, path: &Path) -> Result<()> {
@@ -171,7 +212,7 @@ fn check_replaceable(target: &Path) -> Result<()> {
 }
 
 /// Every selected file must exist before anything is written.
-fn check_files_exist(source: &Source, split: &Split) -> Result<()> {
+fn check_files_exist(source: &Source, split: &Split, predict: Option<&PredictSet>) -> Result<()> {
     let missing: Vec<PathBuf> = split
         .train
         .iter()
@@ -182,6 +223,17 @@ fn check_files_exist(source: &Source, split: &Split) -> Result<()> {
         .collect();
     if let Some(first) = missing.first() {
         bail!("{} listed image(s) missing on disk, the first: {}", missing.len(), first.display());
+    }
+    if let Some(p) = predict {
+        let missing: Vec<PathBuf> =
+            p.images.iter().map(|(_, rel)| p.root.join(rel)).filter(|path| !path.is_file()).collect();
+        if let Some(first) = missing.first() {
+            bail!(
+                "{} image(s) of dataset.predict_source missing on disk, the first: {}",
+                missing.len(),
+                first.display()
+            );
+        }
     }
     Ok(())
 }
@@ -196,17 +248,22 @@ fn place(source: &Source, item: &super::Item, dest: &Path, how: Place) -> Result
             image::save_buffer(dest, s.image(*index), s.cols, s.rows, image::ColorType::L8)
                 .with_context(|| format!("writing {}", dest.display()))?;
         }
-        ImageData::File => {
-            let src = &source.root.join(&item.rel);
-            let res = match how {
-                Place::Copy => fs::copy(src, dest).map(|_| ()),
-                Place::Hardlink => fs::hard_link(src, dest),
-                Place::Symlink => std::os::unix::fs::symlink(std::path::absolute(src)?, dest),
-            };
-            res.with_context(|| format!("placing {} at {} ({how:?})", src.display(), dest.display()))?;
-        }
+        ImageData::File => place_file(&source.root.join(&item.rel), dest, how)?,
     }
     Ok(())
+}
+
+/// Copies or links the file `src` to `dest`, creating `dest`'s directory.
+fn place_file(src: &Path, dest: &Path, how: Place) -> Result<()> {
+    if let Some(dir) = dest.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let res = match how {
+        Place::Copy => fs::copy(src, dest).map(|_| ()),
+        Place::Hardlink => fs::hard_link(src, dest),
+        Place::Symlink => std::os::unix::fs::symlink(std::path::absolute(src)?, dest),
+    };
+    res.with_context(|| format!("placing {} at {} ({how:?})", src.display(), dest.display()))
 }
 
 /// Puts the complete `tmp` at `target`, replacing a previous data dir only after `tmp` is done.

@@ -17,7 +17,7 @@ use tch::Device;
 use tracing::info;
 
 use crate::checkpoint;
-use crate::config::{Arch, Settings};
+use crate::config::{Arch, Settings, Split};
 use crate::data::{self, Geometry};
 use crate::dist::Dist;
 use pipeline::{Ctx, RankReport, Stage};
@@ -106,21 +106,31 @@ impl Predictor {
     }
 }
 
-/// The subcommand.
-pub fn run(dist: &Dist, s: &Settings) -> Result<()> {
+/// The subcommand, on `split`.
+pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
     let cfg = &s.config;
     let t_start = Instant::now();
     let threads = crate::train::set_threads(cfg.train.threads, dist);
     let device = crate::train::pick_device(cfg.train.device, dist)?;
     let arch = cfg.model.name;
     let ckpt = s.eval_checkpoint();
-    let test_file = s.data_dir().join("test.csv");
+    let test_file = s.data_dir().join(format!("{}.csv", split.name()));
 
     // Rank 0 reads the CSVs and checks the checkpoint before any rank starts working.
     let (mut classes, mut rows, mut header) = (Vec::new(), Vec::new(), Vec::new());
     if dist.is_root() {
         classes = data::read_classes(&s.data_dir().join("classes.csv"))?;
-        rows = data::read_rows(&test_file)?;
+        if split == Split::Predict && !test_file.is_file() {
+            bail!(
+                "{} not found: --split predict needs an unlabeled set; set dataset.predict_source (e.g. \
+                 Herbarium's test/metadata.json) and run `sac create-dataset`",
+                test_file.display()
+            );
+        }
+        rows = match split {
+            Split::Test => data::read_rows(&test_file)?,
+            Split::Predict => data::read_unlabeled_rows(&test_file)?,
+        };
         if rows.is_empty() {
             bail!("{} has no rows", test_file.display());
         }
@@ -135,7 +145,9 @@ pub fn run(dist: &Dist, s: &Settings) -> Result<()> {
     let needs_model = if pipelined { dist.rank() >= 3 } else { dist.is_root() };
     let model = if needs_model { Some(Predictor::load(&ckpt, arch, k, device)?) } else { None };
     let geometry = Geometry::from_config(&cfg.image);
-    let ctx = Ctx { root: s.data_dir(), geometry, on_bad: cfg.train.on_bad_image };
+    let decode_threads = if cfg.evaluate.decode_threads > 0 { cfg.evaluate.decode_threads } else { threads };
+    let csv = format!("{}.csv", split.name());
+    let ctx = Ctx { root: s.data_dir(), geometry, on_bad: cfg.train.on_bad_image, csv: &csv, decode_threads };
     let mut predict = |b: pipeline::TensorBatch| match &model {
         Some(m) => m.predict(&geometry, b),
         None => unreachable!("only predicting ranks get batches"),
@@ -143,7 +155,7 @@ pub fn run(dist: &Dist, s: &Settings) -> Result<()> {
     if dist.is_root() {
         if pipelined {
             info!(
-                "evaluating {} on {} images: pipeline over {} ranks (read, decode, normalize, {} predictor(s)), batch {}",
+                "evaluating {} on {} images of {csv}: pipeline over {} ranks (read, decode with {decode_threads} thread(s), normalize, {} predictor(s)), batch {}",
                 ckpt.display(),
                 rows.len(),
                 dist.size(),
@@ -152,7 +164,7 @@ pub fn run(dist: &Dist, s: &Settings) -> Result<()> {
             );
         } else {
             info!(
-                "evaluating {} on {} images: {} rank(s) < 4, so all stages run as threads of one process, batch {}, {threads} torch thread(s)",
+                "evaluating {} on {} images of {csv}: {} rank(s) < 4, so all stages run as threads of one process, batch {}, {threads} torch thread(s), {decode_threads} decode thread(s)",
                 ckpt.display(),
                 rows.len(),
                 dist.size(),
@@ -188,10 +200,11 @@ pub fn run(dist: &Dist, s: &Settings) -> Result<()> {
             total_seconds: t_start.elapsed().as_secs_f64(),
             checkpoint: ckpt.clone(),
             batch_size: cfg.evaluate.batch_size,
+            split,
         };
         report::write(s, &classes, &rows, outcome, &reports, &run)?;
     }
     let (rss, cpu) = crate::resource_usage();
-    tracing::debug!("this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
+    info!("done: this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
     Ok(())
 }

@@ -121,13 +121,17 @@ pub struct Ctx<'a> {
     pub root: &'a Path,
     pub geometry: Geometry,
     pub on_bad: OnBadImage,
+    /// The split's CSV file name, for messages.
+    pub csv: &'a str,
+    /// Threads of the decode stage.
+    pub decode_threads: usize,
 }
 
 impl Ctx<'_> {
     fn bad(&self, what: &str, row: usize, rel: &str, e: &anyhow::Error) -> Result<String> {
         let msg = format!("{}: {e:#}", self.root.join(rel).display());
         if self.on_bad == OnBadImage::Fail {
-            bail!("cannot {what} test.csv row {} ({msg}) and train.on_bad_image = \"fail\"", row + 2);
+            bail!("cannot {what} {} row {} ({msg}) and train.on_bad_image = \"fail\"", self.csv, row + 2);
         }
         tracing::warn!("skipping {msg}");
         Ok(msg)
@@ -160,12 +164,25 @@ pub fn read(ctx: &Ctx, rows: &[Row], seq: u64, idx: &[usize]) -> Result<RawBatch
     Ok(RawBatch { meta, files })
 }
 
-/// Stage 2: decode and resize.
+/// Stage 2: decode and resize, the batch's images shared among `ctx.decode_threads` threads.
 pub fn decode(ctx: &Ctx, mut b: RawBatch) -> Result<DecodedBatch> {
     let mut pixels = Vec::with_capacity(b.files.len() * ctx.geometry.image_bytes());
     let mut ok = vec![true; b.files.len()];
-    for (k, bytes) in b.files.iter().enumerate() {
-        match data::decode_resize(bytes, &ctx.geometry) {
+    let decode_all = |files: &[Vec<u8>]| -> Vec<Result<Vec<u8>>> {
+        files.iter().map(|bytes| data::decode_resize(bytes, &ctx.geometry)).collect()
+    };
+    let threads = ctx.decode_threads.clamp(1, b.files.len().max(1));
+    let decoded: Vec<Result<Vec<u8>>> = if threads == 1 {
+        decode_all(&b.files)
+    } else {
+        let per = b.files.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = b.files.chunks(per).map(|part| s.spawn(move || decode_all(part))).collect();
+            parts.into_iter().flat_map(|h| h.join().expect("a decode thread panicked")).collect()
+        })
+    };
+    for (k, result) in decoded.into_iter().enumerate() {
+        match result {
             Ok(img) => pixels.extend_from_slice(&img),
             Err(e) => {
                 let msg = ctx.bad("decode", b.meta.rows[k], &b.meta.paths[k], &e)?;

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::metrics;
 use super::pipeline::{Outcome, RankReport, Stage, StageStats};
 use crate::checkpoint::write_atomic;
-use crate::config::Settings;
+use crate::config::{Settings, Split};
 use crate::data::{Class, Row};
 
 /// How the evaluation ran.
@@ -23,6 +23,7 @@ pub struct Run {
     pub total_seconds: f64,
     pub checkpoint: PathBuf,
     pub batch_size: usize,
+    pub split: Split,
 }
 
 #[derive(Serialize)]
@@ -50,11 +51,23 @@ pub fn write(
     reports: &[RankReport],
     run: &Run,
 ) -> Result<()> {
-    let dir = &s.config.paths.output_dir;
+    let dir = &match run.split {
+        Split::Test => s.config.paths.output_dir.clone(),
+        Split::Predict => s.config.paths.output_dir.join("predict"),
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     outcome.preds.sort_by_key(|p| p.row);
     outcome.failed.sort_by_key(|f| f.row);
     let images = outcome.preds.len();
+
+    // predictions.csv first, so that nothing after it can cost the predictions: Id = image id,
+    // Predicted = category id of the top-1 class.
+    let mut preds = df!(
+        "Id" => outcome.preds.iter().map(|p| rows[p.row].image_id).collect::<Vec<_>>(),
+        "Predicted" => outcome.preds.iter().map(|p| classes[p.top[0]].category_id).collect::<Vec<_>>(),
+    )?;
+    write_atomic(&dir.join("predictions.csv"), &csv_bytes(&mut preds)?)?;
+    drop(preds);
 
     // Stage figures: from the ranks in the pipeline, from the threads otherwise.
     let mut stages: Vec<(Stage, usize, StageStats)> = Vec::new();
@@ -107,30 +120,29 @@ pub fn write(
         "skipped": outcome.failed.iter().map(|f| json!({"path": rows[f.row].path, "error": f.error})).collect::<Vec<_>>(),
     });
 
-    // predictions.csv: Id = image id, Predicted = category id of the top-1 class.
-    let mut preds = df!(
-        "Id" => outcome.preds.iter().map(|p| rows[p.row].image_id).collect::<Vec<_>>(),
-        "Predicted" => outcome.preds.iter().map(|p| classes[p.top[0]].category_id).collect::<Vec<_>>(),
-    )?;
-    write_atomic(&dir.join("predictions.csv"), &csv_bytes(&mut preds)?)?;
-    write_atomic(&dir.join("metrics.json"), &(serde_json::to_string_pretty(&metrics_json)? + "\n").into_bytes())?;
+    if run.split == Split::Test {
+        write_atomic(&dir.join("metrics.json"), &(serde_json::to_string_pretty(&metrics_json)? + "\n").into_bytes())?;
+    }
 
     if let Some(m) = &m {
+        // One row per class present in the labels or the predictions.
+        let rows_of = || m.per_class.iter();
         let mut per_class = df!(
-            "label" => classes.iter().map(|c| c.label).collect::<Vec<_>>(),
-            "category_id" => classes.iter().map(|c| c.category_id).collect::<Vec<_>>(),
-            "name" => classes.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
-            "precision" => m.per_class.iter().map(|c| c.precision).collect::<Vec<_>>(),
-            "recall" => m.per_class.iter().map(|c| c.recall).collect::<Vec<_>>(),
-            "f1" => m.per_class.iter().map(|c| c.f1).collect::<Vec<_>>(),
-            "support" => m.per_class.iter().map(|c| c.support as i64).collect::<Vec<_>>(),
+            "label" => rows_of().map(|c| c.label as i64).collect::<Vec<_>>(),
+            "category_id" => rows_of().map(|c| classes[c.label].category_id).collect::<Vec<_>>(),
+            "name" => rows_of().map(|c| classes[c.label].name.clone()).collect::<Vec<_>>(),
+            "precision" => rows_of().map(|c| c.precision).collect::<Vec<_>>(),
+            "recall" => rows_of().map(|c| c.recall).collect::<Vec<_>>(),
+            "f1" => rows_of().map(|c| c.f1).collect::<Vec<_>>(),
+            "support" => rows_of().map(|c| c.support as i64).collect::<Vec<_>>(),
+            "predicted" => rows_of().map(|c| c.predicted as i64).collect::<Vec<_>>(),
         )?;
         write_atomic(&dir.join("per_class.csv"), &csv_bytes(&mut per_class)?)?;
-        let names: Vec<String> = classes.iter().map(|c| c.name.clone()).collect();
+        let names: Vec<String> = m.confusion.labels.iter().map(|&l| classes[l].name.clone()).collect();
         if let Err(e) = crate::plot::confusion(&dir.join("confusion.png"), &m.confusion, &names) {
             warn!("confusion.png not drawn: {e:#}");
         }
-    } else {
+    } else if run.split == Split::Test {
         info!("test.csv has no labels: wrote predictions only (no accuracy, per-class figures or confusion matrix)");
     }
 

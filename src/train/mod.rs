@@ -6,7 +6,7 @@
 //! same optimizer step. Every rank runs the same number of steps; a rank whose shard is exhausted
 //! contributes a zero-weight gradient, and the buffer carries each rank's batch size so the
 //! average is over images, exactly as one process on the concatenated batch.
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -21,8 +21,13 @@ use tch::{Device, Kind, Tensor};
 use tracing::{info, warn};
 
 use crate::checkpoint;
-use crate::config::{Arch, Config, DeviceKind, OnBadImage, OnNonFinite, OptimizerKind, Settings};
+use crate::config::{Arch, Config, DeviceKind, OnNonFinite, Settings};
 use crate::data::{self, Class, Geometry, ImageStore, Row};
+use loader::{with_batches, Loader};
+use optim::Optimizer;
+
+pub mod loader;
+pub mod optim;
 use crate::dist::Dist;
 
 /// All ranks stopped together at a step boundary after SIGTERM / SIGINT.
@@ -358,122 +363,6 @@ fn average_tensors(dist: &Dist, ts: &[Tensor]) {
     unflatten(&flat, ts);
 }
 
-/// Adam (as `torch.optim.Adam`, no weight decay) or SGD with momentum 0.9 (as `torch.optim.SGD`),
-/// on the flat averaged gradient; its state is flat too, so it saves and broadcasts as one tensor.
-struct Optimizer {
-    kind: OptimizerKind,
-    lr: f64,
-    step: i64,
-    /// Adam: exp_avg; SGD: momentum_buffer.
-    m: Tensor,
-    /// Adam: exp_avg_sq.
-    v: Tensor,
-}
-
-const BETA1: f64 = 0.9;
-const BETA2: f64 = 0.999;
-const EPS: f64 = 1e-8;
-const MOMENTUM: f64 = 0.9;
-
-impl Optimizer {
-    fn new(kind: OptimizerKind, lr: f64, numel: usize, device: Device) -> Self {
-        let z = || Tensor::zeros([numel as i64], (Kind::Float, device));
-        Optimizer { kind, lr, step: 0, m: z(), v: z() }
-    }
-
-    /// Applies one step with the flat gradient `g × scale` to `params`.
-    fn apply(&mut self, g: &Tensor, scale: f32, params: &[(String, Tensor)]) {
-        self.step += 1;
-        if is_cpu_f32(g) && is_cpu_f32(&self.m) && params.iter().all(|(_, p)| is_cpu_f32(p)) {
-            self.apply_fused(g, scale, params);
-        } else {
-            self.apply_tensor_ops(&(g * f64::from(scale)), params);
-        }
-    }
-
-    /// One pass over gradient, state and parameters per element, in place: no temporary buffers,
-    /// where the tensor-op formulation makes six or more passes, each allocating 4 bytes per parameter.
-    fn apply_fused(&mut self, g: &Tensor, scale: f32, params: &[(String, Tensor)]) {
-        let numel = g.numel();
-        // SAFETY: all tensors are contiguous CPU f32 tensors of the given lengths, owned by the
-        // optimizer, the model or the gradient exchange, and nothing else reads or writes them
-        // during the step.
-        let slice = |t: &Tensor, n: usize| unsafe { f32_slice_mut(t, n) };
-        let g = slice(g, numel);
-        let m = slice(&self.m, numel);
-        let v = slice(&self.v, numel);
-        let lr = self.lr as f32;
-        let bc1 = 1.0 - BETA1.powi(self.step as i32);
-        let bc2 = 1.0 - BETA2.powi(self.step as i32);
-        let (b1, b2, eps) = (BETA1 as f32, BETA2 as f32, EPS as f32);
-        let (step_size, inv_sqrt_bc2) = ((self.lr / bc1) as f32, (1.0 / bc2.sqrt()) as f32);
-        let mut off = 0;
-        for (_, p) in params {
-            let n = p.numel();
-            let p = slice(p, n);
-            let (g, m, v) = (&g[off..off + n], &mut m[off..off + n], &mut v[off..off + n]);
-            match self.kind {
-                OptimizerKind::Adam => {
-                    for i in 0..n {
-                        let gi = g[i] * scale;
-                        let mi = b1 * m[i] + (1.0 - b1) * gi;
-                        let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
-                        m[i] = mi;
-                        v[i] = vi;
-                        p[i] -= step_size * mi / (vi.sqrt() * inv_sqrt_bc2 + eps);
-                    }
-                }
-                OptimizerKind::Sgd => {
-                    // torch.optim.SGD: buf = grad at the first step, then momentum * buf + grad;
-                    // with buf starting at zero the one formula covers both.
-                    for i in 0..n {
-                        let mi = MOMENTUM as f32 * m[i] + g[i] * scale;
-                        m[i] = mi;
-                        p[i] -= lr * mi;
-                    }
-                }
-            }
-            off += n;
-        }
-    }
-
-    /// The same with tensor operations, for parameters on a GPU.
-    fn apply_tensor_ops(&mut self, g: &Tensor, params: &[(String, Tensor)]) {
-        tch::no_grad(|| {
-            let g = g.to_device(self.m.device());
-            let update = match self.kind {
-                OptimizerKind::Adam => {
-                    let _ = self.m.lerp_(&g, 1.0 - BETA1);
-                    let _ = self.v.lerp_(&(&g * &g), 1.0 - BETA2);
-                    let bc1 = 1.0 - BETA1.powi(self.step as i32);
-                    let bc2 = 1.0 - BETA2.powi(self.step as i32);
-                    let denom = self.v.sqrt() / bc2.sqrt() + EPS;
-                    (&self.m / denom) * (-self.lr / bc1)
-                }
-                OptimizerKind::Sgd => {
-                    let _ = self.m.g_mul_scalar_(MOMENTUM).g_add_(&g);
-                    &self.m * (-self.lr)
-                }
-            };
-            let mut off = 0i64;
-            for (_, p) in params {
-                let n = p.numel() as i64;
-                let _ = p.shallow_clone().g_add_(&update.narrow(0, off, n).view(p.size().as_slice()));
-                off += n;
-            }
-        });
-    }
-
-    fn tensors(&self) -> Vec<(String, Tensor)> {
-        match self.kind {
-            OptimizerKind::Adam => {
-                vec![("exp_avg".into(), self.m.shallow_clone()), ("exp_avg_sq".into(), self.v.shallow_clone())]
-            }
-            OptimizerKind::Sgd => vec![("momentum_buffer".into(), self.m.shallow_clone())],
-        }
-    }
-}
-
 pub fn pick_device(kind: DeviceKind, dist: &Dist) -> Result<Device> {
     let gpus = || if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
     Ok(match kind {
@@ -546,53 +435,6 @@ fn distribute(dist: &Dist, s: &Settings) -> Result<Shard> {
     };
     let bytes = dist.scatter_bytes(0, parts)?;
     serde_json::from_slice(&bytes).context("decoding this rank's shard")
-}
-
-/// Loads a batch: the images of `rows[idx]` that decode, with their labels.
-struct Loader {
-    store: ImageStore,
-    geometry: Geometry,
-    on_bad: OnBadImage,
-    bad: HashSet<usize>,
-    values: Vec<f32>,
-    rank: usize,
-}
-
-impl Loader {
-    /// The decodable images of `rows[idx]` as a batch (None if there is none), and how many were skipped.
-    fn batch(&mut self, rows: &[Row], idx: &[usize], device: Device) -> Result<(Option<(Tensor, Tensor)>, u64)> {
-        let mut skipped = 0;
-        let mut images = Vec::with_capacity(idx.len());
-        let mut labels = Vec::with_capacity(idx.len());
-        for &i in idx {
-            if self.bad.contains(&i) {
-                skipped += 1;
-                continue;
-            }
-            match self.store.get(i, &rows[i].path) {
-                Ok(img) => {
-                    images.push(img.into_owned());
-                    labels.push(rows[i].label);
-                }
-                Err(e) if self.on_bad == OnBadImage::Fail => {
-                    return Err(e).context(format!("bad image on rank {} (train.on_bad_image = \"fail\")", self.rank))
-                }
-                Err(e) => {
-                    warn!("skipping {}: {:#}", self.store.path(&rows[i].path).display(), e);
-                    self.bad.insert(i);
-                    skipped += 1;
-                }
-            }
-        }
-        if images.is_empty() {
-            return Ok((None, skipped));
-        }
-        let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
-        data::normalize_into(&refs, &self.geometry, &mut self.values);
-        let x = data::batch_tensor(&self.values, refs.len(), &self.geometry).to_device(device);
-        let y = Tensor::from_slice(&labels).to_device(device);
-        Ok((Some((x, y)), skipped))
-    }
 }
 
 fn epoch_order(len: usize, seed: u64, epoch: u32, rank: usize) -> Vec<usize> {
@@ -692,13 +534,25 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         return Ok(());
     }
 
-    let loader = |rows: &[Row]| Loader {
-        store: ImageStore::new(s.data_dir(), Geometry::from_config(&cfg.image), rows.len(), tc.cache),
-        geometry: Geometry::from_config(&cfg.image),
-        on_bad: tc.on_bad_image,
-        bad: HashSet::new(),
-        values: Vec::new(),
-        rank: dist.rank(),
+    // The decode cache's budget, shared by the train and test shards in proportion to their size.
+    let budget = data::cache_budget(tc.cache, dist.local_size(), data::available_memory());
+    let share = |n: usize| {
+        let total = (shard.train.len() + shard.test.len()).max(1) as f64;
+        if budget == u64::MAX {
+            u64::MAX
+        } else {
+            (budget as f64 * n as f64 / total) as u64
+        }
+    };
+    let geometry = Geometry::from_config(&cfg.image);
+    let loader = |rows: &[Row]| {
+        Loader::new(
+            ImageStore::new(s.data_dir(), geometry, rows.len(), share(rows.len())),
+            geometry,
+            tc.on_bad_image,
+            dist.rank(),
+            tc.prefetch,
+        )
     };
     let (mut train_loader, mut test_loader) = (loader(&shard.train), loader(&shard.test));
     let steps = steps_per_epoch(shard.total_train, dist.size(), tc.batch_size);
@@ -708,7 +562,8 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     let saved_buffers: Vec<Tensor> = buffers.iter().map(|t| t.detach().copy()).collect();
     let mut first_save = true;
 
-    for epoch in state.epoch + 1..=tc.epochs {
+    let first_epoch = state.epoch + 1;
+    for epoch in first_epoch..=tc.epochs {
         let t_epoch = Instant::now();
         tch::manual_seed((cfg.dataset.seed as i64) ^ (i64::from(epoch) << 20) ^ (dist.rank() as i64) << 40);
         let order = epoch_order(shard.train.len(), cfg.dataset.seed, epoch, dist.rank());
@@ -716,82 +571,86 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         let pb = crate::logging::progress_bar(steps as u64, &format!("epoch {epoch}/{}", tc.epochs), dist.is_root());
         let mut times = Times::default();
         let (mut loss_sum, mut seen, mut skipped, mut nonfinite_steps) = (0f64, 0f64, 0u64, 0u64);
-        for step in 0..steps {
-            crate::fault::point("step");
-            let t0 = Instant::now();
-            let range = bounds.get(step).cloned().unwrap_or(order.len()..order.len());
-            let (batch, sk) = train_loader.batch(&shard.train, &order[range], device)?;
-            skipped += sk;
-            let t1 = Instant::now();
-            times.data += t1 - t0;
+        let batches: Vec<&[usize]> =
+            (0..steps).map(|step| bounds.get(step).map_or(&[][..], |r| &order[r.clone()])).collect();
+        with_batches(&mut train_loader, &shard.train, &batches, device, |next_batch| {
+            for step in 0..steps {
+                crate::fault::point("step");
+                let t0 = Instant::now();
+                let (batch, sk) = next_batch()?;
+                skipped += sk;
+                let t1 = Instant::now();
+                times.data += t1 - t0;
 
-            let mut n_local = 0usize;
-            let mut local_loss = 0f64;
-            let mut bad = false;
-            if let Some((x, y)) = batch {
-                if tc.on_nonfinite == OnNonFinite::Skip {
-                    copy_tensors(&saved_buffers, &buffers);
+                let mut n_local = 0usize;
+                let mut local_loss = 0f64;
+                let mut bad = false;
+                if let Some((x, y)) = batch {
+                    if tc.on_nonfinite == OnNonFinite::Skip {
+                        copy_tensors(&saved_buffers, &buffers);
+                    }
+                    let logits = model.net.forward_t(&x, true);
+                    let mut loss = logits.cross_entropy_for_logits(&y);
+                    if crate::fault::poison("loss") {
+                        loss *= f64::NAN;
+                    }
+                    n_local = y.size()[0] as usize;
+                    sync.zero_grads();
+                    // The summed loss: GradSync weights each rank by its image count.
+                    (&loss * n_local as f64).backward();
+                    local_loss = loss.double_value(&[]);
+                    bad = !local_loss.is_finite() || !buffers_finite(&buffers);
                 }
-                let logits = model.net.forward_t(&x, true);
-                let mut loss = logits.cross_entropy_for_logits(&y);
-                if crate::fault::poison("loss") {
-                    loss *= f64::NAN;
-                }
-                n_local = y.size()[0] as usize;
-                sync.zero_grads();
-                // The summed loss: GradSync weights each rank by its image count.
-                (&loss * n_local as f64).backward();
-                local_loss = loss.double_value(&[]);
-                bad = !local_loss.is_finite() || !buffers_finite(&buffers);
-            }
-            let t2 = Instant::now();
-            times.compute += t2 - t1;
+                let t2 = Instant::now();
+                times.compute += t2 - t1;
 
-            let synced = sync.sync(dist, n_local, stop.load(Ordering::Relaxed), bad);
-            if synced.stop {
-                pb.abandon();
-                stopping(epoch, step, steps, &state, &dir);
-                return Err(Interrupted.into());
-            }
-            if synced.images == 0.0 {
-                bail!("step {step} of epoch {epoch}: no rank had a decodable image");
-            }
-            if synced.non_finite {
-                let what = if bad { "this rank's loss or batch-norm statistics" } else { "another rank's step" };
-                match tc.on_nonfinite {
-                    OnNonFinite::Fail => bail!(
-                        "epoch {epoch}, step {}/{steps}: the loss or gradient is not finite (NaN or infinite; \
-                         {what}); training stops and nothing of this epoch is saved. Lower train.lr, look for \
-                         bad images, or set train.on_nonfinite = \"skip\" to leave such steps out",
-                        step + 1
-                    ),
-                    OnNonFinite::Skip => {
-                        copy_tensors(&buffers, &saved_buffers);
-                        nonfinite_steps += 1;
-                        warn!(
-                            "epoch {epoch}, step {}/{steps}: non-finite loss or gradient ({what}); step left out \
-                             (train.on_nonfinite = \"skip\")",
+                let synced = sync.sync(dist, n_local, stop.load(Ordering::Relaxed), bad);
+                if synced.stop {
+                    pb.abandon();
+                    stopping(epoch, step, steps, &state, &dir);
+                    return Err(Interrupted.into());
+                }
+                if synced.images == 0.0 {
+                    bail!("step {step} of epoch {epoch}: no rank had a decodable image");
+                }
+                if synced.non_finite {
+                    let what = if bad { "this rank's loss or batch-norm statistics" } else { "another rank's step" };
+                    match tc.on_nonfinite {
+                        OnNonFinite::Fail => bail!(
+                            "epoch {epoch}, step {}/{steps}: the loss or gradient is not finite (NaN or infinite; \
+                             {what}); training stops and nothing of this epoch is saved. Lower train.lr, look for \
+                             bad images, or set train.on_nonfinite = \"skip\" to leave such steps out",
                             step + 1
-                        );
-                        pb.inc(1);
-                        continue;
+                        ),
+                        OnNonFinite::Skip => {
+                            copy_tensors(&buffers, &saved_buffers);
+                            nonfinite_steps += 1;
+                            warn!(
+                                "epoch {epoch}, step {}/{steps}: non-finite loss or gradient ({what}); step left out \
+                                 (train.on_nonfinite = \"skip\")",
+                                step + 1
+                            );
+                            pb.inc(1);
+                            continue;
+                        }
                     }
                 }
-            }
-            let total = synced.images;
-            let g = synced.grad.to_device(device);
-            let t3 = Instant::now();
-            times.comm += t3 - t2;
+                let total = synced.images;
+                let g = synced.grad.to_device(device);
+                let t3 = Instant::now();
+                times.comm += t3 - t2;
 
-            opt.apply(&g, synced.scale, &model.params);
-            times.optim += t3.elapsed();
-            state.steps += 1;
-            loss_sum += local_loss * n_local as f64;
-            seen += f64::from(total);
-            let rate = seen / t_epoch.elapsed().as_secs_f64();
-            pb.set_message(format!("loss {local_loss:.3}, {rate:.0} img/s"));
-            pb.inc(1);
-        }
+                opt.apply(&g, synced.scale, &model.params);
+                times.optim += t3.elapsed();
+                state.steps += 1;
+                loss_sum += local_loss * n_local as f64;
+                seen += f64::from(total);
+                let rate = seen / t_epoch.elapsed().as_secs_f64();
+                pb.set_message(format!("loss {local_loss:.3}, {rate:.0} img/s"));
+                pb.inc(1);
+            }
+            Ok(())
+        })?;
         pb.finish_and_clear();
         let train_seconds = t_epoch.elapsed().as_secs_f64();
         let train_loss = dist.sum_f64(loss_sum) / seen.max(1.0);
@@ -831,6 +690,9 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             record.seconds,
             times.shares()
         );
+        if epoch == first_epoch {
+            log_cache(dist, budget, &[&train_loader, &test_loader], shard.total_train + shard.test.len());
+        }
         if skipped_all > 0 {
             warn!("{skipped_all} image(s) could not be decoded and were skipped this epoch");
         }
@@ -862,6 +724,31 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     let (rss, cpu) = crate::resource_usage();
     info!("done: checkpoints in {}; this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s", dir.display());
     Ok(())
+}
+
+/// After the first epoch (every image seen once): how much of the shards the decode caches hold.
+/// A collective: every rank calls it.
+fn log_cache(dist: &Dist, budget: u64, loaders: &[&Loader], images: usize) {
+    let (bytes, held) = loaders.iter().map(|l| l.store.held()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let mut sums = [bytes as f64, held as f64];
+    dist.allreduce_sum(&mut sums, &mut Vec::new());
+    let budget_text = match budget {
+        0 => "off".to_string(),
+        u64::MAX => "unbounded".to_string(),
+        b => format!("{} per rank", crate::logging::bytes(b)),
+    };
+    if budget == 0 {
+        info!("decode cache off (train.cache): every image is decoded every epoch");
+    } else {
+        info!(
+            "decode cache ({budget_text}): this rank holds {} ({} images); all ranks {} of {images} images ({:.1} %) in {}",
+            crate::logging::bytes(bytes),
+            held,
+            sums[1] as u64,
+            100.0 * sums[1] / images.max(1) as f64,
+            crate::logging::bytes(sums[0] as u64)
+        );
+    }
 }
 
 /// The message of a stop at a step boundary.
@@ -901,23 +788,27 @@ fn validate(
 ) -> Result<Option<(f64, f64, f64)>> {
     let mut sums = [0f64; 5]; // loss * n, top-1 hits, top-5 hits, n, stopped
     let idx: Vec<usize> = (0..rows.len()).collect();
-    for chunk in idx.chunks(batch) {
-        crate::fault::point("validate");
-        if stop.load(Ordering::Relaxed) {
-            sums[4] = 1.0;
-            break;
+    let batches: Vec<&[usize]> = idx.chunks(batch).collect();
+    with_batches(loader, rows, &batches, device, |next_batch| {
+        for _ in 0..batches.len() {
+            crate::fault::point("validate");
+            if stop.load(Ordering::Relaxed) {
+                sums[4] = 1.0;
+                break;
+            }
+            let (Some((x, y)), _) = next_batch()? else { continue };
+            tch::no_grad(|| {
+                let logits = model.net.forward_t(&x, false);
+                let n = y.size()[0] as f64;
+                sums[0] += logits.cross_entropy_for_logits(&y).double_value(&[]) * n;
+                let (h1, h5) = topk_hits(&logits, &y);
+                sums[1] += h1;
+                sums[2] += h5;
+                sums[3] += n;
+            });
         }
-        let (Some((x, y)), _) = loader.batch(rows, chunk, device)? else { continue };
-        tch::no_grad(|| {
-            let logits = model.net.forward_t(&x, false);
-            let n = y.size()[0] as f64;
-            sums[0] += logits.cross_entropy_for_logits(&y).double_value(&[]) * n;
-            let (h1, h5) = topk_hits(&logits, &y);
-            sums[1] += h1;
-            sums[2] += h5;
-            sums[3] += n;
-        });
-    }
+        Ok(())
+    })?;
     dist.allreduce_sum(&mut sums, &mut Vec::new());
     if sums[4] > 0.0 {
         return Ok(None);
@@ -1166,27 +1057,5 @@ mod tests {
         let logits = Tensor::from_slice(&[0.1f32, 0.9, 0.0, 0.8, 0.1, 0.1, 0.2, 0.3, 0.5]).view([3, 3]);
         let labels = Tensor::from_slice(&[1i64, 2, 0]);
         assert_eq!(topk_hits(&logits, &labels), (1.0, 3.0));
-    }
-
-    /// Our Adam on a flat buffer against torch.optim.Adam. Numbers from PyTorch 2.13:
-    /// ```python
-    /// p = torch.tensor([1.0, -2.0], requires_grad=True); opt = torch.optim.Adam([p], lr=0.1)
-    /// for g in ([0.5, -1.0], [0.25, 2.0]):
-    ///     p.grad = torch.tensor(g); opt.step()
-    /// print(p)  # tensor([ 0.8068, -1.9366])
-    /// # and with torch.optim.SGD([p], lr=0.1, momentum=0.9): tensor([ 0.8800, -2.0100])
-    /// ```
-    #[test]
-    fn adam_and_sgd_match_torch_optim() {
-        for (kind, want) in [(OptimizerKind::Adam, [0.8068f32, -1.9366]), (OptimizerKind::Sgd, [0.88, -2.01])] {
-            let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
-            let params = vec![("p".to_string(), p.shallow_clone())];
-            let mut opt = Optimizer::new(kind, 0.1, 2, Device::Cpu);
-            for g in [[0.5f32, -1.0], [0.25, 2.0]] {
-                opt.apply(&Tensor::from_slice(&g), 1.0, &params);
-            }
-            let v = Vec::<f32>::try_from(&p.detach()).unwrap();
-            assert!((v[0] - want[0]).abs() < 1e-4 && (v[1] - want[1]).abs() < 1e-4, "{kind:?}: {v:?}");
-        }
     }
 }

@@ -1,0 +1,184 @@
+//! Batches for training and validation: decode (through the rank's [`ImageStore`]), normalize,
+//! and make tensors, optionally on a loader thread that works ahead of the step that uses them.
+use std::collections::HashSet;
+
+use anyhow::{anyhow, Context, Result};
+use tch::{Device, Tensor};
+use tracing::warn;
+
+use crate::config::OnBadImage;
+use crate::data::{self, Geometry, ImageStore, Row};
+
+/// A batch: the decodable images as `(images, labels)` (None if none decoded), and how many were
+/// skipped as undecodable.
+pub type Batch = (Option<(Tensor, Tensor)>, u64);
+
+/// Loads batches of a rank's rows.
+pub struct Loader {
+    pub store: ImageStore,
+    pub geometry: Geometry,
+    pub on_bad: OnBadImage,
+    /// Rows found undecodable, not tried again.
+    pub bad: HashSet<usize>,
+    pub values: Vec<f32>,
+    pub rank: usize,
+    /// Batches a loader thread prepares ahead of the one in use; 0: no thread (`train.prefetch`).
+    pub ahead: usize,
+}
+
+impl Loader {
+    pub fn new(store: ImageStore, geometry: Geometry, on_bad: OnBadImage, rank: usize, ahead: usize) -> Self {
+        Loader { store, geometry, on_bad, bad: HashSet::new(), values: Vec::new(), rank, ahead }
+    }
+
+    /// The decodable images of `rows[idx]` as a batch, and how many were skipped.
+    pub fn batch(&mut self, rows: &[Row], idx: &[usize], device: Device) -> Result<Batch> {
+        let mut skipped = 0;
+        let mut images = Vec::with_capacity(idx.len());
+        let mut labels = Vec::with_capacity(idx.len());
+        for &i in idx {
+            if self.bad.contains(&i) {
+                skipped += 1;
+                continue;
+            }
+            match self.store.get(i, &rows[i].path) {
+                Ok(img) => {
+                    images.push(img.into_owned());
+                    labels.push(rows[i].label);
+                }
+                Err(e) if self.on_bad == OnBadImage::Fail => {
+                    return Err(e).context(format!("bad image on rank {} (train.on_bad_image = \"fail\")", self.rank))
+                }
+                Err(e) => {
+                    warn!("skipping {}: {:#}", self.store.path(&rows[i].path).display(), e);
+                    self.bad.insert(i);
+                    skipped += 1;
+                }
+            }
+        }
+        if images.is_empty() {
+            return Ok((None, skipped));
+        }
+        let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+        data::normalize_into(&refs, &self.geometry, &mut self.values);
+        let x = data::batch_tensor(&self.values, refs.len(), &self.geometry).to_device(device);
+        let y = Tensor::from_slice(&labels).to_device(device);
+        Ok((Some((x, y)), skipped))
+    }
+}
+
+/// Runs `body` with a source of the batches `batches` (each a list of row indices), in order.
+///
+/// With `loader.ahead` ≥ 1 a loader thread builds them while `body` computes, at most that many
+/// batches before the one `body` takes; with 0 each batch is built when `body` asks for it. Either way the
+/// batches and their order are the same. When `body` returns (also early, on an error or a stop),
+/// the thread ends after the batch it is building.
+pub fn with_batches<R>(
+    loader: &mut Loader,
+    rows: &[Row],
+    batches: &[&[usize]],
+    device: Device,
+    body: impl FnOnce(&mut dyn FnMut() -> Result<Batch>) -> Result<R>,
+) -> Result<R> {
+    let ahead = loader.ahead;
+    let mut list = batches.iter();
+    if ahead == 0 {
+        let mut next = || loader.batch(rows, list.next().copied().unwrap_or(&[]), device);
+        return body(&mut next);
+    }
+    std::thread::scope(|scope| {
+        // One batch is being built while `ahead - 1` wait in the channel.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(ahead - 1);
+        scope.spawn(move || {
+            for idx in list {
+                let batch = loader.batch(rows, idx, device);
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let mut next = || rx.recv().unwrap_or_else(|_| Err(anyhow!("the loader thread ended before the epoch did")));
+        body(&mut next)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(n: usize) -> (tempfile::TempDir, Vec<Row>) {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = (0..n)
+            .map(|i| {
+                let path = format!("{i}.png");
+                if i != 5 {
+                    image::RgbImage::from_pixel(9, 7, image::Rgb([i as u8 * 10, 1, 2]))
+                        .save(dir.path().join(&path))
+                        .unwrap();
+                }
+                Row { path, label: i as i64 % 3, category_id: 0, image_id: i as i64 }
+            })
+            .collect();
+        (dir, rows)
+    }
+
+    fn loader(dir: &std::path::Path, on_bad: OnBadImage) -> Loader {
+        let g = Geometry { width: 8, height: 8, mean: [0.5; 3], std: [0.25; 3] };
+        Loader::new(ImageStore::new(dir, g, 12, 0), g, on_bad, 0, 0)
+    }
+
+    /// Per batch: the image values, the labels, the skipped count.
+    type Taken = Vec<(Vec<f32>, Vec<i64>, u64)>;
+
+    /// All the batches of an epoch, taken through `with_batches` with `ahead`.
+    fn epoch(ahead: usize, on_bad: OnBadImage) -> Result<Taken> {
+        let (dir, rows) = fixture(12);
+        let order = [7usize, 2, 11, 5, 0, 9, 3, 1, 10, 4, 8, 6];
+        let batches: Vec<&[usize]> = order.chunks(4).collect();
+        let mut l = loader(dir.path(), on_bad);
+        l.ahead = ahead;
+        with_batches(&mut l, &rows, &batches, Device::Cpu, |next| {
+            let mut out = Vec::new();
+            for _ in 0..batches.len() {
+                let (b, skipped) = next()?;
+                let (x, y) = b.unwrap();
+                out.push((Vec::<f32>::try_from(x.flatten(0, -1)).unwrap(), Vec::<i64>::try_from(y).unwrap(), skipped));
+            }
+            Ok(out)
+        })
+    }
+
+    #[test]
+    fn a_loader_thread_gives_the_same_batches_in_the_same_order() {
+        let inline = epoch(0, OnBadImage::Skip).unwrap();
+        assert_eq!(inline.len(), 3);
+        assert_eq!(inline[0].1, vec![1, 2, 2], "labels of rows 7, 2, 11");
+        assert_eq!(inline[0].2 + inline[1].2 + inline[2].2, 1, "row 5 has no file and is skipped once");
+        for ahead in [1, 2, 3] {
+            assert_eq!(epoch(ahead, OnBadImage::Skip).unwrap(), inline, "ahead {ahead}");
+        }
+    }
+
+    #[test]
+    fn a_bad_image_error_comes_through_the_loader_thread() {
+        for ahead in [0, 2] {
+            let e = epoch(ahead, OnBadImage::Fail).unwrap_err();
+            assert!(format!("{e:#}").contains("bad image on rank 0"), "{e:#}");
+        }
+    }
+
+    #[test]
+    fn a_body_that_stops_early_ends_the_loader_thread() {
+        let (dir, rows) = fixture(12);
+        let all: Vec<usize> = (0..12).filter(|&i| i != 5).collect();
+        let batches: Vec<&[usize]> = all.chunks(1).collect();
+        let mut l = loader(dir.path(), OnBadImage::Skip);
+        l.ahead = 2;
+        let got = with_batches(&mut l, &rows, &batches, Device::Cpu, |next| {
+            next()?;
+            Ok(7)
+        });
+        assert_eq!(got.unwrap(), 7, "returns instead of waiting for the thread to send every batch");
+    }
+}
