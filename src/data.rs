@@ -191,12 +191,32 @@ pub fn batch_tensor(values: &[f32], n: usize, g: &Geometry) -> Tensor {
     Tensor::from_slice(values).view([n as i64, 3, g.height as i64, g.width as i64]).to_kind(Kind::Float)
 }
 
-/// The node's available memory (`MemAvailable` of /proc/meminfo), if it can be read.
+/// The memory this process may still use: the node's `MemAvailable` (/proc/meminfo), or less
+/// when the job's cgroup (Slurm's and PBS's memory limits) leaves less; None if unreadable.
 pub fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    let node = kib * 1024;
+    Some(cgroup_headroom().map_or(node, |room| room.min(node)))
+}
+
+/// The cgroup's memory limit minus its current use (cgroup v2, else v1); None without a limit.
+fn cgroup_headroom() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|t| t.trim().parse::<u64>().ok());
+    // The process's own cgroup (v2: one line "0::/path").
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    if let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) {
+        let dir = format!("/sys/fs/cgroup{}", path.trim_end_matches('/'));
+        if let (Some(max), Some(cur)) = (read(&format!("{dir}/memory.max")), read(&format!("{dir}/memory.current"))) {
+            return Some(max.saturating_sub(cur));
+        }
+    }
+    let v1 = own.lines().find_map(|l| l.split(':').nth(2).filter(|_| l.split(':').nth(1) == Some("memory")))?;
+    let dir = format!("/sys/fs/cgroup/memory{}", v1.trim_end_matches('/'));
+    let (max, cur) = (read(&format!("{dir}/memory.limit_in_bytes"))?, read(&format!("{dir}/memory.usage_in_bytes"))?);
+    // v1 reports "no limit" as a huge number.
+    (max < 1 << 60).then(|| max.saturating_sub(cur))
 }
 
 /// The share of the node's available memory that `train.cache = "auto"` gives all of its ranks'

@@ -610,6 +610,19 @@ impl Dist {
         v[0]
     }
 
+    /// The smallest of one number over all ranks.
+    pub fn min_f64(&self, x: f64) -> f64 {
+        let Some(m) = self.multi() else { return x };
+        let op = self.arrive(m, "allreduce");
+        let send = [x];
+        let mut recv = [x];
+        mpi::request::scope(|scope| {
+            let req = m.world.immediate_all_reduce_into(scope, &send[..], &mut recv[..], SystemOperation::min());
+            self.wait(op, Wait::Eager, req);
+        });
+        recv[0]
+    }
+
     /// True on every rank iff `ok` on every rank: lets all ranks leave together when one fails.
     pub fn all_ok(&self, ok: bool) -> bool {
         self.sum_f64(if ok { 0.0 } else { 1.0 }) == 0.0

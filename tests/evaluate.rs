@@ -362,6 +362,9 @@ fn pipeline_on_4_and_6_ranks_gives_the_predictions_of_one_process() {
     for ranks in [4, 6] {
         let run = fx.evaluate_ok(ranks, ckpt, &format!("out-{ranks}"), &[]);
         assert!(run.stderr.contains(&format!("pipeline over {ranks} ranks")), "stderr:\n{}", run.stderr);
+        let share = (std::thread::available_parallelism().unwrap().get() / ranks).max(1);
+        let want = format!("decode with {share} thread(s)");
+        assert!(run.stderr.contains(&want), "the node's cores over {ranks} ranks; stderr:\n{}", run.stderr);
         assert_eq!(
             String::from_utf8_lossy(&run.predictions_bytes()),
             String::from_utf8_lossy(&one.predictions_bytes()),
@@ -379,6 +382,10 @@ fn pipeline_on_4_and_6_ranks_gives_the_predictions_of_one_process() {
             assert_eq!(m["stages"][stage]["images"], 30, "images through {stage} at -n {ranks}");
         }
     }
+    // The decode stage's images shared among 3 threads: the same predictions, in the same order.
+    let threads = fx.evaluate_ok(4, ckpt, "out-4-threads", &["--set", "evaluate.decode_threads=3"]);
+    assert!(threads.stderr.contains("decode with 3 thread(s)"), "stderr:\n{}", threads.stderr);
+    assert_eq!(threads.predictions_bytes(), one.predictions_bytes(), "3 decode threads change the predictions");
 }
 
 /// Above the MPI library's eager limit a send completes only once its receiver takes the message
@@ -575,8 +582,10 @@ fn bad_image_is_skipped_and_counted(spoil: impl Fn(&Path)) {
     let bad = 7;
     spoil(&fx.data().join(&fx.test[bad].path));
     let mut predictions = Vec::new();
-    for ranks in [1, 4] {
-        let run = fx.evaluate_ok(ranks, trained_checkpoint(), &format!("out-{ranks}"), &[]);
+    // The pipeline's decode stage with one thread and with three (the bad image in the second's part).
+    for (ranks, threads) in [(1, "1"), (4, "1"), (4, "3")] {
+        let set = format!("evaluate.decode_threads={threads}");
+        let run = fx.evaluate_ok(ranks, trained_checkpoint(), &format!("out-{ranks}-{threads}"), &["--set", &set]);
         let m = run.metrics();
         assert_eq!(m["skipped_images"], 1, "-n {ranks}: {m}");
         assert_eq!(m["images"], 13, "-n {ranks}");
@@ -592,6 +601,7 @@ fn bad_image_is_skipped_and_counted(spoil: impl Fn(&Path)) {
         predictions.push(run.predictions_bytes());
     }
     assert_eq!(predictions[0], predictions[1], "predictions differ between -n 1 and -n 4");
+    assert_eq!(predictions[1], predictions[2], "predictions differ between 1 and 3 decode threads");
 }
 
 fn corrupt(path: &Path) {

@@ -18,14 +18,14 @@ const TEST_IMAGES: usize = 600;
 const IMAGE_BYTES: u64 = 32 * 32 * 3;
 const CACHE_BUDGET: u64 = 200 * 1024;
 
-/// Runs the generator into `out`.
-fn generate(out: &Path) {
+/// Runs the generator into `out`: `classes`, `train` and `test` images of 32×32.
+fn generate(out: &Path, classes: usize, train: usize, test: usize) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/herbarium_gen.py");
     let child = std::process::Command::new(venv_python())
         .arg(&script)
         .arg(out)
-        .args(["--classes", &CLASSES.to_string(), "--images", &TRAIN_IMAGES.to_string()])
-        .args(["--test-images", &TEST_IMAGES.to_string(), "--size", "32x32", "--workers", "2", "--seed", "4"])
+        .args(["--classes", &classes.to_string(), "--images", &train.to_string()])
+        .args(["--test-images", &test.to_string(), "--size", "32x32", "--workers", "2", "--seed", "4"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -61,7 +61,7 @@ fn a_herbarium_shaped_set_goes_through_create_dataset_train_evaluate_and_predict
     let dir = tempdir();
     let root = dir.path();
     let gen = root.join("herbarium");
-    generate(&gen);
+    generate(&gen, CLASSES, TRAIN_IMAGES, TEST_IMAGES);
     let meta = read_json(&gen.join("train/metadata.json"));
     let test_meta = read_json(&gen.join("test/metadata.json"));
     assert!(test_meta.get("annotations").is_none(), "the generated test set is unlabeled");
@@ -182,6 +182,20 @@ fn a_herbarium_shaped_set_goes_through_create_dataset_train_evaluate_and_predict
     let known: BTreeSet<i64> = cats.iter().copied().collect();
     assert!(sub.column_i64("Predicted").iter().all(|c| known.contains(c)));
     assert_eq!(files_below(&outdir.join("predict")), ["predictions.csv"]);
+
+    // An unreadable image of the predict set (one process this time): the submission lacks it,
+    // skipped.csv names it, and the log warns.
+    let (bad_id, bad_path) = (predict.column_i64("image_id")[17], predict.column("path")[17].to_string());
+    std::fs::remove_file(data.join(&bad_path)).unwrap();
+    std::fs::write(data.join(&bad_path), b"\xff\xd8\xff truncated").unwrap();
+    let out = run_sac(root, &["--config", config, "evaluate", "--split", "predict"]);
+    assert_success(&out);
+    assert!(stderr(&out).contains("predictions.csv lacks 1 unreadable image(s)"), "{}", stderr(&out));
+    let sub = read_csv(&outdir.join("predict/predictions.csv"));
+    assert_eq!(sub.len(), TEST_IMAGES - 1);
+    assert!(!sub.column_i64("Id").contains(&bad_id));
+    let skipped = read_csv(&outdir.join("predict/skipped.csv"));
+    assert_eq!((skipped.column_i64("Id"), skipped.column("path")), (vec![bad_id], vec![bad_path.as_str()]));
 }
 
 #[test]
@@ -190,4 +204,22 @@ fn predict_split_without_predict_csv_says_how_to_make_one() {
     let config = p.path().join("config.toml");
     let out = run_sac(p.path(), &["--config", config.to_str().unwrap(), "evaluate", "--split", "predict"]);
     assert_fails_with(&out, &["predict.csv not found", "dataset.predict_source"]);
+}
+
+/// configs/herbarium2021.toml, copied as it is into a project whose directory holds the Kaggle
+/// download's layout (`herbarium-2021-fgvc8/{train,test}/`), reads both sets without an edit.
+#[test]
+fn the_herbarium_config_reads_the_kaggle_layout_unchanged() {
+    let dir = tempdir();
+    let root = dir.path();
+    generate(&root.join("herbarium-2021-fgvc8"), 100, 400, 30);
+    std::fs::create_dir(root.join("configs")).unwrap();
+    let config = root.join("configs/herbarium2021.toml");
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/herbarium2021.toml"), &config).unwrap();
+    let out = run_sac(root, &["--config", config.to_str().unwrap(), "create-dataset", "--sample", "1.0"]);
+    assert_success(&out);
+    let data = root.join("herbarium-data");
+    assert_eq!(read_csv(&data.join("classes.csv")).len(), 100);
+    assert_eq!(read_csv(&data.join("train.csv")).len() + read_csv(&data.join("test.csv")).len(), 400);
+    assert_eq!(read_csv(&data.join("predict.csv")).len(), 30);
 }

@@ -44,12 +44,19 @@ struct Cat {
 
 /// `path` is the metadata file or the directory that holds `metadata.json`.
 pub fn read(path: &Path) -> Result<Source> {
+    let (file, root, meta) = parse(path)?;
+    build(meta, &root, &file)
+}
+
+/// The metadata file at `path` (or `path/metadata.json`), the directory its file names are
+/// relative to, and its parsed contents.
+fn parse(path: &Path) -> Result<(PathBuf, PathBuf, Metadata)> {
     let file = if path.is_dir() { path.join("metadata.json") } else { path.to_path_buf() };
     let root = file.parent().map(Path::to_path_buf).unwrap_or_default();
     let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
     let meta: Metadata = serde_json::from_reader(BufReader::with_capacity(1 << 20, f))
         .with_context(|| format!("{} is not valid FGVC/COCO metadata", file.display()))?;
-    build(meta, &root, &file)
+    Ok((file, root, meta))
 }
 
 fn build(meta: Metadata, root: &Path, file: &Path) -> Result<Source> {
@@ -122,11 +129,7 @@ fn build(meta: Metadata, root: &Path, file: &Path) -> Result<Source> {
 /// the directory its file names are relative to, and every image as `(image id, file name)`.
 /// Annotations, if the file has any, are ignored (with a warning): the set is predicted, not scored.
 pub fn read_unlabeled(path: &Path) -> Result<(PathBuf, Vec<(i64, PathBuf)>)> {
-    let file = if path.is_dir() { path.join("metadata.json") } else { path.to_path_buf() };
-    let root = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
-    let meta: Metadata = serde_json::from_reader(BufReader::with_capacity(1 << 20, f))
-        .with_context(|| format!("{} is not valid FGVC/COCO metadata", file.display()))?;
+    let (file, root, meta) = parse(path)?;
     Ok((root, images_only(meta, &file)?))
 }
 

@@ -58,8 +58,8 @@ pub fn choose(source: &Source, sample: Sample, test_fraction: f64, stratify: boo
                 train.extend_from_slice(&members);
                 continue;
             }
-            // At least one image each side, the share rounded to the nearest count.
-            let n_test = (((members.len() as f64) * test_fraction).round() as usize).clamp(1, members.len() - 1);
+            // The class's share rounded to the nearest count, leaving at least one image in train.
+            let n_test = (((members.len() as f64) * test_fraction).round() as usize).min(members.len() - 1);
             partial_shuffle(&mut members, n_test, &mut rng);
             test.extend_from_slice(&members[..n_test]);
             train.extend_from_slice(&members[n_test..]);
@@ -71,8 +71,13 @@ pub fn choose(source: &Source, sample: Sample, test_fraction: f64, stratify: boo
         (chosen[n_test..].to_vec(), test)
     };
     if test.is_empty() || train.is_empty() {
+        let why = if stratify && test.is_empty() {
+            format!(" (a stratified split keeps classes of fewer than {MIN_TO_SPLIT} images whole in train)")
+        } else {
+            String::new()
+        };
         bail!(
-            "a sample of {k} images with test_fraction {test_fraction} leaves the {} split empty: sample more images",
+            "a sample of {k} images with test_fraction {test_fraction} leaves the {} split empty{why}: sample more images",
             if test.is_empty() { "test" } else { "train" }
         );
     }

@@ -145,7 +145,16 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
     let needs_model = if pipelined { dist.rank() >= 3 } else { dist.is_root() };
     let model = if needs_model { Some(Predictor::load(&ckpt, arch, k, device)?) } else { None };
     let geometry = Geometry::from_config(&cfg.image);
-    let decode_threads = if cfg.evaluate.decode_threads > 0 { cfg.evaluate.decode_threads } else { threads };
+    // Default: the node's cores shared among its ranks for the decode rank of the pipeline; one
+    // thread when all stages share one process (its torch threads already take its cores).
+    let decode_threads = match cfg.evaluate.decode_threads {
+        0 if dist.size() >= 4 => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / dist.local_size()).max(1)
+        }
+        0 => 1,
+        n => n,
+    };
     let csv = format!("{}.csv", split.name());
     let ctx = Ctx { root: s.data_dir(), geometry, on_bad: cfg.train.on_bad_image, csv: &csv, decode_threads };
     let mut predict = |b: pipeline::TensorBatch| match &model {

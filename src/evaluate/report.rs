@@ -68,6 +68,41 @@ pub fn write(
     )?;
     write_atomic(&dir.join("predictions.csv"), &csv_bytes(&mut preds)?)?;
     drop(preds);
+    match run.split {
+        // A previous run's figures must not stand beside these predictions if this run fails
+        // before writing its own, or has no labels to compute them from.
+        Split::Test => {
+            for stale in ["metrics.json", "per_class.csv", "confusion.png"] {
+                let path = dir.join(stale);
+                if path.exists() {
+                    std::fs::remove_file(&path).with_context(|| format!("removing the stale {}", path.display()))?;
+                }
+            }
+        }
+        // A submission must name every image: say which are missing and why.
+        Split::Predict => {
+            let skipped = dir.join("skipped.csv");
+            if outcome.failed.is_empty() {
+                if skipped.exists() {
+                    std::fs::remove_file(&skipped)
+                        .with_context(|| format!("removing the stale {}", skipped.display()))?;
+                }
+            } else {
+                let mut df = df!(
+                    "Id" => outcome.failed.iter().map(|f| rows[f.row].image_id).collect::<Vec<_>>(),
+                    "path" => outcome.failed.iter().map(|f| rows[f.row].path.clone()).collect::<Vec<_>>(),
+                    "error" => outcome.failed.iter().map(|f| f.error.clone()).collect::<Vec<_>>(),
+                )?;
+                write_atomic(&skipped, &csv_bytes(&mut df)?)?;
+                warn!(
+                    "predictions.csv lacks {} unreadable image(s), listed in {}: a Kaggle submission needs \
+                     every Id (fix or replace the files and run again, or predict them otherwise)",
+                    outcome.failed.len(),
+                    skipped.display()
+                );
+            }
+        }
+    }
 
     // Stage figures: from the ranks in the pipeline, from the threads otherwise.
     let mut stages: Vec<(Stage, usize, StageStats)> = Vec::new();
@@ -162,7 +197,8 @@ pub fn write(
         );
     }
     if !outcome.failed.is_empty() {
-        println!("  skipped {} unreadable image(s) (listed in metrics.json)", outcome.failed.len());
+        let listed = if run.split == Split::Test { "metrics.json" } else { "skipped.csv" };
+        println!("  skipped {} unreadable image(s) (listed in {listed})", outcome.failed.len());
     }
     println!(
         "  {} on {} rank(s); CPU {:.3} s per image over all ranks",

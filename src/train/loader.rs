@@ -83,7 +83,10 @@ pub fn with_batches<R>(
     let ahead = loader.ahead;
     let mut list = batches.iter();
     if ahead == 0 {
-        let mut next = || loader.batch(rows, list.next().copied().unwrap_or(&[]), device);
+        let mut next = || match list.next() {
+            Some(idx) => loader.batch(rows, idx, device),
+            None => Err(anyhow!("asked for more batches than the epoch has")),
+        };
         return body(&mut next);
     }
     std::thread::scope(|scope| {
@@ -98,7 +101,11 @@ pub fn with_batches<R>(
                 }
             }
         });
-        let mut next = || rx.recv().unwrap_or_else(|_| Err(anyhow!("the loader thread ended before the epoch did")));
+        let mut next = || {
+            rx.recv().unwrap_or_else(|_| {
+                Err(anyhow!("asked for more batches than the epoch has, or the loader thread failed"))
+            })
+        };
         body(&mut next)
     })
 }

@@ -42,6 +42,7 @@ struct Shard {
     train: Vec<Row>,
     test: Vec<Row>,
     total_train: usize,
+    total_test: usize,
 }
 
 /// One epoch's figures, kept in `state.json`.
@@ -417,6 +418,7 @@ fn distribute(dist: &Dist, s: &Settings) -> Result<Shard> {
                 train: deal(&train, r),
                 test: deal(&test, r),
                 total_train: train.len(),
+                total_test: test.len(),
             };
             parts.push(serde_json::to_vec(&shard)?);
         }
@@ -535,7 +537,12 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     }
 
     // The decode cache's budget, shared by the train and test shards in proportion to their size.
-    let budget = data::cache_budget(tc.cache, dist.local_size(), data::available_memory());
+    // Every rank reads the memory at its own moment: the node's ranks take the smallest reading
+    // (the smallest of all ranks: nodes of one job are alike), so the budgets agree.
+    let reading = data::available_memory().map_or(-1.0, |a| a as f64);
+    let least = dist.min_f64(reading);
+    let available = (least >= 0.0).then_some(least as u64);
+    let budget = data::cache_budget(tc.cache, dist.local_size(), available);
     let share = |n: usize| {
         let total = (shard.train.len() + shard.test.len()).max(1) as f64;
         if budget == u64::MAX {
@@ -691,7 +698,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             times.shares()
         );
         if epoch == first_epoch {
-            log_cache(dist, budget, &[&train_loader, &test_loader], shard.total_train + shard.test.len());
+            log_cache(dist, budget, &[&train_loader, &test_loader], shard.total_train + shard.total_test);
         }
         if skipped_all > 0 {
             warn!("{skipped_all} image(s) could not be decoded and were skipped this epoch");
