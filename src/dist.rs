@@ -349,6 +349,12 @@ impl Dist {
         self.local_size
     }
 
+    /// The node's cores divided among its ranks (at least 1): the default thread count of a rank.
+    pub fn cores_per_rank(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / self.local_size()).max(1)
+    }
+
     /// Sets when waits are reported and when they end the job (`[train] stall_warn, stall_abort`).
     pub fn set_stall_limits(&self, limits: StallLimits) {
         self.limits.set(limits);

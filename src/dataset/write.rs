@@ -239,11 +239,9 @@ fn check_files_exist(source: &Source, split: &Split, predict: Option<&PredictSet
 }
 
 fn place(source: &Source, item: &super::Item, dest: &Path, how: Place) -> Result<()> {
-    if let Some(dir) = dest.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
     match &item.data {
         ImageData::Idx { set, index } => {
+            create_parent(dest)?;
             let s = &source.idx[*set];
             image::save_buffer(dest, s.image(*index), s.cols, s.rows, image::ColorType::L8)
                 .with_context(|| format!("writing {}", dest.display()))?;
@@ -253,11 +251,16 @@ fn place(source: &Source, item: &super::Item, dest: &Path, how: Place) -> Result
     Ok(())
 }
 
+fn create_parent(dest: &Path) -> Result<()> {
+    match dest.parent() {
+        Some(dir) => fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display())),
+        None => Ok(()),
+    }
+}
+
 /// Copies or links the file `src` to `dest`, creating `dest`'s directory.
 fn place_file(src: &Path, dest: &Path, how: Place) -> Result<()> {
-    if let Some(dir) = dest.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    create_parent(dest)?;
     let res = match how {
         Place::Copy => fs::copy(src, dest).map(|_| ()),
         Place::Hardlink => fs::hard_link(src, dest),

@@ -114,7 +114,8 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
     let device = crate::train::pick_device(cfg.train.device, dist)?;
     let arch = cfg.model.name;
     let ckpt = s.eval_checkpoint();
-    let test_file = s.data_dir().join(format!("{}.csv", split.name()));
+    let csv = format!("{}.csv", split.name());
+    let test_file = s.data_dir().join(&csv);
 
     // Rank 0 reads the CSVs and checks the checkpoint before any rank starts working.
     let (mut classes, mut rows, mut header) = (Vec::new(), Vec::new(), Vec::new());
@@ -148,14 +149,10 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
     // Default: the node's cores shared among its ranks for the decode rank of the pipeline; one
     // thread when all stages share one process (its torch threads already take its cores).
     let decode_threads = match cfg.evaluate.decode_threads {
-        0 if dist.size() >= 4 => {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (cores / dist.local_size()).max(1)
-        }
+        0 if dist.size() >= 4 => dist.cores_per_rank(),
         0 => 1,
         n => n,
     };
-    let csv = format!("{}.csv", split.name());
     let ctx = Ctx { root: s.data_dir(), geometry, on_bad: cfg.train.on_bad_image, csv: &csv, decode_threads };
     let mut predict = |b: pipeline::TensorBatch| match &model {
         Some(m) => m.predict(&geometry, b),

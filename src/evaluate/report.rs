@@ -43,6 +43,14 @@ fn csv_bytes(df: &mut DataFrame) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Removes a previous run's output file, if there is one.
+fn remove_stale(path: &std::path::Path) -> Result<()> {
+    if path.exists() {
+        std::fs::remove_file(path).with_context(|| format!("removing the stale {}", path.display()))?;
+    }
+    Ok(())
+}
+
 pub fn write(
     s: &Settings,
     classes: &[Class],
@@ -73,20 +81,14 @@ pub fn write(
         // before writing its own, or has no labels to compute them from.
         Split::Test => {
             for stale in ["metrics.json", "per_class.csv", "confusion.png"] {
-                let path = dir.join(stale);
-                if path.exists() {
-                    std::fs::remove_file(&path).with_context(|| format!("removing the stale {}", path.display()))?;
-                }
+                remove_stale(&dir.join(stale))?;
             }
         }
         // A submission must name every image: say which are missing and why.
         Split::Predict => {
             let skipped = dir.join("skipped.csv");
             if outcome.failed.is_empty() {
-                if skipped.exists() {
-                    std::fs::remove_file(&skipped)
-                        .with_context(|| format!("removing the stale {}", skipped.display()))?;
-                }
+                remove_stale(&skipped)?;
             } else {
                 let mut df = df!(
                     "Id" => outcome.failed.iter().map(|f| rows[f.row].image_id).collect::<Vec<_>>(),

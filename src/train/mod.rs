@@ -23,12 +23,12 @@ use tracing::{info, warn};
 use crate::checkpoint;
 use crate::config::{Arch, Config, DeviceKind, OnNonFinite, Settings};
 use crate::data::{self, Class, Geometry, ImageStore, Row};
+use crate::dist::Dist;
 use loader::{with_batches, Loader};
 use optim::Optimizer;
 
 pub mod loader;
 pub mod optim;
-use crate::dist::Dist;
 
 /// All ranks stopped together at a step boundary after SIGTERM / SIGINT.
 #[derive(Debug, thiserror::Error)]
@@ -381,12 +381,7 @@ pub fn pick_device(kind: DeviceKind, dist: &Dist) -> Result<Device> {
 
 /// Torch threads per rank: the config's, or the node's cores shared among its ranks.
 pub fn set_threads(configured: usize, dist: &Dist) -> usize {
-    let n = if configured > 0 {
-        configured
-    } else {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / dist.local_size()).max(1)
-    };
+    let n = if configured > 0 { configured } else { dist.cores_per_rank() };
     tch::set_num_threads(n as i32);
     tch::set_num_interop_threads(1);
     n
