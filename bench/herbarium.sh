@@ -77,9 +77,10 @@ step() {
   "$@"
   t1=$(date +%s.%N)
   local rss
+  # rank 0's last line: "done: …; peak memory per rank 668, 462 MiB, …" (or "peak memory 670 MiB")
   rss=$(tail -n +"$((before + 1))" "$run/sac.log" |
-    sed -n 's/.*\[rank \([0-9]*\)\].*peak memory \([0-9]*\) MiB.*/\1 \2/p; s/^[^[]*peak memory \([0-9]*\) MiB.*/0 \1/p' |
-    sort -n -u | awk '{printf "%s%s: %s", (NR > 1 ? ", " : ""), "rank " $1, $2}')
+    sed -n 's/.*done: .*peak memory \(per rank \)\{0,1\}\([0-9, ]*\) MiB.*/\2/p' | tail -n 1 |
+    tr ',' '\n' | awk '{printf "%s%s: %s", (NR > 1 ? ", " : ""), "rank " (NR - 1), $1}')
   printf '| `%s` | %.0f s | %s |\n' "$name" "$(awk "BEGIN{print $t1 - $t0}")" "${rss:-?}" >>"$table"
 }
 

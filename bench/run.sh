@@ -96,7 +96,9 @@ sac_train() {
   "$py" - "$work/checkpoints/resnet18/state.json" "$logf" "$n" <<'EOF' >>"$results"
 import json, re, sys
 state, log, n = json.load(open(sys.argv[1])), open(sys.argv[2]).read(), int(sys.argv[3])
-ranks = re.findall(r"peak memory (\d+) MiB, CPU ([\d.]+) s", log)
+# "peak memory 670 MiB, CPU 10.2 s" (one rank) or "peak memory per rank 668, 462 MiB, CPU per rank 6.8, 6.2 s"
+m = re.search(r"peak memory (?:per rank )?([\d, ]+) MiB, CPU (?:per rank )?([\d., ]+) s", log)
+ranks = list(zip(m.group(1).split(", "), m.group(2).split(", "))) if m else []
 h = state["history"][-1]
 images = h["images_per_second"] * h["seconds"]
 print(json.dumps({"what": "train", "impl": "sac", "n": n, "images_per_second": h["images_per_second"],

@@ -118,6 +118,12 @@ pub struct TrainArgs {
     /// once the first new epoch is saved. Without --resume or --overwrite, train refuses to start.
     #[arg(long)]
     pub overwrite: bool,
+    /// Write a Chrome trace / Perfetto timeline of every rank to FILE ([timeline] file): spans
+    /// for loading, forward+backward, each allreduce bucket, optimizer, validation and checkpoint
+    /// over the last [timeline] steps of the first epoch. Open it at https://ui.perfetto.dev or
+    /// render it with scripts/timeline_png.py.
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -134,4 +140,9 @@ pub struct EvaluateArgs {
     /// (`Id,Predicted`: image id, category id; the Kaggle submission format).
     #[arg(long, value_enum, default_value_t = Split::Test)]
     pub split: Split,
+    /// Write a Chrome trace / Perfetto timeline of every rank's pipeline stage to FILE
+    /// ([timeline] file): read, decode, normalize, predict and the waits between them, for the
+    /// first [timeline] steps batches.
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<PathBuf>,
 }

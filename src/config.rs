@@ -19,6 +19,7 @@ pub struct Config {
     pub model: ModelCfg,
     pub train: TrainCfg,
     pub evaluate: EvaluateCfg,
+    pub timeline: TimelineCfg,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -379,6 +380,9 @@ pub struct TrainCfg {
     pub stall_warn: f64,
     /// Seconds after which such a wait ends the job naming the ranks; 0: never.
     pub stall_abort: f64,
+    /// Seconds between progress lines (batch logs) and `metrics.jsonl` intervals, for train,
+    /// evaluate and create-dataset; 0: none (train still records every epoch).
+    pub log_every: f64,
 }
 
 impl Default for TrainCfg {
@@ -397,11 +401,17 @@ impl Default for TrainCfg {
             on_nonfinite: OnNonFinite::Fail,
             stall_warn: 60.0,
             stall_abort: 0.0,
+            log_every: 30.0,
         }
     }
 }
 
 impl TrainCfg {
+    /// `log_every` as a duration (zero: off).
+    pub fn log_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.log_every)
+    }
+
     /// `stall_warn` and `stall_abort` for `Dist`.
     pub fn stall_limits(&self) -> crate::dist::StallLimits {
         crate::dist::StallLimits {
@@ -425,6 +435,30 @@ pub struct EvaluateCfg {
 impl Default for EvaluateCfg {
     fn default() -> Self {
         Self { batch_size: 32, decode_threads: 0, checkpoint: PathBuf::new() }
+    }
+}
+
+/// `[timeline]`: a Chrome trace / Perfetto JSON of what every rank does (`--timeline FILE`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimelineCfg {
+    /// The trace file; empty: no timeline.
+    pub file: PathBuf,
+    /// The window: train records the last `steps` steps of the first epoch it trains, then that
+    /// epoch's validation (at most `steps` batches) and checkpoint; evaluate its first `steps` batches.
+    pub steps: usize,
+}
+
+impl Default for TimelineCfg {
+    fn default() -> Self {
+        Self { file: PathBuf::new(), steps: 50 }
+    }
+}
+
+impl TimelineCfg {
+    /// The trace file, if a timeline is asked for.
+    pub fn path(&self) -> Option<&Path> {
+        (!self.file.as_os_str().is_empty()).then_some(self.file.as_path())
     }
 }
 
@@ -456,6 +490,7 @@ pub struct FlagOverrides {
     pub model: Option<Arch>,
     pub epochs: Option<u32>,
     pub checkpoint: Option<PathBuf>,
+    pub timeline: Option<PathBuf>,
 }
 
 /// A loaded, overridden, validated config with every path made absolute.
@@ -532,6 +567,9 @@ impl FlagOverrides {
         }
         if let Some(p) = &self.checkpoint {
             c.evaluate.checkpoint = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        }
+        if let Some(p) = &self.timeline {
+            c.timeline.file = std::path::absolute(p).unwrap_or_else(|_| p.clone());
         }
     }
 }
@@ -620,6 +658,16 @@ impl Config {
             "train.stall_abort",
             format!("{} must be 0 (never) or at least 1 (seconds)", t.stall_abort),
         )?;
+        check(
+            t.log_every == 0.0 || (t.log_every >= 0.1 && t.log_every.is_finite()),
+            "train.log_every",
+            format!("{} must be 0 (no progress lines) or at least 0.1 (seconds)", t.log_every),
+        )?;
+        check(
+            (1..=100_000).contains(&self.timeline.steps),
+            "timeline.steps",
+            format!("{} must be from 1 to 100000 (steps or batches in the window)", self.timeline.steps),
+        )?;
         check(t.prefetch <= 16, "train.prefetch", format!("{} batches ahead is too many (at most 16)", t.prefetch))?;
         check(t.threads <= 1024, "train.threads", format!("{} is not a plausible thread count", t.threads))?;
         check(self.evaluate.batch_size >= 1, "evaluate.batch_size", "must be at least 1")?;
@@ -645,6 +693,7 @@ impl Config {
         abs(&mut self.dataset.predict_source);
         abs(&mut self.model.pretrained);
         abs(&mut self.evaluate.checkpoint);
+        abs(&mut self.timeline.file);
     }
 }
 

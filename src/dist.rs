@@ -131,6 +131,23 @@ struct Mpi {
 
 impl Drop for Mpi {
     fn drop(&mut self) {
+        // A stall query or answer sent near the end may not have been taken. Every rank drops
+        // here after the same last collective (errors end the job with MPI_Abort instead), so
+        // meet once more (for at most a few seconds) and take what arrived: MPI_Finalize then
+        // finds no unmatched message.
+        let mut req = Some(self.world.immediate_barrier());
+        let start = Instant::now();
+        while test_request(&mut req).is_none() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if let Some(r) = req.take() {
+            std::mem::forget(r);
+        }
+        for tag in [TAG_STALL_QUERY, TAG_STALL_ANSWER] {
+            while let Some((msg, status)) = self.world.any_process().immediate_matched_probe_with_tag(tag) {
+                let _ = (msg, status).matched_receive_vec::<u8>();
+            }
+        }
         // Answers to queries of peers that have already left may never be taken: let them go
         // (rsmpi panics on dropping an incomplete request).
         for r in self.pending.get_mut().drain(..) {
@@ -425,6 +442,24 @@ impl Dist {
                 abort_job(EXIT_STOPPED);
             }
         }
+        // Rank 0 reports progress: a wait that keeps it silent for twice its interval says so.
+        if self.rank == 0 {
+            if let Some((silent, every)) = crate::logging::progress_silence() {
+                let due = every * 2;
+                let asked = watch.query.map(|(_, at)| waited.saturating_sub(at));
+                if silent + ANSWER_WINDOW >= due && asked.is_none_or(|age| age > ANSWER_WINDOW * 3) {
+                    self.send_query(m, watch, waited);
+                } else if silent >= due && asked.is_some_and(|age| age >= ANSWER_WINDOW) {
+                    tracing::warn!(
+                        "no progress for {}: rank 0 has waited {} in {op}: {}",
+                        crate::logging::duration(silent.as_secs_f64()),
+                        crate::logging::duration(waited.as_secs_f64()),
+                        self.missing(op, watch)
+                    );
+                    crate::logging::progress_spoken();
+                }
+            }
+        }
         // The query goes out early enough that its answers are in when the report is due.
         let due = match limits.abort {
             Some(a) => watch.next_report.min(a),
@@ -586,15 +621,22 @@ impl Dist {
             recv.copy_from_slice(send);
             return;
         };
+        let t0 = Instant::now();
         let op = self.arrive(m, "allreduce");
+        let mut t = crate::timeline::since("exchange", "arrival (waits for every rank)", t0, None);
         mpi::request::scope(|scope| {
             let reqs: Vec<_> = send
                 .chunks(bucket_floats())
                 .zip(recv.chunks_mut(bucket_floats()))
-                .map(|(s, r)| m.world.immediate_all_reduce_into(scope, s, r, SystemOperation::sum()))
+                .map(|(s, r)| (s.len(), m.world.immediate_all_reduce_into(scope, s, r, SystemOperation::sum())))
                 .collect();
-            for req in reqs {
+            let n = reqs.len();
+            for (i, (len, req)) in reqs.into_iter().enumerate() {
                 self.wait(op, Wait::Eager, req);
+                if crate::timeline::recording() {
+                    let mib = (len * std::mem::size_of::<T>()) as f64 / (1 << 20) as f64;
+                    t = crate::timeline::since("exchange", format!("bucket {}/{n} ({mib:.1} MiB)", i + 1), t, None);
+                }
             }
         });
     }
@@ -695,12 +737,15 @@ impl Dist {
             return Some(vec![data]);
         }
         if self.rank == root {
-            let mut out = vec![Vec::new(); self.size];
-            out[root] = data;
-            for _ in 1..self.size {
-                let (src, _, bytes) = self.recv_bytes(None, TAG);
-                out[src] = bytes;
-            }
+            // From each rank by name, not from any: messages between two ranks keep their order,
+            // so a fast rank's part of the next gather is never taken for this one.
+            let mut mine = Some(data);
+            let out = (0..self.size)
+                .map(|src| match src == root {
+                    true => mine.take().unwrap_or_default(),
+                    false => self.recv_bytes(Some(src), TAG).2,
+                })
+                .collect();
             Some(out)
         } else {
             self.send_bytes(root, TAG, &data);

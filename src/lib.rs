@@ -16,6 +16,7 @@ pub mod logging;
 pub mod models;
 pub mod mpicheck;
 pub mod plot;
+pub mod timeline;
 pub mod train;
 
 use std::process::ExitCode;
@@ -113,10 +114,15 @@ fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
         Command::CreateDataset(a) => {
             FlagOverrides { sample: a.sample, seed: a.seed, source: a.source.clone(), ..Default::default() }
         }
-        Command::Train(a) => FlagOverrides { model: a.model, epochs: a.epochs, ..Default::default() },
-        Command::Evaluate(a) => {
-            FlagOverrides { model: a.model, checkpoint: a.checkpoint.clone(), ..Default::default() }
+        Command::Train(a) => {
+            FlagOverrides { model: a.model, epochs: a.epochs, timeline: a.timeline.clone(), ..Default::default() }
         }
+        Command::Evaluate(a) => FlagOverrides {
+            model: a.model,
+            checkpoint: a.checkpoint.clone(),
+            timeline: a.timeline.clone(),
+            ..Default::default()
+        },
         Command::MpiCheck(_) => unreachable!("handled above"),
     };
     let settings = Settings::load(&cli.global.config, &cli.global.overrides, &flags)?;

@@ -1,14 +1,17 @@
 //! tracing set-up: every line tagged with the MPI rank, to stderr and to the log file; progress
-//! bars (rank 0 only) that log lines do not tear.
+//! (rank 0 only) as bars on a terminal and as periodic log lines in batch logs.
+//!
+//! On stderr, rank 0 logs at info and the other ranks only warnings and errors (unless -v), so a
+//! job log is not N copies of one story; the log file takes every rank's info lines.
 use std::fs::OpenOptions;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::Path;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tracing::Level;
+use tracing::{info, Level};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
@@ -124,9 +127,11 @@ pub fn init(rank: usize, size: usize, verbose: u8, quiet: bool, log_file: Option
         (_, 1) => Level::DEBUG,
         _ => Level::TRACE,
     };
-    let filter = || {
+    // Other ranks tell stderr only what goes wrong; rank 0 tells the story.
+    let stderr_default = if rank > 0 && verbose == 0 && default == Level::INFO { Level::WARN } else { default };
+    let filter = |level: Level| {
         EnvFilter::builder()
-            .with_default_directive(default.into())
+            .with_default_directive(level.into())
             .from_env_lossy()
             // Third-party crates stay at warn unless RUST_LOG asks for them.
             .add_directive("polars=warn".parse().expect("directive"))
@@ -134,7 +139,7 @@ pub fn init(rank: usize, size: usize, verbose: u8, quiet: bool, log_file: Option
     let stderr = tracing_subscriber::fmt::layer()
         .event_format(RankFormat { rank, size })
         .with_writer(StderrAboveBars)
-        .with_filter(filter());
+        .with_filter(filter(stderr_default));
     let file_layer = match log_file {
         Some(path) => {
             if let Some(dir) = path.parent() {
@@ -161,6 +166,120 @@ pub fn init(rank: usize, size: usize, verbose: u8, quiet: bool, log_file: Option
     Ok(())
 }
 
+/// True when progress goes out as log lines (stderr is a file or a pipe, as in every batch job)
+/// rather than as bars (stderr is a terminal).
+pub fn progress_as_lines() -> bool {
+    !io::stderr().is_terminal()
+}
+
+/// A duration for people: `12s`, `4m05s`, `2h03m`, `3d04h`.
+pub fn duration(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "?".into();
+    }
+    let s = secs.round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// When rank 0 last reported progress, and how often it means to: `Dist`'s waits read it, so a wait
+/// that keeps rank 0 silent for twice the interval says so in the log (and names the ranks it waits
+/// for) instead of leaving a gap that looks like a hang.
+static SPOKEN: std::sync::Mutex<Option<(Instant, Duration)>> = std::sync::Mutex::new(None);
+
+/// Rank 0 starts reporting progress every `every` (zero: it does not).
+pub fn progress_clock(every: Duration) {
+    *SPOKEN.lock().unwrap_or_else(|e| e.into_inner()) = (!every.is_zero()).then(|| (Instant::now(), every));
+}
+
+/// Rank 0 has just reported progress.
+pub fn progress_spoken() {
+    if let Some((t, _)) = SPOKEN.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        *t = Instant::now();
+    }
+}
+
+/// How long rank 0 has been silent, and its interval (None: it does not report progress).
+pub fn progress_silence() -> Option<(Duration, Duration)> {
+    SPOKEN.lock().unwrap_or_else(|e| e.into_inner()).map(|(t, every)| (t.elapsed(), every))
+}
+
+/// Progress of a long loop over items on rank 0: a bar on a terminal; in a batch log, one info line
+/// every `every` (done / total, rate recent and mean, elapsed, ETA), so a job's log shows it moving.
+pub struct Progress {
+    bar: ProgressBar,
+    what: String,
+    unit: &'static str,
+    total: u64,
+    done: u64,
+    start: Instant,
+    /// Lines: the interval, and where the last line left off.
+    every: Option<Duration>,
+    last: (Instant, u64),
+}
+
+impl Progress {
+    /// `show`: this process reports progress (rank 0). `every`: the line interval (zero: no lines).
+    pub fn new(what: &str, unit: &'static str, total: u64, show: bool, every: Duration) -> Progress {
+        let lines = show && progress_as_lines() && !every.is_zero();
+        let now = Instant::now();
+        Progress {
+            bar: progress_bar(total, what, show && !lines),
+            what: what.to_string(),
+            unit,
+            total,
+            done: 0,
+            start: now,
+            every: lines.then_some(every),
+            last: (now, 0),
+        }
+    }
+
+    /// `n` more items done.
+    pub fn inc(&mut self, n: u64) {
+        self.done += n;
+        self.bar.inc(n);
+        if let Some(every) = self.every {
+            if self.last.0.elapsed() >= every {
+                self.line();
+            }
+        }
+    }
+
+    fn line(&mut self) {
+        let now = Instant::now();
+        let elapsed = (now - self.start).as_secs_f64();
+        let recent = (self.done - self.last.1) as f64 / (now - self.last.0).as_secs_f64().max(1e-9);
+        let mean = self.done as f64 / elapsed.max(1e-9);
+        let left = self.total.saturating_sub(self.done) as f64 / mean.max(1e-9);
+        info!(
+            "{}: {}/{} {} ({:.1} %), {recent:.0} {}/s (mean {mean:.0}), elapsed {}, ETA {}",
+            self.what,
+            self.done,
+            self.total,
+            self.unit,
+            100.0 * self.done as f64 / self.total.max(1) as f64,
+            self.unit,
+            duration(elapsed),
+            duration(left)
+        );
+        self.last = (now, self.done);
+        progress_spoken();
+    }
+
+    /// The loop ended: clears the bar; in lines mode, a last line if the last one is not current.
+    pub fn finish(&mut self) {
+        self.bar.finish_and_clear();
+        if self.every.is_some() && self.last.1 != self.done {
+            self.line();
+        }
+    }
+}
+
 /// A byte count for people: `812 B`, `3.4 MiB`, `12.0 GiB`.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -179,6 +298,17 @@ pub fn bytes(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations_read_as_people_write_them() {
+        use super::duration;
+        assert_eq!(duration(0.4), "0s");
+        assert_eq!(duration(59.4), "59s");
+        assert_eq!(duration(65.0), "1m05s");
+        assert_eq!(duration(7380.0), "2h03m");
+        assert_eq!(duration(3.0 * 86_400.0 + 4.0 * 3600.0), "3d04h");
+        assert_eq!(duration(f64::NAN), "?");
+    }
+
     #[test]
     fn utc_timestamp_has_the_iso_shape() {
         let t = super::humantime_utc();

@@ -60,7 +60,7 @@ pub fn check_averaging(dist: &Dist, batch: usize) -> Result<f64> {
         let loss = net.forward(&x.index_select(0, &idx)).cross_entropy_for_logits(&y.index_select(0, &idx));
         (loss * mine.len() as f64).backward();
     }
-    let synced = sync.sync(dist, mine.len(), false, false);
+    let synced = sync.sync(dist, mine.len(), 0.0, false, false);
     let averaged = &synced.grad * f64::from(synced.scale);
     if synced.images as usize != batch {
         bail!("the ranks' image counts add up to {}, not {batch}", synced.images);
@@ -87,7 +87,7 @@ pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exch
     dist.barrier();
     let t = Instant::now();
     for _ in 0..reps {
-        let _ = sync.sync(dist, 64, false, false);
+        let _ = sync.sync(dist, 64, 0.0, false, false);
     }
     let fused = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
     let mut scratch = Vec::new();

@@ -52,6 +52,7 @@ fn epoch_panel(
     x: std::ops::Range<f64>,
     y: std::ops::Range<f64>,
     series: Vec<Series<'_>>,
+    thin: Option<(&str, &[(f64, f64)])>,
     legend: SeriesLabelPosition,
 ) -> Result<()> {
     let mut chart = ChartBuilder::on(area)
@@ -69,6 +70,14 @@ fn epoch_panel(
         .x_label_formatter(&|x| if (x - x.round()).abs() < 1e-6 { format!("{x:.0}") } else { String::new() })
         .draw()
         .map_err(err)?;
+    if let Some((name, pts)) = thin {
+        let color = RGBColor(140, 170, 230);
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(1)))
+            .map_err(err)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1)));
+    }
     for (name, color, pts) in series.into_iter().filter(|s| !s.2.is_empty()) {
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
@@ -81,8 +90,10 @@ fn epoch_panel(
     Ok(())
 }
 
-/// Loss (train and validation) and accuracy (top-1, top-5) per epoch, side by side.
-pub fn training_curves(path: &Path, history: &[EpochRecord]) -> Result<()> {
+/// Loss (train and validation) and accuracy (top-1, top-5) per epoch, side by side; with
+/// `intervals` (points of metrics.jsonl: epochs done, mean training loss of the interval), the
+/// training loss within epochs as a thin line.
+pub fn training_curves(path: &Path, history: &[EpochRecord], intervals: &[(f64, f64)]) -> Result<()> {
     ensure_font()?;
     let tmp = path.with_extension("png.tmp.png");
     {
@@ -91,21 +102,27 @@ pub fn training_curves(path: &Path, history: &[EpochRecord]) -> Result<()> {
         let (left, right) = root.split_horizontally(600);
         let epochs: Vec<f64> = history.iter().map(|r| f64::from(r.epoch)).collect();
         let x_max = epochs.last().copied().unwrap_or(1.0).max(1.0) + 0.5;
-        let x_min = epochs.first().copied().unwrap_or(1.0).min(1.0) - 0.5;
+        let x_min = if intervals.is_empty() {
+            epochs.first().copied().unwrap_or(1.0).min(1.0) - 0.5
+        } else {
+            intervals.iter().map(|p| p.0).fold(f64::INFINITY, f64::min).min(0.0)
+        };
         let per_epoch = |f: &dyn Fn(&EpochRecord) -> Option<f64>| -> Vec<(f64, f64)> {
             history.iter().filter_map(|r| f(r).map(|v| (f64::from(r.epoch), v))).collect()
         };
-        let losses: Vec<f64> = history.iter().flat_map(|r| [Some(r.train_loss), r.val_loss]).flatten().collect();
+        let mut losses: Vec<f64> = history.iter().flat_map(|r| [Some(r.train_loss), r.val_loss]).flatten().collect();
+        losses.extend(intervals.iter().map(|p| p.1));
         let y_max = losses.iter().cloned().fold(0.0, f64::max).max(1e-3) * 1.1;
         let loss =
             vec![("train", BLUE, per_epoch(&|r| Some(r.train_loss))), ("validation", RED, per_epoch(&|r| r.val_loss))];
-        epoch_panel(&left, "loss", x_min..x_max, 0.0..y_max, loss, SeriesLabelPosition::UpperRight)?;
+        let within = (!intervals.is_empty()).then_some(("train, within epochs", intervals));
+        epoch_panel(&left, "loss", x_min..x_max, 0.0..y_max, loss, within, SeriesLabelPosition::UpperRight)?;
         let accuracy = vec![
             ("top-1", BLUE, per_epoch(&|r| r.top1.map(|v| 100.0 * v))),
             ("top-5", GREEN, per_epoch(&|r| r.top5.map(|v| 100.0 * v))),
         ];
         let caption = "validation accuracy (%)";
-        epoch_panel(&right, caption, x_min..x_max, 0.0..100.0, accuracy, SeriesLabelPosition::LowerRight)?;
+        epoch_panel(&right, caption, x_min..x_max, 0.0..100.0, accuracy, None, SeriesLabelPosition::LowerRight)?;
         root.present().map_err(err)?;
     }
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
@@ -191,7 +208,8 @@ mod tests {
     fn training_curves_and_confusion_matrix_are_pngs() {
         let dir = tempfile::tempdir().unwrap();
         let curves = dir.path().join("training.png");
-        training_curves(&curves, &[record(1, 0.8, 0.7), record(2, 0.5, 0.8), record(3, 0.4, 0.85)]).unwrap();
+        let within = [(0.5, 1.1), (1.0, 0.9), (1.5, 0.7), (2.0, 0.6), (2.5, 0.5), (3.0, 0.45)];
+        training_curves(&curves, &[record(1, 0.8, 0.7), record(2, 0.5, 0.8), record(3, 0.4, 0.85)], &within).unwrap();
         let img = image::open(&curves).unwrap();
         assert_eq!((img.width(), img.height()), (1200, 450));
         let confusion_png = dir.path().join("confusion.png");

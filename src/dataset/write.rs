@@ -90,7 +90,8 @@ pub fn write_data_dir(
     check_files_exist(source, split, predict)?;
     let n_predict = predict.map_or(0, |p| p.images.len());
     let total = (split.train.len() + split.test.len() + n_predict) as u64;
-    let pb = crate::logging::progress_bar(total, "images", true);
+    let every = settings.config.train.log_interval();
+    let mut pb = crate::logging::Progress::new("create-dataset: writing", "images", total, true, every);
     let interrupted = || bail!("interrupted by a signal: nothing was written, {} is as it was", target.display());
     for (split_name, indices) in [("train", &split.train), ("test", &split.test)] {
         for &i in indices.iter() {
@@ -110,7 +111,7 @@ pub fn write_data_dir(
         place_file(&root.join(rel), &tmp_path.join(image_path("predict", rel)), cfg.place)?;
         pb.inc(1);
     }
-    pb.finish_and_clear();
+    pb.finish();
     let mut summary = write_csvs(&tmp_path, source, split)?;
     if let Some(p) = predict {
         summary.predict = write_predict_csv(&tmp_path, p)?;

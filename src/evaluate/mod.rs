@@ -9,7 +9,7 @@ pub mod report;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tch::nn::{self, ModuleT};
@@ -153,7 +153,10 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
         0 => 1,
         n => n,
     };
-    let ctx = Ctx { root: s.data_dir(), geometry, on_bad: cfg.train.on_bad_image, csv: &csv, decode_threads };
+    let timeline = cfg.timeline.path();
+    let trace_batches = if timeline.is_some() { cfg.timeline.steps as u64 } else { 0 };
+    let ctx =
+        Ctx { root: s.data_dir(), geometry, on_bad: cfg.train.on_bad_image, csv: &csv, decode_threads, trace_batches };
     let mut predict = |b: pipeline::TensorBatch| match &model {
         Some(m) => m.predict(&geometry, b),
         None => unreachable!("only predicting ranks get batches"),
@@ -182,13 +185,25 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
     dist.barrier();
     let t0 = Instant::now();
     let cpu0 = crate::resource_usage().1;
+    crate::logging::progress_clock(if dist.is_root() { cfg.train.log_interval() } else { Duration::ZERO });
+    let mut progress = crate::logging::Progress::new(
+        "evaluate",
+        "images",
+        rows.len() as u64,
+        dist.is_root(),
+        cfg.train.log_interval(),
+    );
+    crate::timeline::set_recording(timeline.is_some());
+    let batch = cfg.evaluate.batch_size;
     let (outcome, stats) = if pipelined {
-        pipeline::mpi_pipeline(dist, &ctx, &rows, cfg.evaluate.batch_size, &mut predict)?
+        pipeline::mpi_pipeline(dist, &ctx, &rows, batch, &mut predict, &mut progress)?
     } else if dist.is_root() {
-        (Some(pipeline::local_pipeline(&ctx, &rows, cfg.evaluate.batch_size, &mut predict)?), Default::default())
+        (Some(pipeline::local_pipeline(&ctx, &rows, batch, &mut predict, &mut progress)?), Default::default())
     } else {
         (None, Default::default())
     };
+    progress.finish();
+    crate::logging::progress_clock(Duration::ZERO);
     let wall = t0.elapsed().as_secs_f64();
     let mine = RankReport {
         stage: pipelined.then(|| Stage::of_rank(dist.rank())),
@@ -196,6 +211,12 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
         cpu_seconds: crate::resource_usage().1 - cpu0,
     };
     let reports = dist.gather_bytes(0, serde_json::to_vec(&mine)?);
+    if let Some(path) = timeline {
+        if let Some(parts) = dist.gather_bytes(0, crate::timeline::take(dist.rank())) {
+            let window = format!("the first {} batch(es) of {batch} images", cfg.timeline.steps);
+            crate::timeline::write(path, &parts, "evaluate", &window)?;
+        }
+    }
     if let (Some(outcome), Some(reports)) = (outcome, reports) {
         let reports: Vec<RankReport> =
             reports.iter().map(|b| serde_json::from_slice(b)).collect::<std::result::Result<_, _>>()?;
@@ -210,7 +231,10 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
         };
         report::write(s, &classes, &rows, outcome, &reports, &run)?;
     }
-    let (rss, cpu) = crate::resource_usage();
-    info!("done: this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
+    let out_dir = match split {
+        Split::Test => cfg.paths.output_dir.clone(),
+        Split::Predict => cfg.paths.output_dir.join("predict"),
+    };
+    crate::train::log_done(dist, &format!("outputs in {}", out_dir.display()));
     Ok(())
 }

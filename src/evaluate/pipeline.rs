@@ -106,6 +106,15 @@ pub enum Stage {
 impl Stage {
     pub const ALL: [Stage; 4] = [Stage::Read, Stage::Decode, Stage::Normalize, Stage::Predict];
 
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Read => "read",
+            Stage::Decode => "decode",
+            Stage::Normalize => "normalize",
+            Stage::Predict => "predict",
+        }
+    }
+
     pub fn of_rank(rank: usize) -> Stage {
         match rank {
             0 => Stage::Read,
@@ -125,9 +134,21 @@ pub struct Ctx<'a> {
     pub csv: &'a str,
     /// Threads of the decode stage.
     pub decode_threads: usize,
+    /// The timeline records batches 0..trace_batches (0: no timeline).
+    pub trace_batches: u64,
 }
 
 impl Ctx<'_> {
+    /// A timeline span of batch `seq` from `start` to now (when the batch is in the window);
+    /// returns now.
+    fn mark(&self, cat: &str, name: &str, start: Instant, seq: u64) -> Instant {
+        if seq < self.trace_batches {
+            crate::timeline::since(cat, name, start, Some(seq))
+        } else {
+            Instant::now()
+        }
+    }
+
     fn bad(&self, what: &str, row: usize, rel: &str, e: &anyhow::Error) -> Result<String> {
         let msg = format!("{}: {e:#}", self.root.join(rel).display());
         if self.on_bad == OnBadImage::Fail {
@@ -239,10 +260,12 @@ pub struct Outcome {
     pub stats: Vec<(Stage, StageStats)>,
 }
 
-fn timed<T>(stats: &mut StageStats, images: usize, f: impl FnOnce() -> T) -> T {
+/// Runs a stage's work on batch `seq`: its busy time and images go into `stats`, and a span named
+/// after the stage into the timeline.
+fn timed<T>(ctx: &Ctx, stats: &mut StageStats, stage: Stage, seq: u64, images: usize, f: impl FnOnce() -> T) -> T {
     let t = Instant::now();
     let out = f();
-    stats.busy += t.elapsed().as_secs_f64();
+    stats.busy += ctx.mark(stage.name(), stage.name(), t, seq).duration_since(t).as_secs_f64();
     stats.images += images as u64;
     out
 }
@@ -253,6 +276,7 @@ pub fn local_pipeline(
     rows: &[Row],
     batch: usize,
     predictor: &mut dyn FnMut(TensorBatch) -> ResultBatch,
+    progress: &mut crate::logging::Progress,
 ) -> Result<Outcome> {
     let batches: Vec<Vec<usize>> = (0..rows.len()).collect::<Vec<_>>().chunks(batch).map(<[usize]>::to_vec).collect();
     let (tx_raw, rx_raw) = sync_channel::<RawBatch>(IN_FLIGHT);
@@ -262,9 +286,11 @@ pub fn local_pipeline(
     let mut predict_stats = StageStats::default();
     let (read_stats, decode_stats, normalize_stats) = std::thread::scope(|s| -> Result<_> {
         let reader = s.spawn(move || -> Result<StageStats> {
+            crate::timeline::name_thread(1, "read");
             let mut st = StageStats::default();
             for (seq, idx) in batches.iter().enumerate() {
-                let b = timed(&mut st, idx.len(), || read(ctx, rows, seq as u64, idx))?;
+                let seq = seq as u64;
+                let b = timed(ctx, &mut st, Stage::Read, seq, idx.len(), || read(ctx, rows, seq, idx))?;
                 if tx_raw.send(b).is_err() {
                     break; // a later stage stopped: its error is reported
                 }
@@ -272,10 +298,11 @@ pub fn local_pipeline(
             Ok(st)
         });
         let decoder = s.spawn(move || -> Result<StageStats> {
+            crate::timeline::name_thread(2, "decode");
             let mut st = StageStats::default();
             for b in rx_raw {
-                let n = b.files.len();
-                let d = timed(&mut st, n, || decode(ctx, b))?;
+                let (n, seq) = (b.files.len(), b.meta.seq);
+                let d = timed(ctx, &mut st, Stage::Decode, seq, n, || decode(ctx, b))?;
                 if tx_dec.send(d).is_err() {
                     break;
                 }
@@ -283,19 +310,22 @@ pub fn local_pipeline(
             Ok(st)
         });
         let normalizer = s.spawn(move || -> Result<StageStats> {
+            crate::timeline::name_thread(3, "normalize");
             let mut st = StageStats::default();
             for b in rx_dec {
-                let n = b.meta.rows.len();
-                let t = timed(&mut st, n, || normalize(ctx, b));
+                let (n, seq) = (b.meta.rows.len(), b.meta.seq);
+                let t = timed(ctx, &mut st, Stage::Normalize, seq, n, || normalize(ctx, b));
                 if tx_norm.send(t).is_err() {
                     break;
                 }
             }
             Ok(st)
         });
+        crate::timeline::name_thread(0, "predict");
         for b in rx_norm {
-            let n = b.meta.rows.len();
-            let r = timed(&mut predict_stats, n, || predictor(b));
+            let (n, seq) = (b.meta.rows.len(), b.meta.seq);
+            let r = timed(ctx, &mut predict_stats, Stage::Predict, seq, n, || predictor(b));
+            progress.inc((r.meta.failed.len() + r.preds.len()) as u64);
             out.failed.extend(r.meta.failed);
             out.preds.extend(r.preds);
         }
@@ -387,6 +417,7 @@ pub fn mpi_pipeline(
     rows: &[Row],
     batch: usize,
     predictor: &mut dyn FnMut(TensorBatch) -> ResultBatch,
+    progress: &mut crate::logging::Progress,
 ) -> Result<(Option<Outcome>, StageStats)> {
     let n = dist.size();
     let mut st = StageStats::default();
@@ -398,7 +429,7 @@ pub fn mpi_pipeline(
             let predictors = n - 3;
             let mut ended = 0;
             let mut credits_left = IN_FLIGHT + batches.len(); // the decoder sends this many in all
-            let collect = |out: &mut Outcome, ended: &mut usize| -> Result<bool> {
+            let mut collect = |out: &mut Outcome, ended: &mut usize| -> Result<bool> {
                 // Drain whatever results have arrived; true if something was received.
                 let mut got = false;
                 while let Some((_, _, bytes)) = dist.try_recv_bytes(None, TAG_RESULT) {
@@ -407,6 +438,7 @@ pub fn mpi_pipeline(
                         *ended += 1;
                         continue;
                     };
+                    progress.inc((msg.meta.failed.len() + msg.preds.len()) as u64);
                     out.failed.extend(msg.meta.failed);
                     out.preds.extend(msg.preds.into_iter().map(|(row, label, top, loss)| Prediction {
                         row,
@@ -418,7 +450,9 @@ pub fn mpi_pipeline(
                 Ok(got)
             };
             for (seq, idx) in batches.iter().enumerate() {
+                let seq = seq as u64;
                 // Wait for room at the decoder, collecting results meanwhile.
+                let t = Instant::now();
                 let mut failed = None;
                 dist.poll_recv(Some(1), TAG_CREDIT, || {
                     if dist.try_recv_bytes(Some(1), TAG_CREDIT).is_some() {
@@ -434,7 +468,8 @@ pub fn mpi_pipeline(
                     return Err(e);
                 }
                 credits_left -= 1;
-                let b = timed(&mut st, idx.len(), || read(ctx, rows, seq as u64, idx))?;
+                ctx.mark("wait", "wait for the decoder", t, seq);
+                let b = timed(ctx, &mut st, Stage::Read, seq, idx.len(), || read(ctx, rows, seq, idx))?;
                 let lens = b.files.iter().map(Vec::len).collect();
                 let payload: Vec<u8> = b.files.concat();
                 let msg = encode(KIND_DATA, &RawHeader { meta: b.meta, lens }, &payload);
@@ -443,6 +478,7 @@ pub fn mpi_pipeline(
                 // receiving, a predictor blocked in sending its result to rank 0 would give no
                 // credit back, and decoder, normalizer, predictors and rank 0 could wait on each
                 // other in a circle.
+                let t = Instant::now();
                 let mut sending = dist.start_send(1, TAG_FORWARD, &msg);
                 let mut failed = None;
                 dist.finish_send(&mut sending, 1, TAG_FORWARD, || {
@@ -453,6 +489,7 @@ pub fn mpi_pipeline(
                     }
                 });
                 drop(sending);
+                ctx.mark("send", "send to the decoder", t, seq);
                 if let Some(e) = failed {
                     return Err(e);
                 }
@@ -479,6 +516,7 @@ pub fn mpi_pipeline(
                 give_credit(dist, 0);
             }
             loop {
+                let t = Instant::now();
                 let (_, _, bytes) = dist.recv_bytes(Some(0), TAG_FORWARD);
                 let Some((h, payload)) = decode_msg::<RawHeader>(&bytes)? else {
                     dist.send_bytes(2, TAG_FORWARD, &end_msg());
@@ -490,10 +528,15 @@ pub fn mpi_pipeline(
                     files.push(payload[off..off + len].to_vec());
                     off += len;
                 }
-                let images = files.len();
-                let d = timed(&mut st, images, || decode(ctx, RawBatch { meta: h.meta, files }))?;
+                let (images, seq) = (files.len(), h.meta.seq);
+                ctx.mark("wait", "receive from the reader", t, seq);
+                let d =
+                    timed(ctx, &mut st, Stage::Decode, seq, images, || decode(ctx, RawBatch { meta: h.meta, files }))?;
+                let t = Instant::now();
                 take_credit(dist, Some(2));
+                let t = ctx.mark("wait", "wait for the normalizer", t, seq);
                 dist.send_bytes(2, TAG_FORWARD, &encode(KIND_DATA, &d.meta, &d.pixels));
+                ctx.mark("send", "send to the normalizer", t, seq);
                 give_credit(dist, 0);
             }
             // The normalizer gives IN_FLIGHT credits up front and one per batch; `batches` were used.
@@ -510,6 +553,7 @@ pub fn mpi_pipeline(
             let mut sent = vec![0usize; n];
             let mut requests = vec![0usize; n];
             loop {
+                let t = Instant::now();
                 let (_, _, bytes) = dist.recv_bytes(Some(1), TAG_FORWARD);
                 let Some((meta, payload)) = decode_msg::<Meta>(&bytes)? else {
                     for &p in &predictors {
@@ -517,13 +561,19 @@ pub fn mpi_pipeline(
                     }
                     break;
                 };
-                let images = meta.rows.len();
-                let t = timed(&mut st, images, || normalize(ctx, DecodedBatch { meta, pixels: payload.to_vec() }));
+                let (images, seq) = (meta.rows.len(), meta.seq);
+                ctx.mark("wait", "receive from the decoder", t, seq);
+                let b = timed(ctx, &mut st, Stage::Normalize, seq, images, || {
+                    normalize(ctx, DecodedBatch { meta, pixels: payload.to_vec() })
+                });
                 // Work on demand: the first predictor that asks gets the batch.
+                let t = Instant::now();
                 let p = take_credit(dist, None);
                 requests[p] += 1;
                 sent[p] += 1;
-                dist.send_bytes(p, TAG_FORWARD, &encode(KIND_DATA, &t.meta, &f32_bytes(&t.values)));
+                let t = ctx.mark("wait", "wait for a predictor", t, seq);
+                dist.send_bytes(p, TAG_FORWARD, &encode(KIND_DATA, &b.meta, &f32_bytes(&b.values)));
+                ctx.mark("send", "send to a predictor", t, seq);
                 give_credit(dist, 1);
             }
             // Each predictor asks IN_FLIGHT times up front and once per batch it finishes.
@@ -540,20 +590,26 @@ pub fn mpi_pipeline(
                 give_credit(dist, 2);
             }
             loop {
+                let t = Instant::now();
                 let (_, _, bytes) = dist.recv_bytes(Some(2), TAG_FORWARD);
                 let Some((meta, payload)) = decode_msg::<Meta>(&bytes)? else {
                     dist.send_bytes(0, TAG_RESULT, &end_msg());
                     break;
                 };
-                let images = meta.rows.len();
+                let (images, seq) = (meta.rows.len(), meta.seq);
+                ctx.mark("wait", "receive from the normalizer", t, seq);
                 crate::fault::point("predict");
-                let r = timed(&mut st, images, || predictor(TensorBatch { meta, values: bytes_f32(payload) }));
+                let r = timed(ctx, &mut st, Stage::Predict, seq, images, || {
+                    predictor(TensorBatch { meta, values: bytes_f32(payload) })
+                });
+                let t = Instant::now();
                 let msg = ResultMsg {
                     preds: r.preds.into_iter().map(|p| (p.row, p.label, p.top, p.loss)).collect(),
                     meta: r.meta,
                 };
                 dist.send_bytes(0, TAG_RESULT, &encode(KIND_DATA, &msg, &[]));
                 give_credit(dist, 2);
+                ctx.mark("send", "send the result", t, seq);
             }
             Ok((None, st))
         }

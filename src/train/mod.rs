@@ -26,9 +26,12 @@ use crate::data::{self, Class, Geometry, ImageStore, Row};
 use crate::dist::Dist;
 use loader::{with_batches, Loader};
 use optim::Optimizer;
+use progress::{Reporter, Times};
 
 pub mod loader;
+pub mod metrics;
 pub mod optim;
+pub mod progress;
 
 /// All ranks stopped together at a step boundary after SIGTERM / SIGINT.
 #[derive(Debug, thiserror::Error)]
@@ -76,29 +79,6 @@ pub struct State {
     pub config: Config,
 }
 
-/// Where the time of an epoch went, summed over its steps.
-#[derive(Default, Clone, Copy)]
-struct Times {
-    data: Duration,
-    compute: Duration,
-    comm: Duration,
-    optim: Duration,
-}
-
-impl Times {
-    fn shares(&self) -> String {
-        let total = (self.data + self.compute + self.comm + self.optim).as_secs_f64().max(1e-9);
-        let pct = |d: Duration| 100.0 * d.as_secs_f64() / total;
-        format!(
-            "data {:.0} %, compute {:.0} %, allreduce {:.0} %, optimizer {:.0} %",
-            pct(self.data),
-            pct(self.compute),
-            pct(self.comm),
-            pct(self.optim)
-        )
-    }
-}
-
 /// The model's variables in a fixed (name) order, split into trained parameters and the rest.
 struct Model {
     net: Box<dyn ModuleT>,
@@ -141,9 +121,10 @@ impl Model {
 /// Averages gradients over the ranks, weighted by each rank's image count, so the result is the
 /// gradient of the mean loss over all ranks' images together. Callers back-propagate the *summed*
 /// loss of their images (mean × count), which is that weighting. All gradients travel in one flat
-/// buffer (one allreduce per `dist::BUCKET_FLOATS` bucket), followed by three more numbers: the
-/// rank's image count, its stop request (a signal) and whether its step went wrong (a non-finite
-/// loss or batch-norm statistic), so every rank learns all three in the same call.
+/// buffer (one allreduce per `dist::BUCKET_FLOATS` bucket), followed by four more numbers: the
+/// rank's image count, its stop request (a signal), whether its step went wrong (a non-finite
+/// loss or batch-norm statistic) and its summed loss, so every rank learns them in the same call
+/// (rank 0 reports the global loss without a collective of its own).
 ///
 /// For parameters that are contiguous f32 CPU tensors (training on the CPU), each parameter's
 /// gradient *is* a view into the send buffer (what DDP calls gradient_as_bucket_view): backward
@@ -153,7 +134,7 @@ impl Model {
 pub struct GradSync {
     params: Vec<Tensor>,
     numel: usize,
-    /// The gradients, then this rank's image count, stop flag and non-finite flag.
+    /// The gradients, then this rank's image count, stop flag, non-finite flag and summed loss.
     send: Tensor,
     /// The sums over all ranks, same layout.
     recv: Tensor,
@@ -174,6 +155,8 @@ pub struct Synced {
     pub stop: bool,
     /// Some rank's loss or batch-norm statistics were not finite, or the summed gradient is not.
     pub non_finite: bool,
+    /// The summed loss over all ranks' images (divide by `images` for the mean).
+    pub loss: f64,
 }
 
 /// A contiguous f32 CPU tensor as a mutable slice.
@@ -241,9 +224,9 @@ impl GradSync {
         });
     }
 
-    /// Sums the gradients (of the summed loss over `images` images; ignored when `images` is 0),
-    /// the image counts, the stop requests and the non-finite flags over the ranks.
-    pub fn sync(&mut self, dist: &Dist, images: usize, stop: bool, bad: bool) -> Synced {
+    /// Sums the gradients (of the summed loss `loss` over `images` images; ignored when `images`
+    /// is 0), the image counts, the stop requests, the non-finite flags and the losses over the ranks.
+    pub fn sync(&mut self, dist: &Dist, images: usize, loss: f64, stop: bool, bad: bool) -> Synced {
         let p = self.numel;
         // SAFETY: `send` and `recv` are contiguous f32 CPU tensors of p + EXTRAS elements that only
         // this struct owns; autograd writes into `send` only during backward, not during this call.
@@ -267,6 +250,7 @@ impl GradSync {
         send[p] = images as f32;
         send[p + 1] = f32::from(u8::from(stop));
         send[p + 2] = f32::from(u8::from(bad));
+        send[p + 3] = if images == 0 { 0.0 } else { loss as f32 };
         let (sums, tensor) = if dist.size() == 1 {
             (&send[..], &self.send)
         } else {
@@ -285,6 +269,7 @@ impl GradSync {
             images: total,
             stop: sums[p + 1] > 0.0,
             non_finite: sums[p + 2] > 0.0 || !grad_finite,
+            loss: f64::from(sums[p + 3]),
         }
     }
 }
@@ -297,8 +282,9 @@ fn all_finite(v: &[f32]) -> bool {
     v.chunks(4096).all(|c| c.iter().fold(0u32, |acc, x| acc | u32::from(x.to_bits() & EXP == EXP)) == 0)
 }
 
-/// Numbers after the gradients in the exchange buffer: image count, stop flag, non-finite flag.
-const EXTRAS: usize = 3;
+/// Numbers after the gradients in the exchange buffer: image count, stop flag, non-finite flag,
+/// summed loss.
+const EXTRAS: usize = 4;
 
 /// The batches of one epoch's order of `len` images: consecutive runs of `batch`, except that a
 /// last run of a single image joins the one before it (batch-norm cannot take a batch of one:
@@ -564,13 +550,33 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     let saved_buffers: Vec<Tensor> = buffers.iter().map(|t| t.detach().copy()).collect();
     let mut first_save = true;
 
+    // Rank 0 reports progress and keeps metrics.jsonl; a resumed run continues the stream.
+    let mut reporter = if dist.is_root() {
+        let stream = metrics::Stream::open(&dir, resume.then_some(state.epoch))?;
+        Some(Reporter::new(stream, tc.log_interval(), tc.epochs))
+    } else {
+        None
+    };
+    let lr = opt.lr;
+
     let first_epoch = state.epoch + 1;
+    // The timeline's window: the last `timeline.steps` steps of the first epoch, its validation
+    // and its checkpoint.
+    let timeline = cfg.timeline.path().map(|p| (p.to_path_buf(), steps.saturating_sub(cfg.timeline.steps)));
     for epoch in first_epoch..=tc.epochs {
         let t_epoch = Instant::now();
+        let traced = timeline.as_ref().filter(|_| epoch == first_epoch);
         tch::manual_seed((cfg.dataset.seed as i64) ^ (i64::from(epoch) << 20) ^ (dist.rank() as i64) << 40);
         let order = epoch_order(shard.train.len(), cfg.dataset.seed, epoch, dist.rank());
         let bounds = batch_bounds(order.len(), tc.batch_size);
-        let pb = crate::logging::progress_bar(steps as u64, &format!("epoch {epoch}/{}", tc.epochs), dist.is_root());
+        let pb = crate::logging::progress_bar(
+            steps as u64,
+            &format!("epoch {epoch}/{}", tc.epochs),
+            dist.is_root() && !crate::logging::progress_as_lines(),
+        );
+        if let Some(r) = reporter.as_mut() {
+            r.start_epoch(epoch, steps);
+        }
         let mut times = Times::default();
         let (mut loss_sum, mut seen, mut skipped, mut nonfinite_steps) = (0f64, 0f64, 0u64, 0u64);
         let batches: Vec<&[usize]> =
@@ -578,11 +584,15 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         with_batches(&mut train_loader, &shard.train, &batches, device, |next_batch| {
             for step in 0..steps {
                 crate::fault::point("step");
+                if traced.is_some_and(|(_, from)| step == *from) {
+                    crate::timeline::set_recording(true);
+                }
+                let at = Some(step as u64 + 1);
                 let t0 = Instant::now();
                 let (batch, sk) = next_batch()?;
                 skipped += sk;
-                let t1 = Instant::now();
-                times.data += t1 - t0;
+                let t1 = crate::timeline::since("data", "load batch", t0, at);
+                let mut step_times = Times { data: t1 - t0, ..Times::default() };
 
                 let mut n_local = 0usize;
                 let mut local_loss = 0f64;
@@ -603,10 +613,10 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
                     local_loss = loss.double_value(&[]);
                     bad = !local_loss.is_finite() || !buffers_finite(&buffers);
                 }
-                let t2 = Instant::now();
-                times.compute += t2 - t1;
+                let t2 = crate::timeline::since("compute", "forward + backward", t1, at);
+                step_times.compute = t2 - t1;
 
-                let synced = sync.sync(dist, n_local, stop.load(Ordering::Relaxed), bad);
+                let synced = sync.sync(dist, n_local, local_loss * n_local as f64, stop.load(Ordering::Relaxed), bad);
                 if synced.stop {
                     pb.abandon();
                     stopping(epoch, step, steps, &state, &dir);
@@ -632,6 +642,11 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
                                  (train.on_nonfinite = \"skip\")",
                                 step + 1
                             );
+                            step_times.comm = crate::timeline::since("exchange", "allreduce", t2, at) - t2;
+                            times.add(&step_times);
+                            if let Some(r) = reporter.as_mut() {
+                                r.step(0.0, 0.0, &step_times, state.steps, lr)?;
+                            }
                             pb.inc(1);
                             continue;
                         }
@@ -639,14 +654,18 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
                 }
                 let total = synced.images;
                 let g = synced.grad.to_device(device);
-                let t3 = Instant::now();
-                times.comm += t3 - t2;
+                let t3 = crate::timeline::since("exchange", "allreduce", t2, at);
+                step_times.comm = t3 - t2;
 
                 opt.apply(&g, synced.scale, &model.params);
-                times.optim += t3.elapsed();
+                step_times.optim = crate::timeline::since("optimizer", "optimizer step", t3, at) - t3;
+                times.add(&step_times);
                 state.steps += 1;
                 loss_sum += local_loss * n_local as f64;
                 seen += f64::from(total);
+                if let Some(r) = reporter.as_mut() {
+                    r.step(f64::from(total), synced.loss, &step_times, state.steps, lr)?;
+                }
                 let rate = seen / t_epoch.elapsed().as_secs_f64();
                 pb.set_message(format!("loss {local_loss:.3}, {rate:.0} img/s"));
                 pb.inc(1);
@@ -654,14 +673,29 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             Ok(())
         })?;
         pb.finish_and_clear();
+        if let Some(r) = reporter.as_mut() {
+            r.end_steps(state.steps, lr)?;
+        }
         let train_seconds = t_epoch.elapsed().as_secs_f64();
         let train_loss = dist.sum_f64(loss_sum) / seen.max(1.0);
         let skipped_all = dist.sum_f64(skipped as f64) as u64;
         let images_per_second = seen / train_seconds;
 
         average_tensors(dist, &buffers);
+        let t_val = Instant::now();
         let (val_loss, top1, top5) = if tc.validate {
-            match validate(dist, &model, &shard.test, &mut test_loader, tc.batch_size, device, &stop)? {
+            let traced_batches = if traced.is_some() { cfg.timeline.steps } else { 0 };
+            match validate(
+                dist,
+                &model,
+                &shard.test,
+                &mut test_loader,
+                tc.batch_size,
+                device,
+                &stop,
+                traced_batches,
+                tc.log_interval(),
+            )? {
                 Some(v) => (Some(v.0), Some(v.1), Some(v.2)),
                 None => {
                     warn!("validation of epoch {epoch} cut short by a stop signal; the epoch is saved without it");
@@ -671,6 +705,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         } else {
             (None, None, None)
         };
+        let validation_seconds = t_val.elapsed().as_secs_f64();
         let record = EpochRecord {
             epoch,
             train_loss,
@@ -690,7 +725,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             pct(top1),
             pct(top5),
             record.seconds,
-            times.shares()
+            progress::shares_text(&times.shares())
         );
         if epoch == first_epoch {
             log_cache(dist, budget, &[&train_loader, &test_loader], shard.total_train + shard.total_test);
@@ -702,19 +737,51 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             warn!("{nonfinite_steps} step(s) of epoch {epoch} were left out: non-finite loss or gradient");
         }
         state.epoch = epoch;
-        state.history.push(record);
+        state.history.push(record.clone());
         let improved = top1.is_some_and(|t| state.best_top1.is_none_or(|b| t > b));
         if improved {
             state.best_top1 = top1;
             state.best_epoch = Some(epoch);
         }
+        if let Some(r) = reporter.as_mut() {
+            r.epoch_done(&record, validation_seconds, times.shares(), state.steps)?;
+        }
+        if traced.is_some() {
+            // Validation stopped recording after its first `timeline.steps` batches.
+            crate::timeline::set_recording(true);
+            if tc.validate {
+                crate::timeline::span(
+                    "validation",
+                    "validation",
+                    t_val,
+                    t_val + Duration::from_secs_f64(validation_seconds),
+                    None,
+                );
+            }
+        }
         if dist.is_root() {
+            let t = Instant::now();
             save(&store, &model, &opt, &state, improved, first_save && overwrite)?;
+            crate::timeline::since("checkpoint", "write checkpoint", t, None);
         }
         first_save = false;
         // Nobody starts the next epoch (or exits) before the checkpoint is complete; a stop signal
         // that came during validation or saving ends the run here, with this epoch saved.
-        if dist.any(stop.load(Ordering::Relaxed)) && epoch < tc.epochs {
+        let t = Instant::now();
+        let stop_now = dist.any(stop.load(Ordering::Relaxed));
+        crate::timeline::since("exchange", "end of epoch (waits for the checkpoint)", t, None);
+        if let Some((path, from)) = traced {
+            let parts = dist.gather_bytes(0, crate::timeline::take(dist.rank()));
+            if let Some(parts) = parts {
+                let window = format!(
+                    "epoch {epoch}: steps {}-{steps} of {steps}{}, checkpoint",
+                    from + 1,
+                    if tc.validate { ", validation" } else { "" }
+                );
+                crate::timeline::write(path, &parts, "train", &window)?;
+            }
+        }
+        if stop_now && epoch < tc.epochs {
             warn!(
                 "stopping after epoch {epoch} on a signal; its checkpoint in {} is complete; continue with \
                  `sac train --resume`",
@@ -723,9 +790,29 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             return Err(Interrupted.into());
         }
     }
-    let (rss, cpu) = crate::resource_usage();
-    info!("done: checkpoints in {}; this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s", dir.display());
+    crate::logging::progress_clock(Duration::ZERO);
+    log_done(dist, &format!("checkpoints in {}", dir.display()));
     Ok(())
+}
+
+/// The end of a command on every rank: rank 0 logs each rank's peak memory and CPU time (a
+/// collective).
+pub fn log_done(dist: &Dist, what: &str) {
+    let (rss, cpu) = crate::resource_usage();
+    tracing::debug!("done: this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
+    let mut all = vec![0f64; 2 * dist.size()];
+    all[2 * dist.rank()] = rss;
+    all[2 * dist.rank() + 1] = cpu;
+    dist.allreduce_sum(&mut all, &mut Vec::new());
+    let list = |k: usize, digits: usize, unit: &str| {
+        let v: Vec<String> = all.chunks(2).map(|p| format!("{:.digits$}", p[k])).collect();
+        format!("{} {unit}", v.join(", "))
+    };
+    if dist.size() == 1 {
+        info!("done: {what}; peak memory {rss:.0} MiB, CPU {cpu:.1} s");
+    } else {
+        info!("done: {what}; peak memory per rank {}, CPU per rank {}", list(0, 0, "MiB"), list(1, 1, "s"));
+    }
 }
 
 /// After the first epoch (every image seen once): how much of the shards the decode caches hold.
@@ -778,7 +865,9 @@ fn buffers_finite(buffers: &[Tensor]) -> bool {
 }
 
 /// Validation on every rank's share of test.csv, summed with one allreduce: (loss, top-1, top-5),
-/// or None when a stop signal cut it short on some rank.
+/// or None when a stop signal cut it short on some rank. The timeline (if recording) takes the
+/// first `traced` batches.
+#[allow(clippy::too_many_arguments)]
 fn validate(
     dist: &Dist,
     model: &Model,
@@ -787,18 +876,31 @@ fn validate(
     batch: usize,
     device: Device,
     stop: &std::sync::atomic::AtomicBool,
+    traced: usize,
+    every: Duration,
 ) -> Result<Option<(f64, f64, f64)>> {
+    let what = format!("validation (rank {}'s share)", dist.rank());
+    let mut progress = crate::logging::Progress::new(&what, "images", rows.len() as u64, dist.is_root(), every);
     let mut sums = [0f64; 5]; // loss * n, top-1 hits, top-5 hits, n, stopped
     let idx: Vec<usize> = (0..rows.len()).collect();
     let batches: Vec<&[usize]> = idx.chunks(batch).collect();
     with_batches(loader, rows, &batches, device, |next_batch| {
-        for _ in 0..batches.len() {
+        for (i, idx) in batches.iter().enumerate() {
             crate::fault::point("validate");
+            if i == traced && crate::timeline::recording() {
+                crate::timeline::set_recording(false);
+            }
             if stop.load(Ordering::Relaxed) {
                 sums[4] = 1.0;
                 break;
             }
-            let (Some((x, y)), _) = next_batch()? else { continue };
+            let t = Instant::now();
+            let at = Some(i as u64 + 1);
+            let (batch, _) = next_batch()?;
+            progress.inc(idx.len() as u64);
+            let Some((x, y)) = batch else { continue };
+            let t = crate::timeline::since("data", "load batch", t, at);
+            let _forward = crate::timeline::Span::new("validation", "forward (validation)", t, at);
             tch::no_grad(|| {
                 let logits = model.net.forward_t(&x, false);
                 let n = y.size()[0] as f64;
@@ -811,7 +913,10 @@ fn validate(
         }
         Ok(())
     })?;
+    progress.finish();
+    let t = Instant::now();
     dist.allreduce_sum(&mut sums, &mut Vec::new());
+    crate::timeline::since("exchange", "allreduce", t, None);
     if sums[4] > 0.0 {
         return Ok(None);
     }
@@ -879,7 +984,8 @@ fn save(
         store.set_best(state.epoch)?;
     }
     store.prune(state.epoch, 2, replace_old_run)?;
-    if let Err(e) = crate::plot::training_curves(&store.dir.join("training.png"), &state.history) {
+    let intervals = metrics::loss_points(&metrics::read(&store.dir.join(metrics::FILE)));
+    if let Err(e) = crate::plot::training_curves(&store.dir.join("training.png"), &state.history, &intervals) {
         warn!("training.png not drawn: {e:#}");
     }
     info!("checkpoint of epoch {} written to {}", state.epoch, store.epoch_dir(state.epoch).display());
