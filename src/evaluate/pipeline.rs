@@ -489,7 +489,7 @@ pub fn mpi_pipeline(
                     }
                 });
                 drop(sending);
-                ctx.mark("send", "send to the decoder", t, seq);
+                ctx.mark("send", "send to the decoder (until it takes the batch)", t, seq);
                 if let Some(e) = failed {
                     return Err(e);
                 }
@@ -536,7 +536,7 @@ pub fn mpi_pipeline(
                 take_credit(dist, Some(2));
                 let t = ctx.mark("wait", "wait for the normalizer", t, seq);
                 dist.send_bytes(2, TAG_FORWARD, &encode(KIND_DATA, &d.meta, &d.pixels));
-                ctx.mark("send", "send to the normalizer", t, seq);
+                ctx.mark("send", "send to the normalizer (until it takes the batch)", t, seq);
                 give_credit(dist, 0);
             }
             // The normalizer gives IN_FLIGHT credits up front and one per batch; `batches` were used.
@@ -573,7 +573,7 @@ pub fn mpi_pipeline(
                 sent[p] += 1;
                 let t = ctx.mark("wait", "wait for a predictor", t, seq);
                 dist.send_bytes(p, TAG_FORWARD, &encode(KIND_DATA, &b.meta, &f32_bytes(&b.values)));
-                ctx.mark("send", "send to a predictor", t, seq);
+                ctx.mark("send", "send to a predictor (until it takes the batch)", t, seq);
                 give_credit(dist, 1);
             }
             // Each predictor asks IN_FLIGHT times up front and once per batch it finishes.
@@ -609,7 +609,7 @@ pub fn mpi_pipeline(
                 };
                 dist.send_bytes(0, TAG_RESULT, &encode(KIND_DATA, &msg, &[]));
                 give_credit(dist, 2);
-                ctx.mark("send", "send the result", t, seq);
+                ctx.mark("send", "send the result to rank 0", t, seq);
             }
             Ok((None, st))
         }
