@@ -220,6 +220,7 @@ pub struct Progress {
     /// Lines: the interval, and where the last line left off.
     every: Option<Duration>,
     last: (Instant, u64),
+    show: bool,
 }
 
 impl Progress {
@@ -236,6 +237,7 @@ impl Progress {
             start: now,
             every: lines.then_some(every),
             last: (now, 0),
+            show,
         }
     }
 
@@ -243,10 +245,12 @@ impl Progress {
     pub fn inc(&mut self, n: u64) {
         self.done += n;
         self.bar.inc(n);
-        if let Some(every) = self.every {
-            if self.last.0.elapsed() >= every {
-                self.line();
-            }
+        match self.every {
+            Some(every) if self.last.0.elapsed() >= every => self.line(),
+            Some(_) => {}
+            // The bar shows it: a wait after this is not a silence.
+            None if self.show => progress_spoken(),
+            None => {}
         }
     }
 

@@ -209,6 +209,25 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// Rank 0, before any work: can the trace be written at `path`? (Found out at the start rather
+/// than after the window's epoch.)
+pub fn prepare(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {} (timeline.file)", dir.display()))?;
+    }
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, b"")
+        .with_context(|| format!("cannot write the timeline {} (timeline.file)", path.display()))?;
+    let _ = std::fs::remove_file(&tmp);
+    Ok(())
+}
+
+fn tmp_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
 /// Rank 0: writes the gathered parts to `path` (through a temporary file and a rename).
 pub fn write(path: &Path, parts: &[Vec<u8>], command: &str, window: &str) -> Result<()> {
     let doc = chrome_trace(parts, command, window)?;
@@ -217,7 +236,7 @@ pub fn write(path: &Path, parts: &[Vec<u8>], command: &str, window: &str) -> Res
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {} (timeline.file)", dir.display()))?;
     }
-    let tmp = path.with_extension("json.tmp");
+    let tmp = tmp_path(path);
     std::fs::write(&tmp, serde_json::to_vec(&doc)?)
         .with_context(|| format!("writing the timeline {} (timeline.file)", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;

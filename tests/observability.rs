@@ -291,6 +291,18 @@ fn create_dataset_logs_progress_lines_in_a_batch_log() {
 }
 
 #[test]
+fn an_unwritable_timeline_path_fails_before_training_naming_it() {
+    let p = project();
+    let blocker = p.path().join("not-a-dir");
+    fs::write(&blocker, "a file").unwrap();
+    let trace = blocker.join("trace.json");
+    let out = p.train_mpi(2, &["--timeline", trace.to_str().unwrap()]);
+    let err = assert_fails_with(&out, &["timeline.file", "not-a-dir"]);
+    assert!(!err.contains("epoch 1/1"), "refused before any step:\n{err}");
+    assert!(!p.model_dir("resnet18").join("state.json").exists());
+}
+
+#[test]
 fn log_every_and_timeline_steps_are_checked() {
     let p = project();
     for (set, key) in [("train.log_every=-1", "train.log_every"), ("timeline.steps=0", "timeline.steps")] {

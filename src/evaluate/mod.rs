@@ -137,6 +137,9 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
         }
         data::check_labels(&rows, classes.len(), &test_file)?;
         check_checkpoint(&ckpt, arch, &classes)?;
+        if let Some(path) = cfg.timeline.path() {
+            crate::timeline::prepare(path)?;
+        }
         header = classes.len().to_string().into_bytes();
     }
     dist.broadcast_bytes(0, &mut header);

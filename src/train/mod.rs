@@ -450,6 +450,9 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         );
     }
 
+    if let (true, Some(path)) = (dist.is_root(), cfg.timeline.path()) {
+        crate::timeline::prepare(path)?;
+    }
     let shard = distribute(dist, s)?;
     let k = shard.classes.len();
     let arch = cfg.model.name;

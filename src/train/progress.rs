@@ -176,8 +176,9 @@ impl Reporter {
                 duration(iv.eta_run),
                 shares_text(&iv.shares)
             );
-            crate::logging::progress_spoken();
         }
+        // Reported (a line, or on a terminal the bar and metrics.jsonl): not a silence.
+        crate::logging::progress_spoken();
         self.stream.append(&Line::Interval(iv))?;
         (self.since, self.since_step, self.images, self.loss, self.times) =
             (now, self.done, 0.0, 0.0, Times::default());
