@@ -35,14 +35,14 @@ fn main() -> anyhow::Result<()> {
     let steps = 1_000_000;
 
     // Every step's bookkeeping, no interval due (log_every = 1 h).
-    let mut r = Reporter::new(Stream::open(dir.path(), None)?, Duration::from_secs(3600), 3);
+    let mut r = Reporter::new(Stream::open(dir.path(), None, false)?, Duration::from_secs(3600), 3);
     r.start_epoch(1, steps);
-    let step = per_call(100_000, |i| r.step(128.0, 230.0, &times, i64::from(i), 4e-4).expect("step"));
+    let step = per_call(100_000, |i| r.step(128.0, 230.0, &times, i64::from(i), 4e-4));
 
     // An interval every step: a progress line (to stderr and sac.log) and a metrics.jsonl line.
-    let mut r = Reporter::new(Stream::open(dir.path(), None)?, Duration::from_nanos(1), 3);
+    let mut r = Reporter::new(Stream::open(dir.path(), None, false)?, Duration::from_nanos(1), 3);
     r.start_epoch(1, steps);
-    let line = per_call(2_000, |i| r.step(128.0, 230.0, &times, i64::from(i), 4e-4).expect("step"));
+    let line = per_call(2_000, |i| r.step(128.0, 230.0, &times, i64::from(i), 4e-4));
 
     // A timeline span with the window closed (every step makes a few) and open.
     let t = Instant::now();

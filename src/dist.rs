@@ -131,18 +131,9 @@ struct Mpi {
 
 impl Drop for Mpi {
     fn drop(&mut self) {
-        // A stall query or answer sent near the end may not have been taken. Every rank drops
-        // here after the same last collective (errors end the job with MPI_Abort instead), so
-        // meet once more (for at most a few seconds) and take what arrived: MPI_Finalize then
-        // finds no unmatched message.
-        let mut req = Some(self.world.immediate_barrier());
-        let start = Instant::now();
-        while test_request(&mut req).is_none() && start.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if let Some(r) = req.take() {
-            std::mem::forget(r);
-        }
+        // A stall query or answer that arrived after this rank's last wait was never taken: take
+        // it now, so MPI_Finalize finds no unmatched message. (No barrier: ranks may reach their
+        // end far apart, as evaluate's idle ranks do while rank 0 works alone.)
         for tag in [TAG_STALL_QUERY, TAG_STALL_ANSWER] {
             while let Some((msg, status)) = self.world.any_process().immediate_matched_probe_with_tag(tag) {
                 let _ = (msg, status).matched_receive_vec::<u8>();
@@ -442,12 +433,15 @@ impl Dist {
                 abort_job(EXIT_STOPPED);
             }
         }
-        // Rank 0 reports progress: a wait that keeps it silent for twice its interval says so.
-        if self.rank == 0 {
+        // Rank 0 reports progress: a wait that keeps it silent for twice its interval says so
+        // (until the stall report below takes over). Only a wait that lasts asks the peers, so
+        // routine waits stay quiet whatever the interval.
+        if self.rank == 0 && waited < limits.warn {
             if let Some((silent, every)) = crate::logging::progress_silence() {
                 let due = every * 2;
                 let asked = watch.query.map(|(_, at)| waited.saturating_sub(at));
-                if silent + ANSWER_WINDOW >= due && asked.is_none_or(|age| age > ANSWER_WINDOW * 3) {
+                let lasts = waited >= ANSWER_WINDOW / 2;
+                if lasts && silent + ANSWER_WINDOW >= due && asked.is_none_or(|age| age > ANSWER_WINDOW * 3) {
                     self.send_query(m, watch, waited);
                 } else if silent >= due && asked.is_some_and(|age| age >= ANSWER_WINDOW) {
                     tracing::warn!(

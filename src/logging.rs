@@ -259,7 +259,7 @@ impl Progress {
         let elapsed = (now - self.start).as_secs_f64();
         let recent = (self.done - self.last.1) as f64 / (now - self.last.0).as_secs_f64().max(1e-9);
         let mean = self.done as f64 / elapsed.max(1e-9);
-        let left = self.total.saturating_sub(self.done) as f64 / mean.max(1e-9);
+        let left = if self.done == 0 { f64::NAN } else { self.total.saturating_sub(self.done) as f64 / mean };
         info!(
             "{}: {}/{} {} ({:.1} %), {recent:.0} {}/s (mean {mean:.0}), elapsed {}, ETA {}",
             self.what,

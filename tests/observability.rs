@@ -145,6 +145,7 @@ fn a_2_rank_run_logs_progress_lines_metrics_and_a_timeline_with_every_span_kind(
     assert!(lines.iter().any(|l| l.0 == 2 && l.1 == l.2), "an interval at the end of each epoch:\n{err}");
     assert!(err.contains("ETA epoch ") && err.contains(", run "), "{err}");
     assert!(!err.contains("INFO [rank 1]"), "other ranks log only warnings on stderr:\n{err}");
+    assert!(!err.contains("no progress"), "no rank waited long:\n{err}");
     assert!(err.contains("peak memory per rank "), "rank 0 reports every rank's memory:\n{err}");
 
     // metrics.jsonl: intervals tile the epochs; epoch records equal state.json's.
@@ -274,7 +275,26 @@ fn evaluate_logs_progress_and_writes_a_pipeline_timeline_of_4_ranks() {
         assert!(spans.iter().any(|e| e["pid"] == rank && e["cat"] == stage), "rank {rank} has no {stage} span");
     }
     let batches: BTreeSet<u64> = spans.iter().filter_map(|e| e["args"]["step"].as_u64()).collect();
-    assert_eq!(batches, (0..10).collect::<BTreeSet<u64>>(), "only the first 10 batches are recorded");
+    assert_eq!(batches, (1..=10).collect::<BTreeSet<u64>>(), "only the first 10 batches are recorded");
+}
+
+#[test]
+fn idle_evaluate_ranks_leave_without_stall_reports_while_rank_0_works() {
+    // With 2 ranks every stage runs on rank 0; rank 1 has nothing to do and must not wait for it.
+    // At 160x160 (resnet18 takes any size) rank 0 works for several stall_warn periods.
+    let p = project();
+    assert_success(&p.train_mpi(2, &["--epochs", "1", "--set", "train.batch_size=16"]));
+    let config = p.path().join("config.toml");
+    let mut args = vec!["--config", config.to_str().unwrap(), "--set", "train.stall_warn=1"];
+    args.extend(["--set", "train.threads=1", "--set", "image.width=160", "--set", "image.height=160", "evaluate"]);
+    let t = Instant::now();
+    let out = run_mpi(p.path(), 2, &args, RUN_TIMEOUT);
+    assert!(t.elapsed().as_secs_f64() > 3.0, "evaluation too short to test anything");
+    p.assert_no_rank_left();
+    assert_success(&out);
+    let err = stderr(&out);
+    assert!(!err.contains("stall:") && !err.contains("no progress"), "{err}");
+    assert!(err.contains("peak memory per rank "), "{err}");
 }
 
 #[test]

@@ -212,6 +212,8 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
         stage: pipelined.then(|| Stage::of_rank(dist.rank())),
         stats,
         cpu_seconds: crate::resource_usage().1 - cpu0,
+        peak_rss_mib: crate::resource_usage().0,
+        process_cpu_seconds: crate::resource_usage().1,
     };
     let reports = dist.gather_bytes(0, serde_json::to_vec(&mine)?);
     if let Some(path) = timeline {
@@ -220,9 +222,11 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
             crate::timeline::write(path, &parts, "evaluate", &window)?;
         }
     }
+    let mut done_ranks = None;
     if let (Some(outcome), Some(reports)) = (outcome, reports) {
         let reports: Vec<RankReport> =
             reports.iter().map(|b| serde_json::from_slice(b)).collect::<std::result::Result<_, _>>()?;
+        done_ranks = Some(reports.iter().map(|r| (r.peak_rss_mib, r.process_cpu_seconds)).collect::<Vec<_>>());
         let run = report::Run {
             ranks: dist.size(),
             pipelined,
@@ -234,10 +238,16 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
         };
         report::write(s, &classes, &rows, outcome, &reports, &run)?;
     }
-    let out_dir = match split {
-        Split::Test => cfg.paths.output_dir.clone(),
-        Split::Predict => cfg.paths.output_dir.join("predict"),
-    };
-    crate::train::log_done(dist, &format!("outputs in {}", out_dir.display()));
+    // No collective here: ranks without work leave while rank 0 writes the report.
+    let (rss, cpu) = crate::resource_usage();
+    tracing::debug!("done: this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
+    if let Some(mut ranks) = done_ranks {
+        ranks[0] = (rss, cpu);
+        let out_dir = match split {
+            Split::Test => cfg.paths.output_dir.clone(),
+            Split::Predict => cfg.paths.output_dir.join("predict"),
+        };
+        crate::train::log_done_ranks(&format!("outputs in {}", out_dir.display()), &ranks);
+    }
     Ok(())
 }

@@ -92,6 +92,11 @@ pub struct RankReport {
     pub stage: Option<Stage>,
     pub stats: StageStats,
     pub cpu_seconds: f64,
+    /// The process's peak memory (MiB) and CPU time so far, for the closing log line.
+    #[serde(default)]
+    pub peak_rss_mib: f64,
+    #[serde(default)]
+    pub process_cpu_seconds: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,11 +144,11 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// A timeline span of batch `seq` from `start` to now (when the batch is in the window);
-    /// returns now.
+    /// A timeline span of batch `seq` (0-based; shown 1-based, as train's steps) from `start` to
+    /// now (when the batch is in the window); returns now.
     fn mark(&self, cat: &str, name: &str, start: Instant, seq: u64) -> Instant {
         if seq < self.trace_batches {
-            crate::timeline::since(cat, name, start, Some(seq))
+            crate::timeline::since(cat, name, start, Some(seq + 1))
         } else {
             Instant::now()
         }

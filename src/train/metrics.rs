@@ -94,16 +94,22 @@ pub fn read(path: &Path) -> Vec<Line> {
 pub struct Stream {
     path: PathBuf,
     file: File,
+    /// Written beside `metrics.jsonl` until `publish` (a run that replaces an old one keeps the
+    /// old run's stream until it has saved an epoch of its own).
+    unpublished: Option<PathBuf>,
 }
 
 impl Stream {
     /// Starts `dir/metrics.jsonl` afresh, or (`resumed_after: Some(n)`) keeps its lines of
     /// epochs 1..=n and drops the rest (rewritten through a temporary file and a rename).
-    pub fn open(dir: &Path, resumed_after: Option<u32>) -> Result<Stream> {
-        let path = dir.join(FILE);
+    /// `defer`: a fresh stream goes to a file beside it until `publish`.
+    pub fn open(dir: &Path, resumed_after: Option<u32>, defer: bool) -> Result<Stream> {
+        let target = dir.join(FILE);
+        let defer = defer && resumed_after.is_none();
+        let path = if defer { dir.join(format!(".{FILE}.new")) } else { target.clone() };
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let kept: Vec<Line> = match resumed_after {
-            Some(n) => read(&path).into_iter().filter(|l| l.epoch() <= n).collect(),
+            Some(n) => read(&target).into_iter().filter(|l| l.epoch() <= n).collect(),
             None => Vec::new(),
         };
         let tmp = dir.join(format!(".{FILE}.tmp"));
@@ -116,7 +122,19 @@ impl Stream {
         std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         let file =
             OpenOptions::new().append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Stream { path, file })
+        Ok(match defer {
+            true => Stream { path: target, file, unpublished: Some(path) },
+            false => Stream { path, file, unpublished: None },
+        })
+    }
+
+    /// Puts a deferred stream in place of the old one (a rename: the open file goes on).
+    pub fn publish(&mut self) -> Result<()> {
+        if let Some(new) = self.unpublished.take() {
+            std::fs::rename(&new, &self.path)
+                .with_context(|| format!("renaming {} to {}", new.display(), self.path.display()))?;
+        }
+        Ok(())
     }
 
     /// Appends one line (one write call).
@@ -126,6 +144,12 @@ impl Stream {
         self.file.write_all(&bytes).with_context(|| format!("appending to {}", self.path.display()))
     }
 
+    /// The file written now (beside `path` until published).
+    pub fn current(&self) -> &Path {
+        self.unpublished.as_deref().unwrap_or(&self.path)
+    }
+
+    /// Where the stream is (or will be, once published).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -205,18 +229,25 @@ mod tests {
     #[test]
     fn resuming_keeps_the_saved_epochs_and_drops_the_cut_one() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Stream::open(dir.path(), None).unwrap();
+        let mut s = Stream::open(dir.path(), None, false).unwrap();
         for l in [interval(1, 2), interval(1, 4), epoch(1), interval(2, 2)] {
             s.append(&l).unwrap();
         }
         // A crash cut the last line in half.
         s.file.write_all(b"{\"kind\":\"interval\",\"ep").unwrap();
         drop(s);
-        let mut s = Stream::open(dir.path(), Some(1)).unwrap();
+        let mut s = Stream::open(dir.path(), Some(1), false).unwrap();
         assert_eq!(read(s.path()), [interval(1, 2), interval(1, 4), epoch(1)]);
         s.append(&interval(2, 2)).unwrap();
         assert_eq!(read(s.path()).len(), 4);
-        let fresh = Stream::open(dir.path(), None).unwrap();
+        let mut replacing = Stream::open(dir.path(), None, true).unwrap();
+        replacing.append(&interval(1, 2)).unwrap();
+        assert_eq!(read(replacing.path()).len(), 4, "the old run's stream stays until the new one is published");
+        replacing.publish().unwrap();
+        assert_eq!(read(replacing.path()), [interval(1, 2)]);
+        replacing.append(&interval(1, 4)).unwrap();
+        assert_eq!(read(replacing.path()).len(), 2, "appending goes on after the rename");
+        let fresh = Stream::open(dir.path(), None, false).unwrap();
         assert!(read(fresh.path()).is_empty(), "a new run starts a new stream");
     }
 

@@ -555,7 +555,10 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
 
     // Rank 0 reports progress and keeps metrics.jsonl; a resumed run continues the stream.
     let mut reporter = if dist.is_root() {
-        let stream = metrics::Stream::open(&dir, resume.then_some(state.epoch))?;
+        // A run that replaces an old one keeps the old stream until its own first epoch is saved,
+        // as the old checkpoint is kept.
+        let replacing = overwrite && store.holds_checkpoint();
+        let stream = metrics::Stream::open(&dir, resume.then_some(state.epoch), replacing)?;
         Some(Reporter::new(stream, tc.log_interval(), tc.epochs))
     } else {
         None
@@ -648,7 +651,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
                             step_times.comm = crate::timeline::since("exchange", "allreduce", t2, at) - t2;
                             times.add(&step_times);
                             if let Some(r) = reporter.as_mut() {
-                                r.step(0.0, 0.0, &step_times, state.steps, lr)?;
+                                r.step(0.0, 0.0, &step_times, state.steps, lr);
                             }
                             pb.inc(1);
                             continue;
@@ -667,7 +670,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
                 loss_sum += local_loss * n_local as f64;
                 seen += f64::from(total);
                 if let Some(r) = reporter.as_mut() {
-                    r.step(f64::from(total), synced.loss, &step_times, state.steps, lr)?;
+                    r.step(f64::from(total), synced.loss, &step_times, state.steps, lr);
                 }
                 let rate = seen / t_epoch.elapsed().as_secs_f64();
                 pb.set_message(format!("loss {local_loss:.3}, {rate:.0} img/s"));
@@ -677,7 +680,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         })?;
         pb.finish_and_clear();
         if let Some(r) = reporter.as_mut() {
-            r.end_steps(state.steps, lr)?;
+            r.end_steps(state.steps, lr);
         }
         let train_seconds = t_epoch.elapsed().as_secs_f64();
         let train_loss = dist.sum_f64(loss_sum) / seen.max(1.0);
@@ -747,7 +750,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             state.best_epoch = Some(epoch);
         }
         if let Some(r) = reporter.as_mut() {
-            r.epoch_done(&record, validation_seconds, times.shares(), state.steps)?;
+            r.epoch_done(&record, validation_seconds, times.shares(), state.steps);
         }
         if traced.is_some() {
             // Validation stopped recording after its first `timeline.steps` batches.
@@ -764,8 +767,12 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         }
         if dist.is_root() {
             let t = Instant::now();
-            save(&store, &model, &opt, &state, improved, first_save && overwrite)?;
+            let metrics_file = reporter.as_ref().and_then(Reporter::file).map(Path::to_path_buf);
+            save(&store, &model, &opt, &state, improved, first_save && overwrite, metrics_file.as_deref())?;
             crate::timeline::since("checkpoint", "write checkpoint", t, None);
+            if let (true, Some(r)) = (first_save, reporter.as_mut()) {
+                r.publish();
+            }
         }
         first_save = false;
         // Nobody starts the next epoch (or exits) before the checkpoint is complete; a stop signal
@@ -799,7 +806,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
 }
 
 /// The end of a command on every rank: rank 0 logs each rank's peak memory and CPU time (a
-/// collective).
+/// collective: call it where every rank arrives together).
 pub fn log_done(dist: &Dist, what: &str) {
     let (rss, cpu) = crate::resource_usage();
     tracing::debug!("done: this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
@@ -807,14 +814,21 @@ pub fn log_done(dist: &Dist, what: &str) {
     all[2 * dist.rank()] = rss;
     all[2 * dist.rank() + 1] = cpu;
     dist.allreduce_sum(&mut all, &mut Vec::new());
-    let list = |k: usize, digits: usize, unit: &str| {
-        let v: Vec<String> = all.chunks(2).map(|p| format!("{:.digits$}", p[k])).collect();
-        format!("{} {unit}", v.join(", "))
-    };
-    if dist.size() == 1 {
-        info!("done: {what}; peak memory {rss:.0} MiB, CPU {cpu:.1} s");
-    } else {
-        info!("done: {what}; peak memory per rank {}, CPU per rank {}", list(0, 0, "MiB"), list(1, 1, "s"));
+    if dist.is_root() {
+        log_done_ranks(what, &all.chunks(2).map(|p| (p[0], p[1])).collect::<Vec<_>>());
+    }
+}
+
+/// `done: {what}; peak memory per rank 830, 685 MiB, CPU per rank 55.0, 53.3 s` from every rank's
+/// (peak memory MiB, CPU seconds).
+pub fn log_done_ranks(what: &str, ranks: &[(f64, f64)]) {
+    match ranks {
+        [(rss, cpu)] => info!("done: {what}; peak memory {rss:.0} MiB, CPU {cpu:.1} s"),
+        _ => {
+            let rss: Vec<String> = ranks.iter().map(|r| format!("{:.0}", r.0)).collect();
+            let cpu: Vec<String> = ranks.iter().map(|r| format!("{:.1}", r.1)).collect();
+            info!("done: {what}; peak memory per rank {} MiB, CPU per rank {} s", rss.join(", "), cpu.join(", "));
+        }
     }
 }
 
@@ -944,6 +958,7 @@ fn save(
     state: &State,
     best: bool,
     replace_old_run: bool,
+    metrics_file: Option<&Path>,
 ) -> Result<()> {
     crate::fault::point("save");
     // Never save a NaN: name the first tensor that holds one.
@@ -987,7 +1002,7 @@ fn save(
         store.set_best(state.epoch)?;
     }
     store.prune(state.epoch, 2, replace_old_run)?;
-    let intervals = metrics::loss_points(&metrics::read(&store.dir.join(metrics::FILE)));
+    let intervals = metrics_file.map(|f| metrics::loss_points(&metrics::read(f))).unwrap_or_default();
     if let Err(e) = crate::plot::training_curves(&store.dir.join("training.png"), &state.history, &intervals) {
         warn!("training.png not drawn: {e:#}");
     }

@@ -3,8 +3,7 @@
 //! each epoch, its record. On a terminal the progress bar stays, and the stream is written alike.
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::metrics::{self, Line, Shares, Stream};
 use super::EpochRecord;
@@ -49,7 +48,8 @@ pub fn shares_text(s: &Shares) -> String {
 pub struct Reporter {
     every: Duration,
     lines: bool,
-    stream: Stream,
+    /// None once a write failed (a full disk must not end the run: the log says so once).
+    stream: Option<Stream>,
     run_start: Instant,
     epochs: u32,
     // The epoch under way.
@@ -79,7 +79,7 @@ impl Reporter {
         Reporter {
             every,
             lines,
-            stream,
+            stream: Some(stream),
             run_start: now,
             epochs,
             epoch: 0,
@@ -109,7 +109,7 @@ impl Reporter {
 
     /// One more step done: `images` of all ranks with summed loss `loss_sum` (0 images: a step left
     /// out), and this rank's time spent in it.
-    pub fn step(&mut self, images: f64, loss_sum: f64, times: &Times, global_step: i64, lr: f64) -> Result<()> {
+    pub fn step(&mut self, images: f64, loss_sum: f64, times: &Times, global_step: i64, lr: f64) {
         self.done += 1;
         self.epoch_images += images;
         if images > 0.0 && loss_sum.is_finite() {
@@ -118,21 +118,44 @@ impl Reporter {
         }
         self.times.add(times);
         if !self.every.is_zero() && self.since.elapsed() >= self.every && self.done < self.steps {
-            self.interval(global_step, lr)?;
+            self.interval(global_step, lr);
         }
-        Ok(())
     }
 
     /// The epoch's steps are done: the last interval.
-    pub fn end_steps(&mut self, global_step: i64, lr: f64) -> Result<()> {
+    pub fn end_steps(&mut self, global_step: i64, lr: f64) {
         if self.done > self.since_step {
-            self.interval(global_step, lr)?;
+            self.interval(global_step, lr);
         }
         self.steps_end = Some(Instant::now());
-        Ok(())
     }
 
-    fn interval(&mut self, global_step: i64, lr: f64) -> Result<()> {
+    /// Appends a line to metrics.jsonl; after a failed write, warns once and writes no more.
+    fn append(&mut self, line: &Line) {
+        if let Some(stream) = self.stream.as_mut() {
+            if let Err(e) = stream.append(line) {
+                warn!("{e:#}; training goes on without metrics.jsonl for the rest of this run");
+                self.stream = None;
+            }
+        }
+    }
+
+    /// The metrics.jsonl being written (None after a failed write).
+    pub fn file(&self) -> Option<&std::path::Path> {
+        self.stream.as_ref().map(Stream::current)
+    }
+
+    /// The run has saved its first epoch: its stream replaces an old run's (see `Stream::open`).
+    pub fn publish(&mut self) {
+        if let Some(stream) = self.stream.as_mut() {
+            if let Err(e) = stream.publish() {
+                warn!("{e:#}; training goes on without metrics.jsonl for the rest of this run");
+                self.stream = None;
+            }
+        }
+    }
+
+    fn interval(&mut self, global_step: i64, lr: f64) {
         let now = Instant::now();
         let seconds = (now - self.since).as_secs_f64().max(1e-9);
         let in_epoch = (now - self.epoch_start).as_secs_f64().max(1e-9);
@@ -179,29 +202,21 @@ impl Reporter {
         }
         // Reported (a line, or on a terminal the bar and metrics.jsonl): not a silence.
         crate::logging::progress_spoken();
-        self.stream.append(&Line::Interval(iv))?;
+        self.append(&Line::Interval(iv));
         (self.since, self.since_step, self.images, self.loss, self.times) =
             (now, self.done, 0.0, 0.0, Times::default());
-        Ok(())
     }
 
     /// The epoch is done: its record (as in state.json), how long validation took, the epoch's
     /// time shares (rank 0's).
-    pub fn epoch_done(
-        &mut self,
-        record: &EpochRecord,
-        validation_seconds: f64,
-        shares: Shares,
-        global_step: i64,
-    ) -> Result<()> {
-        self.stream.append(&Line::Epoch(metrics::Epoch {
+    pub fn epoch_done(&mut self, record: &EpochRecord, validation_seconds: f64, shares: Shares, global_step: i64) {
+        self.append(&Line::Epoch(metrics::Epoch {
             unix_time: metrics::unix_time(),
             global_step,
             record: record.clone(),
             validation_seconds,
             shares,
-        }))?;
+        }));
         crate::logging::progress_spoken();
-        Ok(())
     }
 }
