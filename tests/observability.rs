@@ -125,10 +125,17 @@ fn a_2_rank_run_logs_progress_lines_metrics_and_a_timeline_with_every_span_kind(
     let trace = p.path().join("trace.json");
     let mut args = RUN.to_vec();
     args.extend(["--epochs", "2", "--timeline", trace.to_str().unwrap()]);
+    // As a batch job runs: stderr to a file (`#PBS -j oe`, `slurm-<id>.out`).
+    let job_log = p.path().join("job.log");
     let t = Instant::now();
-    let out = p.train_mpi(2, &args);
-    assert_success(&out);
-    let err = stderr(&out);
+    let full = p.args(&args);
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "exec mpiexec -n 2 \"$0\" \"$@\" 2>\"$SAC_JOB_LOG\"", env!("CARGO_BIN_EXE_sac")]).args(&full);
+    cmd.env("SAC_JOB_LOG", &job_log);
+    let out = wait_with_timeout(spawn(&mut cmd, p.path()), &strs(&full), RUN_TIMEOUT);
+    p.assert_no_rank_left();
+    let err = fs::read_to_string(&job_log).expect("the job's log file");
+    assert!(out.status.success(), "sac failed ({:?}):\n{err}", out.status);
     eprintln!("2 epochs in {:.1} s", t.elapsed().as_secs_f64());
 
     // Progress lines: several per epoch, steps rising, sane numbers; only rank 0 tells them.

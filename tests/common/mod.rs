@@ -68,7 +68,7 @@ pub fn run_mpi_env(dir: &Path, ranks: usize, args: &[&str], env: &[(&str, &str)]
 
 /// Runs `cmd` in its own process group: a timeout kills mpiexec (and sac itself when run alone); hydra's
 /// proxy and ranks live in sessions of their own and die with mpiexec.
-fn spawn(cmd: &mut Command, dir: &Path) -> Child {
+pub fn spawn(cmd: &mut Command, dir: &Path) -> Child {
     use std::os::unix::process::CommandExt;
     cmd.current_dir(dir)
         .process_group(0)
