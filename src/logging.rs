@@ -284,6 +284,19 @@ impl Progress {
     }
 }
 
+/// Rank 0's closing line from every rank's (peak memory MiB, CPU seconds):
+/// `done: {what}; peak memory per rank 830, 685 MiB, CPU per rank 55.0, 53.3 s`.
+pub fn done(what: &str, ranks: &[(f64, f64)]) {
+    match ranks {
+        [(rss, cpu)] => info!("done: {what}; peak memory {rss:.0} MiB, CPU {cpu:.1} s"),
+        _ => {
+            let rss: Vec<String> = ranks.iter().map(|r| format!("{:.0}", r.0)).collect();
+            let cpu: Vec<String> = ranks.iter().map(|r| format!("{:.1}", r.1)).collect();
+            info!("done: {what}; peak memory per rank {} MiB, CPU per rank {} s", rss.join(", "), cpu.join(", "));
+        }
+    }
+}
+
 /// A byte count for people: `812 B`, `3.4 MiB`, `12.0 GiB`.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -208,12 +208,13 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
     progress.finish();
     crate::logging::progress_clock(Duration::ZERO);
     let wall = t0.elapsed().as_secs_f64();
+    let (rss, cpu) = crate::resource_usage();
     let mine = RankReport {
         stage: pipelined.then(|| Stage::of_rank(dist.rank())),
         stats,
-        cpu_seconds: crate::resource_usage().1 - cpu0,
-        peak_rss_mib: crate::resource_usage().0,
-        process_cpu_seconds: crate::resource_usage().1,
+        cpu_seconds: cpu - cpu0,
+        peak_rss_mib: rss,
+        process_cpu_seconds: cpu,
     };
     let reports = dist.gather_bytes(0, serde_json::to_vec(&mine)?);
     if let Some(path) = timeline {
@@ -243,11 +244,7 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
     tracing::debug!("done: this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
     if let Some(mut ranks) = done_ranks {
         ranks[0] = (rss, cpu);
-        let out_dir = match split {
-            Split::Test => cfg.paths.output_dir.clone(),
-            Split::Predict => cfg.paths.output_dir.join("predict"),
-        };
-        crate::train::log_done_ranks(&format!("outputs in {}", out_dir.display()), &ranks);
+        crate::logging::done(&format!("outputs in {}", report::output_dir(s, split).display()), &ranks);
     }
     Ok(())
 }

@@ -51,6 +51,14 @@ fn remove_stale(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Where a run on `split` writes: `<output_dir>/`, or `<output_dir>/predict/` for the predict split.
+pub fn output_dir(s: &Settings, split: Split) -> std::path::PathBuf {
+    match split {
+        Split::Test => s.config.paths.output_dir.clone(),
+        Split::Predict => s.config.paths.output_dir.join("predict"),
+    }
+}
+
 pub fn write(
     s: &Settings,
     classes: &[Class],
@@ -59,10 +67,7 @@ pub fn write(
     reports: &[RankReport],
     run: &Run,
 ) -> Result<()> {
-    let dir = &match run.split {
-        Split::Test => s.config.paths.output_dir.clone(),
-        Split::Predict => s.config.paths.output_dir.join("predict"),
-    };
+    let dir = &output_dir(s, run.split);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     outcome.preds.sort_by_key(|p| p.row);
     outcome.failed.sort_by_key(|f| f.row);

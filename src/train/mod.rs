@@ -711,7 +711,8 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         } else {
             (None, None, None)
         };
-        let validation_seconds = t_val.elapsed().as_secs_f64();
+        let t_val_end = Instant::now();
+        let validation_seconds = (t_val_end - t_val).as_secs_f64();
         let record = EpochRecord {
             epoch,
             train_loss,
@@ -756,13 +757,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             // Validation stopped recording after its first `timeline.steps` batches.
             crate::timeline::set_recording(true);
             if tc.validate {
-                crate::timeline::span(
-                    "validation",
-                    "validation",
-                    t_val,
-                    t_val + Duration::from_secs_f64(validation_seconds),
-                    None,
-                );
+                crate::timeline::span("validation", "validation", t_val, t_val_end, None);
             }
         }
         if dist.is_root() {
@@ -815,20 +810,7 @@ pub fn log_done(dist: &Dist, what: &str) {
     all[2 * dist.rank() + 1] = cpu;
     dist.allreduce_sum(&mut all, &mut Vec::new());
     if dist.is_root() {
-        log_done_ranks(what, &all.chunks(2).map(|p| (p[0], p[1])).collect::<Vec<_>>());
-    }
-}
-
-/// `done: {what}; peak memory per rank 830, 685 MiB, CPU per rank 55.0, 53.3 s` from every rank's
-/// (peak memory MiB, CPU seconds).
-pub fn log_done_ranks(what: &str, ranks: &[(f64, f64)]) {
-    match ranks {
-        [(rss, cpu)] => info!("done: {what}; peak memory {rss:.0} MiB, CPU {cpu:.1} s"),
-        _ => {
-            let rss: Vec<String> = ranks.iter().map(|r| format!("{:.0}", r.0)).collect();
-            let cpu: Vec<String> = ranks.iter().map(|r| format!("{:.1}", r.1)).collect();
-            info!("done: {what}; peak memory per rank {} MiB, CPU per rank {} s", rss.join(", "), cpu.join(", "));
-        }
+        crate::logging::done(what, &all.chunks(2).map(|p| (p[0], p[1])).collect::<Vec<_>>());
     }
 }
 
