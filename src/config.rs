@@ -9,6 +9,8 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use crate::models::Arch;
+
 /// The whole config file. Every section and key is optional; missing ones take the defaults.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -182,49 +184,6 @@ pub struct ImageCfg {
 impl Default for ImageCfg {
     fn default() -> Self {
         Self { width: 64, height: 64, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] }
-    }
-}
-
-/// The architectures, named as in the original script; each maps to one torchvision model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Arch {
-    /// torchvision resnet18
-    Resnet18,
-    /// torchvision resnet34
-    Resnet34,
-    /// torchvision alexnet
-    Alexnet,
-    /// torchvision vgg11_bn
-    Vgg,
-    /// torchvision squeezenet1_0
-    Squeezenet,
-    /// torchvision densenet121
-    Densenet,
-    /// torchvision inception_v3 (aux_logits=False); needs at least 75x75 input
-    Inception,
-}
-
-impl Arch {
-    pub const ALL: [Arch; 7] =
-        [Arch::Resnet18, Arch::Resnet34, Arch::Alexnet, Arch::Vgg, Arch::Squeezenet, Arch::Densenet, Arch::Inception];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Resnet18 => "resnet18",
-            Arch::Resnet34 => "resnet34",
-            Arch::Alexnet => "alexnet",
-            Arch::Vgg => "vgg",
-            Arch::Squeezenet => "squeezenet",
-            Arch::Densenet => "densenet",
-            Arch::Inception => "inception",
-        }
-    }
-}
-
-impl fmt::Display for Arch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
     }
 }
 
@@ -412,12 +371,12 @@ impl TrainCfg {
         std::time::Duration::from_secs_f64(self.log_every)
     }
 
-    /// `stall_warn` and `stall_abort` for `Dist`.
-    pub fn stall_limits(&self) -> crate::dist::StallLimits {
-        crate::dist::StallLimits {
-            warn: std::time::Duration::from_secs_f64(self.stall_warn),
-            abort: (self.stall_abort > 0.0).then(|| std::time::Duration::from_secs_f64(self.stall_abort)),
-        }
+    /// `stall_warn` and `stall_abort` as durations (for `dist::StallLimits`); an abort of 0 is never.
+    pub fn stall_limits(&self) -> (std::time::Duration, Option<std::time::Duration>) {
+        (
+            std::time::Duration::from_secs_f64(self.stall_warn),
+            (self.stall_abort > 0.0).then(|| std::time::Duration::from_secs_f64(self.stall_abort)),
+        )
     }
 }
 
@@ -784,9 +743,9 @@ mod tests {
         let c = parse_with_sets("", &["train.stall_abort=0.5".into()]).unwrap();
         assert!(format!("{:#}", c.validate().unwrap_err()).contains("train.stall_abort"));
         let c = parse_with_sets("", &["train.stall_abort=30".into()]).unwrap();
-        assert_eq!(c.train.stall_limits().abort, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(c.train.stall_limits().1, Some(std::time::Duration::from_secs(30)));
         let d = Config::default().train.stall_limits();
-        assert_eq!((d.warn, d.abort), (std::time::Duration::from_secs(60), None));
+        assert_eq!(d, (std::time::Duration::from_secs(60), None));
     }
 
     #[test]

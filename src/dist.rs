@@ -417,7 +417,7 @@ impl Dist {
         self.collect_answers(m, watch);
 
         let limits = self.limits.get();
-        if crate::stop_requested() {
+        if crate::process::stop_requested() {
             let seen = *watch.stop_seen.get_or_insert_with(Instant::now);
             if watch.query.is_none() {
                 self.send_query(m, watch, waited);

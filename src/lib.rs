@@ -16,6 +16,8 @@ pub mod logging;
 pub mod models;
 pub mod mpicheck;
 pub mod plot;
+pub mod process;
+pub mod record;
 pub mod timeline;
 pub mod train;
 
@@ -26,39 +28,6 @@ use anyhow::Result;
 use crate::cli::{Cli, Command};
 use crate::config::{FlagOverrides, Settings};
 use crate::dist::Dist;
-
-/// This process's peak resident memory in MiB and its CPU time (user + system, all threads) in
-/// seconds, from getrusage(2).
-pub fn resource_usage() -> (f64, f64) {
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    (ru.ru_maxrss as f64 / 1024.0, tv(ru.ru_utime) + tv(ru.ru_stime))
-}
-
-static STOP: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
-
-/// A flag that SIGTERM (what schedulers send at walltime and on cancel) and SIGINT (Ctrl-C) raise,
-/// for long commands to stop at a safe point instead of dying mid-write. The same flag for every
-/// caller; the handlers are installed on the first call.
-pub fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
-    if let Some(stop) = STOP.get() {
-        return Ok(std::sync::Arc::clone(stop));
-    }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, std::sync::Arc::clone(&stop))
-            .map_err(|e| anyhow::anyhow!("installing the signal handler: {e}"))?;
-    }
-    Ok(std::sync::Arc::clone(STOP.get_or_init(|| stop)))
-}
-
-/// True once a stop signal arrived (after `stop_on_signals`). Waits in `dist` read it, so a rank
-/// that waits for peers that never come still ends the job on SIGTERM.
-pub fn stop_requested() -> bool {
-    STOP.get().is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
-}
 
 pub fn run(cli: Cli) -> ExitCode {
     dist::install_panic_hook();
@@ -137,7 +106,8 @@ fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
     if dist.threading.is_some_and(|t| t < mpi::environment::Threading::Funneled) {
         tracing::warn!("the MPI library gives no thread support (MPI_THREAD_FUNNELED was asked for)");
     }
-    dist.set_stall_limits(settings.config.train.stall_limits());
+    let (warn, abort) = settings.config.train.stall_limits();
+    dist.set_stall_limits(dist::StallLimits { warn, abort });
     match cli.command {
         Command::CreateDataset(_) => {
             if dist.size() > 1 {

@@ -9,10 +9,54 @@
 //! the same shapes, so only the logits would tell). Beware of tch's `avg_pool2d_default`, which
 //! passes a divisor override of 1 and so sums instead of averaging. tests/torchvision_interop.rs holds all seven to
 //! torchvision's logits.
+use std::fmt;
 use tch::nn::{self, ModuleT};
+
+use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::config::Arch;
+/// The architectures, named as in the original script; each maps to one torchvision model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// torchvision resnet18
+    Resnet18,
+    /// torchvision resnet34
+    Resnet34,
+    /// torchvision alexnet
+    Alexnet,
+    /// torchvision vgg11_bn
+    Vgg,
+    /// torchvision squeezenet1_0
+    Squeezenet,
+    /// torchvision densenet121
+    Densenet,
+    /// torchvision inception_v3 (aux_logits=False); needs at least 75x75 input
+    Inception,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 7] =
+        [Arch::Resnet18, Arch::Resnet34, Arch::Alexnet, Arch::Vgg, Arch::Squeezenet, Arch::Densenet, Arch::Inception];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Resnet18 => "resnet18",
+            Arch::Resnet34 => "resnet34",
+            Arch::Alexnet => "alexnet",
+            Arch::Vgg => "vgg",
+            Arch::Squeezenet => "squeezenet",
+            Arch::Densenet => "densenet",
+            Arch::Inception => "inception",
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// The smallest input each architecture accepts (width, height), from its strides and kernels
 /// (found by trying torchvision's models, size by size). ResNets take any size down to the

@@ -18,7 +18,7 @@ use tracing::info;
 
 use crate::config::Arch;
 use crate::dist::Dist;
-use crate::train::GradSync;
+use crate::train::exchange::GradSync;
 
 /// Relative error allowed between the averaged and the single-process gradient.
 pub const TOLERANCE: f64 = 1e-5;
@@ -171,7 +171,7 @@ pub fn run(dist: &Dist, batch: usize, arch: Arch, classes: i64, reps: usize) -> 
             );
         }
         // Every rank steps its optimizer at once, as in training.
-        let share = crate::train::set_threads(0, dist);
+        let share = crate::process::set_threads(0, dist.cores_per_rank());
         dist.barrier();
         let one = time_optimizer(x.numel, 1, reps);
         dist.barrier();

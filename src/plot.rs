@@ -7,8 +7,7 @@ use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::evaluate::metrics::TopConfusion;
-use crate::train::EpochRecord;
+use crate::record::EpochRecord;
 
 const FONT_FILES: [&str; 4] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -130,10 +129,18 @@ pub fn training_curves(path: &Path, history: &[EpochRecord], intervals: &[(f64, 
 }
 
 /// A heat map of the confusion counts among the most frequent classes (rows: true class, columns:
-/// predicted), each row normalized by all images of its class. `names[i]` names `c.labels[i]`.
-pub fn confusion(path: &Path, c: &TopConfusion, names: &[String]) -> Result<()> {
+/// predicted): `counts[i][j]` images of class `names[i]` predicted as `names[j]`, each row
+/// normalized by `support[i]`, all images of its class. `classes_present` (classes with an image)
+/// goes into the title when it is more than are shown.
+pub fn confusion(
+    path: &Path,
+    counts: &[Vec<u64>],
+    support: &[u64],
+    classes_present: usize,
+    names: &[String],
+) -> Result<()> {
     ensure_font()?;
-    let n = c.labels.len();
+    let n = counts.len();
     let cell = if n <= 10 {
         48
     } else if n <= 25 {
@@ -147,16 +154,16 @@ pub fn confusion(path: &Path, c: &TopConfusion, names: &[String]) -> Result<()> 
     {
         let root = BitMapBackend::new(&tmp, (side + label_w + 40, side + label_w + 60)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        let title = if c.classes_present > n {
-            format!("confusion matrix ({n} most frequent of {} classes; rows: true, normalized)", c.classes_present)
+        let title = if classes_present > n {
+            format!("confusion matrix ({n} most frequent of {} classes; rows: true, normalized)", classes_present)
         } else {
             "confusion matrix (rows: true class, columns: predicted; normalized by row)".to_string()
         };
         root.draw(&Text::new(title, (10, 10), ("sans-serif", 16))).map_err(err)?;
         let (x0, y0) = (label_w as i32, 40);
         let font = ("sans-serif", (cell as i32 * 6 / 10).clamp(9, 14));
-        for (i, row) in c.counts.iter().enumerate() {
-            let total = c.support[i];
+        for (i, row) in counts.iter().enumerate() {
+            let total = support[i];
             for (j, &count) in row.iter().enumerate() {
                 let v = if total > 0 { count as f64 / total as f64 } else { 0.0 };
                 let color = ViridisRGB::get_color(v);
@@ -173,7 +180,7 @@ pub fn confusion(path: &Path, c: &TopConfusion, names: &[String]) -> Result<()> 
                     .map_err(err)?;
                 }
             }
-            let name: String = names.get(i).map_or_else(|| c.labels[i].to_string(), |s| s.chars().take(22).collect());
+            let name: String = names.get(i).map_or_else(|| format!("class {i}"), |s| s.chars().take(22).collect());
             root.draw(&Text::new(name.clone(), (5, y0 + (i as u32 * cell) as i32 + cell as i32 / 3), font))
                 .map_err(err)?;
             let x = x0 + (i as u32 * cell) as i32 + cell as i32 / 3;
@@ -213,14 +220,9 @@ mod tests {
         let img = image::open(&curves).unwrap();
         assert_eq!((img.width(), img.height()), (1200, 450));
         let confusion_png = dir.path().join("confusion.png");
-        let top = TopConfusion {
-            labels: (0..50).map(|i| i * 3).collect(),
-            counts: (0..50).map(|i| (0..50).map(|j| u64::from(i == j) * 5 + 1).collect()).collect(),
-            support: vec![60; 50],
-            classes_present: 900,
-        };
+        let counts: Vec<Vec<u64>> = (0..50).map(|i| (0..50).map(|j| u64::from(i == j) * 5 + 1).collect()).collect();
         let names: Vec<String> = (0..50).map(|i| format!("class {}", i * 3)).collect();
-        confusion(&confusion_png, &top, &names).unwrap();
+        confusion(&confusion_png, &counts, &[60; 50], 900, &names).unwrap();
         let img = image::open(&confusion_png).unwrap();
         assert!(img.width() > 50 * 16, "50 of the 60 classes are drawn");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary files left");

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use tracing::warn;
 
-use super::{Category, ImageData, Item, Source};
+use super::source::{Category, ImageData, Item, Source};
 
 #[derive(Deserialize)]
 struct Metadata {

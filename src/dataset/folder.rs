@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tracing::warn;
 
-use super::{Category, ImageData, Item, Source};
+use super::source::{Category, ImageData, Item, Source};
 
 /// File endings read as images (lower case), as torchvision's `IMG_EXTENSIONS`.
 pub const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp"];

@@ -8,27 +8,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use flate2::read::GzDecoder;
 
-use super::{Category, ImageData, Item, Source};
+use super::source::{Category, ImageData, ImageSet, Item, Source};
 
 const IMAGES_MAGIC: u32 = 0x0000_0803;
 const LABELS_MAGIC: u32 = 0x0000_0801;
 const FASHION_NAMES: [&str; 10] =
     ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
-
-/// The pixels of one IDX image file.
-#[derive(Debug)]
-pub struct ImageSet {
-    pub rows: u32,
-    pub cols: u32,
-    pub pixels: Vec<u8>,
-}
-
-impl ImageSet {
-    pub fn image(&self, index: usize) -> &[u8] {
-        let n = self.rows as usize * self.cols as usize;
-        &self.pixels[index * n..(index + 1) * n]
-    }
-}
 
 fn open(path: &Path) -> Result<Vec<u8>> {
     let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;

@@ -6,60 +6,16 @@ pub mod coco;
 pub mod folder;
 pub mod idx;
 pub mod sample;
+pub mod source;
 pub mod write;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use tracing::info;
 
 use crate::config::{Format, Settings};
-
-/// Where one image's bytes come from.
-#[derive(Debug, Clone)]
-pub enum ImageData {
-    /// The file `Source::root` / `Item::rel` (coco, folder): one path per image, not two.
-    File,
-    /// Image `index` of an IDX image set, written out as PNG.
-    Idx { set: usize, index: usize },
-}
-
-/// One image of the source.
-#[derive(Debug, Clone)]
-pub struct Item {
-    pub data: ImageData,
-    /// Where it goes, relative to `img/<split>/`; for files, also where it is, relative to the root.
-    pub rel: PathBuf,
-    pub category_id: i64,
-    pub image_id: i64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Category {
-    pub id: i64,
-    pub name: String,
-}
-
-/// A whole source data set, as the readers give it.
-#[derive(Debug, Default)]
-pub struct Source {
-    /// The directory that file images are relative to.
-    pub root: PathBuf,
-    pub items: Vec<Item>,
-    /// Known categories, any order.
-    pub categories: Vec<Category>,
-    /// Pixel data of IDX sources.
-    pub idx: Vec<idx::ImageSet>,
-}
-
-/// The unlabeled images of `[dataset] predict_source`: the directory their file names are
-/// relative to, and `(image id, file name)` per image.
-#[derive(Debug, Default)]
-pub struct PredictSet {
-    pub root: PathBuf,
-    pub images: Vec<(i64, PathBuf)>,
-}
+pub use source::{Category, ImageData, Item, PredictSet, Source};
 
 pub fn read_source(format: Format, path: &std::path::Path) -> Result<Source> {
     match format {
@@ -101,7 +57,7 @@ pub fn create(settings: &Settings) -> Result<()> {
             sample::MIN_TO_SPLIT
         );
     }
-    let stop = crate::stop_on_signals()?;
+    let stop = crate::process::stop_on_signals()?;
     let summary = write::write_data_dir(settings, &source, &split, predict.as_ref(), &stop)?;
     info!(
         "wrote {} ({} train, {} test, {} predict, {} classes) in {:.1} s; peak memory {:.0} MiB",
@@ -111,7 +67,7 @@ pub fn create(settings: &Settings) -> Result<()> {
         summary.predict,
         summary.classes,
         t0.elapsed().as_secs_f64(),
-        crate::resource_usage().0
+        crate::process::resource_usage().0
     );
     Ok(())
 }

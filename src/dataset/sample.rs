@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::Source;
+use super::source::Source;
 use crate::config::Sample;
 
 /// Indices into `Source::items`, each list in source order.

@@ -14,7 +14,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::sample::Split;
-use super::{ImageData, PredictSet, Source};
+use super::source::{ImageData, Item, PredictSet, Source};
 use crate::config::{Place, Settings};
 
 /// The file that marks a data dir as written by `sac create-dataset` (and records how).
@@ -239,7 +239,7 @@ fn check_files_exist(source: &Source, split: &Split, predict: Option<&PredictSet
     Ok(())
 }
 
-fn place(source: &Source, item: &super::Item, dest: &Path, how: Place) -> Result<()> {
+fn place(source: &Source, item: &Item, dest: &Path, how: Place) -> Result<()> {
     match &item.data {
         ImageData::Idx { set, index } => {
             create_parent(dest)?;

@@ -110,8 +110,8 @@ impl Predictor {
 pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
     let cfg = &s.config;
     let t_start = Instant::now();
-    let threads = crate::train::set_threads(cfg.train.threads, dist);
-    let device = crate::train::pick_device(cfg.train.device, dist)?;
+    let threads = crate::process::set_threads(cfg.train.threads, dist.cores_per_rank());
+    let device = crate::process::pick_device(cfg.train.device, dist.local_rank())?;
     let arch = cfg.model.name;
     let ckpt = s.eval_checkpoint();
     let csv = format!("{}.csv", split.name());
@@ -187,7 +187,7 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
 
     dist.barrier();
     let t0 = Instant::now();
-    let cpu0 = crate::resource_usage().1;
+    let cpu0 = crate::process::resource_usage().1;
     crate::logging::progress_clock(if dist.is_root() { cfg.train.log_interval() } else { Duration::ZERO });
     let mut progress = crate::logging::Progress::new(
         "evaluate",
@@ -208,7 +208,7 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
     progress.finish();
     crate::logging::progress_clock(Duration::ZERO);
     let wall = t0.elapsed().as_secs_f64();
-    let (rss, cpu) = crate::resource_usage();
+    let (rss, cpu) = crate::process::resource_usage();
     let mine = RankReport {
         stage: pipelined.then(|| Stage::of_rank(dist.rank())),
         stats,
@@ -240,7 +240,7 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
         report::write(s, &classes, &rows, outcome, &reports, &run)?;
     }
     // No collective here: ranks without work leave while rank 0 writes the report.
-    let (rss, cpu) = crate::resource_usage();
+    let (rss, cpu) = crate::process::resource_usage();
     tracing::debug!("done: this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
     if let Some(mut ranks) = done_ranks {
         ranks[0] = (rss, cpu);

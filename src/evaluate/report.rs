@@ -181,7 +181,13 @@ pub fn write(
         )?;
         write_atomic(&dir.join("per_class.csv"), &csv_bytes(&mut per_class)?)?;
         let names: Vec<String> = m.confusion.labels.iter().map(|&l| classes[l].name.clone()).collect();
-        if let Err(e) = crate::plot::confusion(&dir.join("confusion.png"), &m.confusion, &names) {
+        if let Err(e) = crate::plot::confusion(
+            &dir.join("confusion.png"),
+            &m.confusion.counts,
+            &m.confusion.support,
+            m.confusion.classes_present,
+            &names,
+        ) {
             warn!("confusion.png not drawn: {e:#}");
         }
     } else if run.split == Split::Test {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::EpochRecord;
+use crate::record::EpochRecord;
 
 pub const FILE: &str = "metrics.jsonl";
 

@@ -2,7 +2,7 @@
 //! the flat averaged gradient of the exchange buffer, with a fused one-pass kernel on the CPU.
 use tch::{Device, Kind, Tensor};
 
-use super::is_cpu_f32;
+use super::exchange::is_cpu_f32;
 use crate::config::OptimizerKind;
 
 /// Below this many parameters the fused step runs on one thread (a thread costs ~20 µs to start,

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::metrics::{self, Line, Shares, Stream};
-use super::EpochRecord;
 use crate::logging::duration;
+use crate::record::EpochRecord;
 
 /// Where the time of steps went, summed over them (each rank its own).
 #[derive(Default, Clone, Copy)]

@@ -1,0 +1,66 @@
+//! The process and its resources: stop signals, peak memory and CPU time, the compute device and
+//! torch's thread count. It uses nothing of sac but the config's device setting, so `dist` (which
+//! reads the stop flag in its waits) and every subcommand can use it.
+use anyhow::{bail, Result};
+use tch::Device;
+
+use crate::config::DeviceKind;
+
+/// This process's peak resident memory in MiB and its CPU time (user + system, all threads) in
+/// seconds, from getrusage(2).
+pub fn resource_usage() -> (f64, f64) {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    (ru.ru_maxrss as f64 / 1024.0, tv(ru.ru_utime) + tv(ru.ru_stime))
+}
+
+static STOP: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
+
+/// A flag that SIGTERM (what schedulers send at walltime and on cancel) and SIGINT (Ctrl-C) raise,
+/// for long commands to stop at a safe point instead of dying mid-write. The same flag for every
+/// caller; the handlers are installed on the first call.
+pub fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    if let Some(stop) = STOP.get() {
+        return Ok(std::sync::Arc::clone(stop));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, std::sync::Arc::clone(&stop))
+            .map_err(|e| anyhow::anyhow!("installing the signal handler: {e}"))?;
+    }
+    Ok(std::sync::Arc::clone(STOP.get_or_init(|| stop)))
+}
+
+/// True once a stop signal arrived (after `stop_on_signals`). Waits in `dist` read it, so a rank
+/// that waits for peers that never come still ends the job on SIGTERM.
+pub fn stop_requested() -> bool {
+    STOP.get().is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// The device of `train.device` for the rank with this node-local rank (GPUs are dealt round-robin
+/// to a node's ranks).
+pub fn pick_device(kind: DeviceKind, local_rank: usize) -> Result<Device> {
+    let gpus = || if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+    Ok(match kind {
+        DeviceKind::Cpu => Device::Cpu,
+        DeviceKind::Cuda => match gpus() {
+            0 => bail!("train.device = \"cuda\" but libtorch sees no CUDA device (use \"auto\" or \"cpu\")"),
+            n => Device::Cuda(local_rank % n),
+        },
+        DeviceKind::Auto => match gpus() {
+            0 => Device::Cpu,
+            n => Device::Cuda(local_rank % n),
+        },
+    })
+}
+
+/// Sets torch's threads for this rank: the config's count, or the node's cores shared among its
+/// ranks (`cores_per_rank`). Returns the count.
+pub fn set_threads(configured: usize, cores_per_rank: usize) -> usize {
+    let n = if configured > 0 { configured } else { cores_per_rank };
+    tch::set_num_threads(n as i32);
+    tch::set_num_interop_threads(1);
+    n
+}

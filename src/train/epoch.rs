@@ -1,0 +1,217 @@
+//! One epoch's training steps, every rank in lockstep: load a batch, forward and backward on
+//! it, exchange the gradients (with the stop, non-finite and loss numbers every rank needs), and
+//! the optimizer step.
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use tch::{Device, Tensor};
+use tracing::warn;
+
+use super::exchange::{buffers_finite, copy_tensors, GradSync};
+use super::loader::{with_batches, Loader};
+use super::model::Model;
+use super::optim::Optimizer;
+use super::progress::{Reporter, Times};
+use crate::config::{OnNonFinite, TrainCfg};
+use crate::data::Row;
+use crate::dist::Dist;
+use crate::record::State;
+
+/// All ranks stopped together at a step boundary after SIGTERM / SIGINT.
+#[derive(Debug, thiserror::Error)]
+#[error("training stopped by a signal; the last complete checkpoint is intact")]
+pub struct Interrupted;
+
+/// What one epoch's steps leave on this rank.
+pub(crate) struct EpochSteps {
+    /// This rank's summed training loss (mean × images) and all ranks' images.
+    pub loss_sum: f64,
+    pub seen: f64,
+    /// This rank's images that could not be decoded.
+    pub skipped: u64,
+    /// Steps left out for a non-finite loss or gradient.
+    pub nonfinite_steps: u64,
+    /// Where this rank's time went.
+    pub times: Times,
+}
+
+/// What every step uses: the model, its optimizer and gradient exchange, and the settings.
+pub(crate) struct Stepper<'a> {
+    pub dist: &'a Dist,
+    pub model: &'a Model,
+    pub opt: Optimizer,
+    pub sync: GradSync,
+    pub tc: &'a TrainCfg,
+    pub device: Device,
+    pub stop: &'a AtomicBool,
+    /// The checkpoint directory (named when a signal stops the run).
+    pub dir: &'a Path,
+    /// The batch-norm statistics, and their values before the step (put back when a step is
+    /// left out).
+    pub buffers: Vec<Tensor>,
+    saved_buffers: Vec<Tensor>,
+}
+
+impl<'a> Stepper<'a> {
+    pub fn new(
+        dist: &'a Dist,
+        model: &'a Model,
+        opt: Optimizer,
+        tc: &'a TrainCfg,
+        device: Device,
+        stop: &'a AtomicBool,
+        dir: &'a Path,
+    ) -> Self {
+        let sync = GradSync::new(&model.params.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());
+        let buffers: Vec<Tensor> = model.buffers.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let saved_buffers = buffers.iter().map(|t| t.detach().copy()).collect();
+        Stepper { dist, model, opt, sync, tc, device, stop, dir, buffers, saved_buffers }
+    }
+
+    /// Runs the steps of `epoch`: one per entry of `batches` (indices into `rows`; empty when this
+    /// rank has no batch for that step). `state.steps` counts the steps taken; the timeline records
+    /// from step `traced_from` on. Returns `Interrupted` when a rank asked to stop.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_epoch(
+        &mut self,
+        epoch: u32,
+        loader: &mut Loader,
+        rows: &[Row],
+        batches: &[&[usize]],
+        state: &mut State,
+        mut reporter: Option<&mut Reporter>,
+        traced_from: Option<usize>,
+    ) -> Result<EpochSteps> {
+        let (tc, device, steps) = (self.tc, self.device, batches.len());
+        let lr = self.opt.lr;
+        let t_epoch = Instant::now();
+        let pb = crate::logging::progress_bar(
+            steps as u64,
+            &format!("epoch {epoch}/{}", tc.epochs),
+            self.dist.is_root() && !crate::logging::progress_as_lines(),
+        );
+        if let Some(r) = reporter.as_deref_mut() {
+            r.start_epoch(epoch, steps);
+        }
+        let mut times = Times::default();
+        let (mut loss_sum, mut seen, mut skipped, mut nonfinite_steps) = (0f64, 0f64, 0u64, 0u64);
+        with_batches(loader, rows, batches, device, |next_batch| {
+            for step in 0..steps {
+                crate::fault::point("step");
+                if traced_from == Some(step) {
+                    crate::timeline::set_recording(true);
+                }
+                let at = Some(step as u64 + 1);
+                let t0 = Instant::now();
+                let (batch, sk) = next_batch()?;
+                skipped += sk;
+                let t1 = crate::timeline::since("data", "load batch", t0, at);
+                let mut step_times = Times { data: t1 - t0, ..Times::default() };
+
+                let mut n_local = 0usize;
+                let mut local_loss = 0f64;
+                let mut bad = false;
+                if let Some((x, y)) = batch {
+                    if tc.on_nonfinite == OnNonFinite::Skip {
+                        copy_tensors(&self.saved_buffers, &self.buffers);
+                    }
+                    let logits = self.model.net.forward_t(&x, true);
+                    let mut loss = logits.cross_entropy_for_logits(&y);
+                    if crate::fault::poison("loss") {
+                        loss *= f64::NAN;
+                    }
+                    n_local = y.size()[0] as usize;
+                    self.sync.zero_grads();
+                    // The summed loss: GradSync weights each rank by its image count.
+                    (&loss * n_local as f64).backward();
+                    local_loss = loss.double_value(&[]);
+                    bad = !local_loss.is_finite() || !buffers_finite(&self.buffers);
+                }
+                let t2 = crate::timeline::since("compute", "forward + backward", t1, at);
+                step_times.compute = t2 - t1;
+
+                let synced = self.sync.sync(
+                    self.dist,
+                    n_local,
+                    local_loss * n_local as f64,
+                    self.stop.load(Ordering::Relaxed),
+                    bad,
+                );
+                if synced.stop {
+                    pb.abandon();
+                    stopping(epoch, step, steps, state, self.dir);
+                    return Err(Interrupted.into());
+                }
+                if synced.images == 0.0 {
+                    bail!("step {step} of epoch {epoch}: no rank had a decodable image");
+                }
+                if synced.non_finite {
+                    let what = if bad { "this rank's loss or batch-norm statistics" } else { "another rank's step" };
+                    match tc.on_nonfinite {
+                        OnNonFinite::Fail => bail!(
+                            "epoch {epoch}, step {}/{steps}: the loss or gradient is not finite (NaN or infinite; \
+                             {what}); training stops and nothing of this epoch is saved. Lower train.lr, look for \
+                             bad images, or set train.on_nonfinite = \"skip\" to leave such steps out",
+                            step + 1
+                        ),
+                        OnNonFinite::Skip => {
+                            copy_tensors(&self.buffers, &self.saved_buffers);
+                            nonfinite_steps += 1;
+                            warn!(
+                                "epoch {epoch}, step {}/{steps}: non-finite loss or gradient ({what}); step left out \
+                                 (train.on_nonfinite = \"skip\")",
+                                step + 1
+                            );
+                            step_times.comm = crate::timeline::since("exchange", "allreduce", t2, at) - t2;
+                            times.add(&step_times);
+                            if let Some(r) = reporter.as_deref_mut() {
+                                r.step(0.0, 0.0, &step_times, state.steps, lr);
+                            }
+                            pb.inc(1);
+                            continue;
+                        }
+                    }
+                }
+                let total = synced.images;
+                let g = synced.grad.to_device(device);
+                let t3 = crate::timeline::since("exchange", "allreduce", t2, at);
+                step_times.comm = t3 - t2;
+
+                self.opt.apply(&g, synced.scale, &self.model.params);
+                step_times.optim = crate::timeline::since("optimizer", "optimizer step", t3, at) - t3;
+                times.add(&step_times);
+                state.steps += 1;
+                loss_sum += local_loss * n_local as f64;
+                seen += f64::from(total);
+                if let Some(r) = reporter.as_deref_mut() {
+                    r.step(f64::from(total), synced.loss, &step_times, state.steps, lr);
+                }
+                let rate = seen / t_epoch.elapsed().as_secs_f64();
+                pb.set_message(format!("loss {local_loss:.3}, {rate:.0} img/s"));
+                pb.inc(1);
+            }
+            Ok(())
+        })?;
+        pb.finish_and_clear();
+        if let Some(r) = reporter {
+            r.end_steps(state.steps, lr);
+        }
+        Ok(EpochSteps { loss_sum, seen, skipped, nonfinite_steps, times })
+    }
+}
+
+/// The message of a stop at a step boundary.
+fn stopping(epoch: u32, step: usize, steps: usize, state: &State, dir: &Path) {
+    if state.epoch == 0 {
+        warn!("stopping at epoch {epoch}, step {step}/{steps} on a signal, before any checkpoint was written");
+    } else {
+        warn!(
+            "stopping at epoch {epoch}, step {step}/{steps} on a signal; the checkpoint of epoch {} in {} \
+             is intact; continue with `sac train --resume`",
+            state.epoch,
+            dir.display()
+        );
+    }
+}

@@ -1,0 +1,47 @@
+//! The model being trained: its variables in a fixed (name) order, split into the trained
+//! parameters and the batch-norm statistics.
+use std::collections::BTreeMap;
+
+use tch::nn::{self, ModuleT};
+use tch::{Device, Tensor};
+
+use crate::models::Arch;
+
+/// The model's variables in a fixed (name) order, split into trained parameters and the rest.
+pub(crate) struct Model {
+    pub net: Box<dyn ModuleT>,
+    pub vars: BTreeMap<String, Tensor>,
+    pub params: Vec<(String, Tensor)>,
+    /// Batch-norm running statistics: averaged over ranks, not trained.
+    pub buffers: Vec<(String, Tensor)>,
+    pub numel: usize,
+    _vs: nn::VarStore,
+}
+
+impl Model {
+    pub fn new(arch: Arch, classes: i64, device: Device, feature_extract: bool) -> Model {
+        let vs = nn::VarStore::new(device);
+        let net = crate::models::build(&vs.root(), arch, classes);
+        let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+        let head = crate::models::head_prefix(arch);
+        let mut params = Vec::new();
+        let mut buffers = Vec::new();
+        for (name, t) in &vars {
+            if t.requires_grad() {
+                if feature_extract && !name.starts_with(head) {
+                    let _ = t.set_requires_grad(false);
+                } else {
+                    params.push((name.clone(), t.shallow_clone()));
+                }
+            } else {
+                buffers.push((name.clone(), t.shallow_clone()));
+            }
+        }
+        let numel = params.iter().map(|(_, t)| t.numel()).sum();
+        Model { net, vars, params, buffers, numel, _vs: vs }
+    }
+
+    pub fn all(&self) -> Vec<Tensor> {
+        self.vars.values().map(Tensor::shallow_clone).collect()
+    }
+}
