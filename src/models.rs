@@ -9,6 +9,7 @@
 //! the same shapes, so only the logits would tell). Beware of tch's `avg_pool2d_default`, which
 //! passes a divisor override of 1 and so sums instead of averaging. tests/torchvision_interop.rs holds all seven to
 //! torchvision's logits.
+use std::collections::BTreeMap;
 use std::fmt;
 use tch::nn::{self, ModuleT};
 
@@ -95,6 +96,133 @@ pub fn build(p: &nn::Path, arch: Arch, classes: i64) -> Box<dyn ModuleT> {
         Arch::Densenet => Box::new(densenet121(p, classes)),
         Arch::Inception => Box::new(vision::inception::v3(p, classes)),
     }
+}
+
+/// How one tensor starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Init {
+    Const(f64),
+    /// U(-bound, bound).
+    Uniform(f64),
+    /// N(0, std²), cut at ±`cut` (torchvision's `trunc_normal_` bounds; infinite for none).
+    Normal {
+        std: f64,
+        cut: f64,
+    },
+}
+
+/// The kind of layer a variable belongs to, told from its name and shape (as torchvision's
+/// constructors tell it from the module type): convolution and linear weights are 4-D and 2-D,
+/// batch-norm weights 1-D; a bias is a batch-norm bias when the layer has running statistics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Role {
+    ConvWeight {
+        fan_in: f64,
+        fan_out: f64,
+    },
+    ConvBias {
+        fan_in: f64,
+    },
+    LinearWeight {
+        fan_in: f64,
+    },
+    LinearBias {
+        fan_in: f64,
+    },
+    NormWeight,
+    NormBias,
+    /// Running statistics and counters: tch starts them as torch does (0 and 1).
+    Buffer,
+}
+
+fn role(name: &str, vars: &BTreeMap<String, Tensor>) -> Role {
+    let (layer, leaf) = name.rsplit_once('.').unwrap_or(("", name));
+    let weight_shape = vars.get(&format!("{layer}.weight")).map(Tensor::size).unwrap_or_default();
+    let fans = |w: &[i64]| {
+        let field: i64 = w.iter().skip(2).product();
+        ((w.get(1).copied().unwrap_or(1) * field) as f64, (w.first().copied().unwrap_or(1) * field) as f64)
+    };
+    let (fan_in, fan_out) = fans(&weight_shape);
+    match (leaf, weight_shape.len()) {
+        ("weight", 4) => Role::ConvWeight { fan_in, fan_out },
+        ("bias", 4) => Role::ConvBias { fan_in },
+        ("weight", 2) => Role::LinearWeight { fan_in },
+        ("bias", 2) => Role::LinearBias { fan_in },
+        ("weight", 1) => Role::NormWeight,
+        ("bias", 1) => Role::NormBias,
+        _ => Role::Buffer,
+    }
+}
+
+/// torch's own `reset_parameters` of Conv2d and Linear: weight and bias U(±1/√fan_in) (the
+/// weight's `kaiming_uniform_(a=√5)` comes to that bound).
+fn torch_default(role: Role) -> Option<Init> {
+    match role {
+        Role::ConvWeight { fan_in, .. } | Role::ConvBias { fan_in } => Some(Init::Uniform(1.0 / fan_in.sqrt())),
+        Role::LinearWeight { fan_in } | Role::LinearBias { fan_in } => Some(Init::Uniform(1.0 / fan_in.sqrt())),
+        Role::NormWeight => Some(Init::Const(1.0)),
+        Role::NormBias => Some(Init::Const(0.0)),
+        Role::Buffer => None,
+    }
+}
+
+/// How torchvision 0.28's constructor initialises the variable `name` of `arch` (None: left as
+/// built, for buffers). Rules from torchvision's models: resnet.py, vgg.py, squeezenet.py,
+/// densenet.py and inception.py set them in a loop over the modules after building; alexnet.py
+/// keeps torch's defaults.
+fn torchvision_init(arch: Arch, name: &str, role: Role) -> Option<Init> {
+    let kaiming_normal = |fan: f64| Init::Normal { std: (2.0 / fan).sqrt(), cut: f64::INFINITY };
+    let no_cut = |std: f64| Init::Normal { std, cut: f64::INFINITY };
+    match (arch, role) {
+        (_, Role::Buffer) => None,
+        (Arch::Alexnet, r) => torch_default(r),
+        // kaiming_normal_(mode="fan_out", nonlinearity="relu"); batch norm 1 and 0; fc as torch.
+        (Arch::Resnet18 | Arch::Resnet34, Role::ConvWeight { fan_out, .. }) => Some(kaiming_normal(fan_out)),
+        // The same for the convolutions (with bias 0); linear layers N(0, 0.01) with bias 0.
+        (Arch::Vgg, Role::ConvWeight { fan_out, .. }) => Some(kaiming_normal(fan_out)),
+        (Arch::Vgg, Role::ConvBias { .. } | Role::LinearBias { .. }) => Some(Init::Const(0.0)),
+        (Arch::Vgg, Role::LinearWeight { .. }) => Some(no_cut(0.01)),
+        // The final convolution N(0, 0.01), the others kaiming_uniform_ (U(±√(6/fan_in))); biases 0.
+        (Arch::Squeezenet, Role::ConvWeight { .. }) if name == "classifier.1.weight" => Some(no_cut(0.01)),
+        (Arch::Squeezenet, Role::ConvWeight { fan_in, .. }) => Some(Init::Uniform((6.0 / fan_in).sqrt())),
+        (Arch::Squeezenet, Role::ConvBias { .. }) => Some(Init::Const(0.0)),
+        // kaiming_normal_ (fan_in); the classifier's weight as torch, its bias 0.
+        (Arch::Densenet, Role::ConvWeight { fan_in, .. }) => Some(kaiming_normal(fan_in)),
+        (Arch::Densenet, Role::LinearBias { .. }) => Some(Init::Const(0.0)),
+        // trunc_normal_(std=0.1, a=-2, b=2) for every convolution and the fc weight (the aux
+        // head's other stddevs do not apply without aux_logits); the fc bias as torch.
+        (Arch::Inception, Role::ConvWeight { .. } | Role::LinearWeight { .. }) => {
+            Some(Init::Normal { std: 0.1, cut: 2.0 })
+        }
+        (_, r) => torch_default(r),
+    }
+}
+
+/// Initialises every variable of a freshly built `arch` as torchvision's constructor does (tch's
+/// layers start otherwise: batch-norm weights U(0, 1) instead of 1, convolutions
+/// kaiming-uniform fan-in for every architecture). Draws from torch's generator, so
+/// `tch::manual_seed` makes it repeatable. Variables are visited in name order.
+pub fn init_as_torchvision(arch: Arch, vars: &BTreeMap<String, Tensor>) {
+    tch::no_grad(|| {
+        for (name, t) in vars {
+            let Some(init) = torchvision_init(arch, name, role(name, vars)) else { continue };
+            let mut t = t.shallow_clone();
+            match init {
+                Init::Const(c) => {
+                    let _ = t.fill_(c);
+                }
+                Init::Uniform(b) => {
+                    let _ = t.uniform_(-b, b);
+                }
+                Init::Normal { std, cut } => {
+                    let _ = t.normal_(0.0, std);
+                    if cut.is_finite() {
+                        let _ = t.clamp_(-cut, cut);
+                    }
+                }
+            }
+        }
+    });
 }
 
 fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, padding: i64, stride: i64, bias: bool) -> nn::Conv2D {

@@ -1,5 +1,5 @@
 //! The model being trained: its variables in a fixed (name) order, split into the trained
-//! parameters and the batch-norm statistics.
+//! parameters and the batch-norm statistics, initialised as torchvision's constructor does.
 use std::collections::BTreeMap;
 
 use tch::nn::{self, ModuleT};
@@ -23,6 +23,7 @@ impl Model {
         let vs = nn::VarStore::new(device);
         let net = crate::models::build(&vs.root(), arch, classes);
         let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+        crate::models::init_as_torchvision(arch, &vars);
         let head = crate::models::head_prefix(arch);
         let mut params = Vec::new();
         let mut buffers = Vec::new();
