@@ -207,6 +207,28 @@ impl Default for ModelCfg {
 pub enum OptimizerKind {
     Adam,
     Sgd,
+    /// Adam with decoupled weight decay (torch.optim.AdamW).
+    AdamW,
+}
+
+/// How the learning rate moves over the run (after any warmup), updated every step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    Constant,
+    /// Times `lr_gamma` every `lr_step_size` epochs.
+    Step,
+    /// Half a cosine from `lr` down to `lr_min` at the last step.
+    Cosine,
+}
+
+/// Whether `lr` is for a global batch of 256 and scales with the global batch (the rank count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScaling {
+    None,
+    /// lr × global batch / 256 (Goyal et al.'s linear scaling rule).
+    Linear,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,6 +349,25 @@ pub struct TrainCfg {
     pub batch_size: usize,
     pub optimizer: OptimizerKind,
     pub lr: f64,
+    /// SGD's momentum (0: plain SGD); Adam's β1 stays 0.9.
+    pub momentum: f64,
+    /// Nesterov momentum (SGD with momentum > 0).
+    pub nesterov: bool,
+    /// L2 penalty (SGD, Adam) or decoupled decay (AdamW) of the weights.
+    pub weight_decay: f64,
+    /// The same for batch-norm weights and all biases; unset: `weight_decay`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_weight_decay: Option<f64>,
+    pub lr_schedule: LrSchedule,
+    /// Epochs (may be fractional) of linear warmup from `warmup_decay` × lr.
+    pub warmup_epochs: f64,
+    pub warmup_decay: f64,
+    /// `step` schedule: epochs between multiplications by `lr_gamma`.
+    pub lr_step_size: u32,
+    pub lr_gamma: f64,
+    /// `cosine` schedule: the learning rate at the last step.
+    pub lr_min: f64,
+    pub lr_scaling: LrScaling,
     pub validate: bool,
     pub device: DeviceKind,
     pub threads: usize,
@@ -351,6 +392,17 @@ impl Default for TrainCfg {
             batch_size: 64,
             optimizer: OptimizerKind::Adam,
             lr: 4e-4,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+            norm_weight_decay: None,
+            lr_schedule: LrSchedule::Constant,
+            warmup_epochs: 0.0,
+            warmup_decay: 0.01,
+            lr_step_size: 30,
+            lr_gamma: 0.1,
+            lr_min: 0.0,
+            lr_scaling: LrScaling::None,
             validate: true,
             device: DeviceKind::Cpu,
             threads: 0,
@@ -366,6 +418,20 @@ impl Default for TrainCfg {
 }
 
 impl TrainCfg {
+    /// Weight decay of batch-norm weights and biases.
+    pub fn norm_decay(&self) -> f64 {
+        self.norm_weight_decay.unwrap_or(self.weight_decay)
+    }
+
+    /// The base learning rate of a run with `ranks` ranks: `lr`, times global batch / 256 with
+    /// `lr_scaling = "linear"`.
+    pub fn base_lr(&self, ranks: usize) -> f64 {
+        match self.lr_scaling {
+            LrScaling::None => self.lr,
+            LrScaling::Linear => self.lr * (self.batch_size * ranks) as f64 / 256.0,
+        }
+    }
+
     /// `log_every` as a duration (zero: off).
     pub fn log_interval(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.log_every)
@@ -534,6 +600,9 @@ impl FlagOverrides {
 }
 
 /// Parses the file text, then merges each `section.key=value` of `sets` into it.
+/// Keys whose default is "unset" (an `Option`), so the encoded defaults do not list them.
+const UNSET_BY_DEFAULT: [(&str, &str); 1] = [("train", "norm_weight_decay")];
+
 fn parse_with_sets(text: &str, sets: &[String]) -> Result<Config> {
     // First the file alone, so its errors carry line and column.
     let config: Config = toml::from_str(text)?;
@@ -552,8 +621,10 @@ fn parse_with_sets(text: &str, sets: &[String]) -> Result<Config> {
             let sections: Vec<_> = known.keys().map(String::as_str).collect();
             bail!("--set {set}: unknown section `{section}`; sections are {}", sections.join(", "));
         };
-        if !known_section.contains_key(field) {
-            let keys: Vec<_> = known_section.keys().map(String::as_str).collect();
+        if !known_section.contains_key(field) && !UNSET_BY_DEFAULT.contains(&(section, field)) {
+            let mut keys: Vec<_> = known_section.keys().map(String::as_str).collect();
+            keys.extend(UNSET_BY_DEFAULT.iter().filter(|(s, _)| *s == section).map(|(_, f)| *f));
+            keys.sort_unstable();
             bail!("--set {set}: unknown key `{field}` in [{section}]; keys are {}", keys.join(", "));
         }
         let Some(toml::Value::Table(sec)) = table.get_mut(section) else { unreachable!("all sections encode") };
@@ -607,6 +678,40 @@ impl Config {
         check(t.epochs >= 1, "train.epochs", "must be at least 1")?;
         check(t.batch_size >= 1, "train.batch_size", "must be at least 1")?;
         check(t.lr > 0.0 && t.lr.is_finite(), "train.lr", format!("{} must be > 0", t.lr))?;
+        check((0.0..1.0).contains(&t.momentum), "train.momentum", format!("{} must be in [0, 1)", t.momentum))?;
+        check(
+            !t.nesterov || (t.optimizer == OptimizerKind::Sgd && t.momentum > 0.0),
+            "train.nesterov",
+            "needs optimizer = \"sgd\" and momentum > 0",
+        )?;
+        for (key, wd) in
+            [("train.weight_decay", Some(t.weight_decay)), ("train.norm_weight_decay", t.norm_weight_decay)]
+        {
+            if let Some(wd) = wd {
+                check(
+                    (0.0..1.0).contains(&wd),
+                    key,
+                    format!("{wd} must be in [0, 1) (1e-4 and 5e-2 are usual values)"),
+                )?;
+            }
+        }
+        check(
+            t.warmup_epochs >= 0.0 && t.warmup_epochs.is_finite(),
+            "train.warmup_epochs",
+            format!("{} must be >= 0", t.warmup_epochs),
+        )?;
+        check(
+            t.warmup_decay > 0.0 && t.warmup_decay <= 1.0,
+            "train.warmup_decay",
+            format!("{} must be in (0, 1]: warmup starts at warmup_decay x lr", t.warmup_decay),
+        )?;
+        check(t.lr_step_size >= 1, "train.lr_step_size", "must be at least 1 (epochs)")?;
+        check(t.lr_gamma > 0.0 && t.lr_gamma <= 1.0, "train.lr_gamma", format!("{} must be in (0, 1]", t.lr_gamma))?;
+        check(
+            t.lr_min >= 0.0 && t.lr_min < t.lr,
+            "train.lr_min",
+            format!("{} must be >= 0 and below train.lr ({})", t.lr_min, t.lr),
+        )?;
         check(
             t.stall_warn >= 1.0 && t.stall_warn.is_finite(),
             "train.stall_warn",

@@ -130,7 +130,13 @@ pub fn time_optimizer(numel: usize, threads: usize, reps: usize) -> f64 {
     tch::set_num_threads(threads as i32);
     let params = vec![("p".to_string(), Tensor::zeros([numel as i64], (Kind::Float, Device::Cpu)))];
     let g = Tensor::ones([numel as i64], (Kind::Float, Device::Cpu));
-    let mut opt = crate::train::optim::Optimizer::new(crate::config::OptimizerKind::Adam, 1e-3, numel, Device::Cpu);
+    let mut opt = crate::train::optim::Optimizer::new(
+        crate::config::OptimizerKind::Adam,
+        1e-3,
+        crate::train::optim::Hyper::default(),
+        numel,
+        Device::Cpu,
+    );
     opt.apply(&g, 1.0, &params); // pages touched once before timing
     let t = Instant::now();
     for _ in 0..reps {

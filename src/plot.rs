@@ -208,6 +208,7 @@ mod tests {
             seconds: 1.0,
             skipped_images: 0,
             nonfinite_steps: 0,
+            lr: Some(4e-4),
         }
     }
 

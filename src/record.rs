@@ -21,6 +21,10 @@ pub struct EpochRecord {
     /// Steps left out because their loss or gradient was not finite (`train.on_nonfinite = "skip"`).
     #[serde(default)]
     pub nonfinite_steps: u64,
+    /// The learning rate of the epoch's last step (absent in checkpoints of sac before the
+    /// schedules).
+    #[serde(default)]
+    pub lr: Option<f64>,
 }
 
 /// `state.json`.

@@ -14,6 +14,7 @@ use super::loader::{with_batches, Loader};
 use super::model::Model;
 use super::optim::Optimizer;
 use super::progress::{Reporter, Times};
+use super::schedule::Schedule;
 use crate::config::{OnNonFinite, TrainCfg};
 use crate::data::Row;
 use crate::dist::Dist;
@@ -42,6 +43,8 @@ pub(crate) struct Stepper<'a> {
     pub dist: &'a Dist,
     pub model: &'a Model,
     pub opt: Optimizer,
+    /// Sets `opt.lr` before every step.
+    pub schedule: Schedule,
     pub sync: GradSync,
     pub tc: &'a TrainCfg,
     pub device: Device,
@@ -55,10 +58,12 @@ pub(crate) struct Stepper<'a> {
 }
 
 impl<'a> Stepper<'a> {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         dist: &'a Dist,
         model: &'a Model,
         opt: Optimizer,
+        schedule: Schedule,
         tc: &'a TrainCfg,
         device: Device,
         stop: &'a AtomicBool,
@@ -67,7 +72,7 @@ impl<'a> Stepper<'a> {
         let sync = GradSync::new(&model.params.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());
         let buffers: Vec<Tensor> = model.buffers.iter().map(|(_, t)| t.shallow_clone()).collect();
         let saved_buffers = buffers.iter().map(|t| t.detach().copy()).collect();
-        Stepper { dist, model, opt, sync, tc, device, stop, dir, buffers, saved_buffers }
+        Stepper { dist, model, opt, schedule, sync, tc, device, stop, dir, buffers, saved_buffers }
     }
 
     /// Runs the steps of `epoch`: one per entry of `batches` (indices into `rows`; empty when this
@@ -85,7 +90,6 @@ impl<'a> Stepper<'a> {
         traced_from: Option<usize>,
     ) -> Result<EpochSteps> {
         let (tc, device, steps) = (self.tc, self.device, batches.len());
-        let lr = self.opt.lr;
         let t_epoch = Instant::now();
         let pb = crate::logging::progress_bar(
             steps as u64,
@@ -100,6 +104,8 @@ impl<'a> Stepper<'a> {
         with_batches(loader, rows, batches, device, |next_batch| {
             for step in 0..steps {
                 crate::fault::point("step");
+                self.opt.lr = self.schedule.lr(u64::from(epoch - 1) * steps as u64 + step as u64);
+                let lr = self.opt.lr;
                 if traced_from == Some(step) {
                     crate::timeline::set_recording(true);
                 }
@@ -196,7 +202,7 @@ impl<'a> Stepper<'a> {
         })?;
         pb.finish_and_clear();
         if let Some(r) = reporter {
-            r.end_steps(state.steps, lr);
+            r.end_steps(state.steps, self.opt.lr);
         }
         Ok(EpochSteps { loss_sum, seen, skipped, nonfinite_steps, times })
     }

@@ -209,6 +209,7 @@ mod tests {
                 seconds: 2.0,
                 skipped_images: 0,
                 nonfinite_steps: 0,
+                lr: Some(4e-4),
             },
             validation_seconds: 0.5,
             shares: Shares::default(),

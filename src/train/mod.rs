@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
 
 use crate::checkpoint;
-use crate::config::Settings;
+use crate::config::{OptimizerKind, Settings, TrainCfg};
 use crate::data::{self, Geometry, ImageStore, Row};
 use crate::dist::Dist;
 use crate::record::{EpochRecord, State};
@@ -24,8 +24,9 @@ use epoch::{EpochSteps, Stepper};
 use exchange::{average_tensors, broadcast_tensors};
 use loader::Loader;
 use model::Model;
-use optim::Optimizer;
+use optim::{Hyper, Optimizer};
 use progress::Reporter;
+use schedule::Schedule;
 use shard::{batch_bounds, distribute, epoch_order, steps_per_epoch};
 
 pub mod epoch;
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod progress;
+pub mod schedule;
 pub mod shard;
 pub mod state;
 pub mod validate;
@@ -72,7 +74,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
 
     tch::manual_seed(cfg.dataset.seed as i64);
     let model = Model::new(arch, k as i64, device, cfg.model.feature_extract);
-    let mut opt = Optimizer::new(tc.optimizer, tc.lr, model.numel, device);
+    let mut opt = Optimizer::new(tc.optimizer, tc.base_lr(dist.size()), Hyper::from_config(tc), model.numel, device);
     let mut state = State {
         epoch: 0,
         arch,
@@ -166,7 +168,14 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     } else {
         None
     };
-    let mut stepper = Stepper::new(dist, &model, opt, tc, device, &stop, &dir);
+    let schedule = Schedule::new(tc, dist.size(), steps);
+    info!(
+        "{}; {}; {steps} steps per epoch of a global batch of {}",
+        stepper_text(tc),
+        schedule.describe(),
+        tc.batch_size * dist.size()
+    );
+    let mut stepper = Stepper::new(dist, &model, opt, schedule, tc, device, &stop, &dir);
     let first_epoch = state.epoch + 1;
     // The timeline's window: the last `timeline.steps` steps of the first epoch, its validation
     // and its checkpoint.
@@ -231,6 +240,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             seconds: t_epoch.elapsed().as_secs_f64(),
             skipped_images: skipped_all,
             nonfinite_steps,
+            lr: Some(stepper.opt.lr),
         };
         let pct = |x: Option<f64>| x.map_or("-".into(), |v| format!("{:.2} %", 100.0 * v));
         info!(
@@ -314,6 +324,30 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     crate::logging::progress_clock(Duration::ZERO);
     log_done(dist, &format!("checkpoints in {}", dir.display()));
     Ok(())
+}
+
+/// The optimizer and its settings, for the log: `sgd (momentum 0.9, nesterov, weight decay 1e-4,
+/// 0 for batch norm and biases)`.
+fn stepper_text(tc: &TrainCfg) -> String {
+    let mut parts = Vec::new();
+    if tc.optimizer == OptimizerKind::Sgd {
+        parts.push(if tc.momentum > 0.0 { format!("momentum {}", tc.momentum) } else { "no momentum".into() });
+        if tc.nesterov {
+            parts.push("nesterov".into());
+        }
+    }
+    if tc.weight_decay > 0.0 || tc.norm_decay() > 0.0 {
+        parts.push(format!("weight decay {}", tc.weight_decay));
+        if tc.norm_decay() != tc.weight_decay {
+            parts.push(format!("{} for batch norm and biases", tc.norm_decay()));
+        }
+    }
+    let name = format!("{:?}", tc.optimizer).to_lowercase();
+    if parts.is_empty() {
+        format!("optimizer {name}")
+    } else {
+        format!("optimizer {name} ({})", parts.join(", "))
+    }
 }
 
 /// The end of a command on every rank: rank 0 logs each rank's peak memory and CPU time (a

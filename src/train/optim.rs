@@ -1,20 +1,62 @@
-//! The optimizers: Adam (as `torch.optim.Adam`) and SGD with momentum (as `torch.optim.SGD`), on
-//! the flat averaged gradient of the exchange buffer, with a fused one-pass kernel on the CPU.
+//! The optimizers, step for step as `torch.optim.SGD` (momentum, Nesterov), `torch.optim.Adam`
+//! and `torch.optim.AdamW`, with weight decay per parameter (batch-norm weights and biases may
+//! take `norm_weight_decay`), on the flat averaged gradient of the exchange buffer, with a fused
+//! one-pass kernel on the CPU.
 use tch::{Device, Kind, Tensor};
 
 use super::exchange::is_cpu_f32;
-use crate::config::OptimizerKind;
+use crate::config::{OptimizerKind, TrainCfg};
 
 /// Below this many parameters the fused step runs on one thread (a thread costs ~20 µs to start,
 /// a million parameters take ~1 ms).
 const PARALLEL_MIN: usize = 1 << 20;
 
-/// Adam (as `torch.optim.Adam`, no weight decay) or SGD with momentum 0.9 (as `torch.optim.SGD`),
-/// on the flat averaged gradient; its state is flat too, so it saves and broadcasts as one tensor.
+/// The optimizer's settings besides the learning rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hyper {
+    /// SGD's momentum (0: none).
+    pub momentum: f64,
+    pub nesterov: bool,
+    /// Weight decay of the weights (2-D and 4-D parameters) and of batch-norm weights and biases
+    /// (1-D parameters). SGD and Adam add `decay × p` to the gradient (L2); AdamW shrinks `p` by
+    /// `lr × decay` before its step (decoupled).
+    pub weight_decay: f64,
+    pub norm_weight_decay: f64,
+}
+
+impl Default for Hyper {
+    fn default() -> Self {
+        Hyper { momentum: 0.9, nesterov: false, weight_decay: 0.0, norm_weight_decay: 0.0 }
+    }
+}
+
+impl Hyper {
+    pub fn from_config(tc: &TrainCfg) -> Self {
+        Hyper {
+            momentum: tc.momentum,
+            nesterov: tc.nesterov,
+            weight_decay: tc.weight_decay,
+            norm_weight_decay: tc.norm_decay(),
+        }
+    }
+
+    /// The decay of a parameter: biases and batch-norm weights are the 1-D ones.
+    fn decay_of(&self, p: &Tensor) -> f64 {
+        if p.dim() <= 1 {
+            self.norm_weight_decay
+        } else {
+            self.weight_decay
+        }
+    }
+}
+
+/// Adam, AdamW or SGD on the flat averaged gradient; the state is flat too, so it saves and
+/// broadcasts as one tensor. `lr` is the learning rate of the next step (the schedule sets it).
 pub struct Optimizer {
     pub kind: OptimizerKind,
     pub lr: f64,
     pub step: i64,
+    pub hyper: Hyper,
     /// Adam: exp_avg; SGD: momentum_buffer.
     pub m: Tensor,
     /// Adam: exp_avg_sq.
@@ -24,12 +66,11 @@ pub struct Optimizer {
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const EPS: f64 = 1e-8;
-const MOMENTUM: f64 = 0.9;
 
 impl Optimizer {
-    pub fn new(kind: OptimizerKind, lr: f64, numel: usize, device: Device) -> Self {
+    pub fn new(kind: OptimizerKind, lr: f64, hyper: Hyper, numel: usize, device: Device) -> Self {
         let z = || Tensor::zeros([numel as i64], (Kind::Float, device));
-        Optimizer { kind, lr, step: 0, m: z(), v: z() }
+        Optimizer { kind, lr, step: 0, hyper, m: z(), v: z() }
     }
 
     /// Applies one step with the flat gradient `g × scale` to `params`.
@@ -55,7 +96,7 @@ impl Optimizer {
         let mut segments = Vec::with_capacity(params.len());
         let mut off = 0;
         for (_, p) in params {
-            segments.push((off, p.numel(), addr(p)));
+            segments.push(Segment { off, len: p.numel(), addr: addr(p), decay: self.hyper.decay_of(p) as f32 });
             off += p.numel();
         }
         let k = Kernel {
@@ -65,6 +106,8 @@ impl Optimizer {
             v: addr(&self.v),
             scale,
             lr: self.lr as f32,
+            momentum: self.hyper.momentum as f32,
+            nesterov: self.hyper.nesterov,
             step_size: (self.lr / (1.0 - BETA1.powi(self.step as i32))) as f32,
             inv_sqrt_bc2: (1.0 / (1.0 - BETA2.powi(self.step as i32)).sqrt()) as f32,
         };
@@ -81,41 +124,70 @@ impl Optimizer {
         }
     }
 
-    /// The same with tensor operations, for parameters on a GPU.
+    /// The same with tensor operations, parameter by parameter, for parameters on a GPU.
     fn apply_tensor_ops(&mut self, g: &Tensor, params: &[(String, Tensor)]) {
+        let h = self.hyper;
+        let bc1 = 1.0 - BETA1.powi(self.step as i32);
+        let bc2 = 1.0 - BETA2.powi(self.step as i32);
         tch::no_grad(|| {
             let g = g.to_device(self.m.device());
-            let update = match self.kind {
-                OptimizerKind::Adam => {
-                    let _ = self.m.lerp_(&g, 1.0 - BETA1);
-                    let _ = self.v.lerp_(&(&g * &g), 1.0 - BETA2);
-                    let bc1 = 1.0 - BETA1.powi(self.step as i32);
-                    let bc2 = 1.0 - BETA2.powi(self.step as i32);
-                    let denom = self.v.sqrt() / bc2.sqrt() + EPS;
-                    (&self.m / denom) * (-self.lr / bc1)
-                }
-                OptimizerKind::Sgd => {
-                    let _ = self.m.g_mul_scalar_(MOMENTUM).g_add_(&g);
-                    &self.m * (-self.lr)
-                }
-            };
             let mut off = 0i64;
             for (_, p) in params {
                 let n = p.numel() as i64;
-                let _ = p.shallow_clone().g_add_(&update.narrow(0, off, n).view(p.size().as_slice()));
+                let shape = p.size();
+                let mut p = p.shallow_clone();
+                let decay = h.decay_of(&p);
+                let mut g = g.narrow(0, off, n).view(shape.as_slice());
+                let mut m = self.m.narrow(0, off, n).view(shape.as_slice());
+                let mut v = self.v.narrow(0, off, n).view(shape.as_slice());
                 off += n;
+                if decay != 0.0 && self.kind != OptimizerKind::AdamW {
+                    g = &g + &p * decay;
+                }
+                match self.kind {
+                    OptimizerKind::Adam | OptimizerKind::AdamW => {
+                        if self.kind == OptimizerKind::AdamW && decay != 0.0 {
+                            let _ = p.g_mul_scalar_(1.0 - self.lr * decay);
+                        }
+                        let _ = m.lerp_(&g, 1.0 - BETA1);
+                        let _ = v.lerp_(&(&g * &g), 1.0 - BETA2);
+                        let denom = v.sqrt() / bc2.sqrt() + EPS;
+                        let _ = p.g_add_(&((&m / denom) * (-self.lr / bc1)));
+                    }
+                    OptimizerKind::Sgd => {
+                        let d = if h.momentum == 0.0 {
+                            g
+                        } else {
+                            let _ = m.g_mul_scalar_(h.momentum).g_add_(&g);
+                            if h.nesterov {
+                                &g + &m * h.momentum
+                            } else {
+                                m.shallow_clone()
+                            }
+                        };
+                        let _ = p.g_add_(&(d * (-self.lr)));
+                    }
+                }
             }
         });
     }
 
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         match self.kind {
-            OptimizerKind::Adam => {
+            OptimizerKind::Adam | OptimizerKind::AdamW => {
                 vec![("exp_avg".into(), self.m.shallow_clone()), ("exp_avg_sq".into(), self.v.shallow_clone())]
             }
             OptimizerKind::Sgd => vec![("momentum_buffer".into(), self.m.shallow_clone())],
         }
     }
+}
+
+/// One parameter in the flat buffers: offset, length, address of its data, weight decay.
+struct Segment {
+    off: usize,
+    len: usize,
+    addr: usize,
+    decay: f32,
 }
 
 /// The fused update of one step: the addresses of the flat gradient and state, and the scalars.
@@ -126,17 +198,18 @@ struct Kernel {
     v: usize,
     scale: f32,
     lr: f32,
+    momentum: f32,
+    nesterov: bool,
     step_size: f32,
     inv_sqrt_bc2: f32,
 }
 
 impl Kernel {
-    /// Updates the flat elements `range`; `segments` are the parameters as (flat offset, length,
-    /// address of their data).
-    fn run(&self, segments: &[(usize, usize, usize)], range: std::ops::Range<usize>) {
+    /// Updates the flat elements `range` of the parameters `segments`.
+    fn run(&self, segments: &[Segment], range: std::ops::Range<usize>) {
         let (b1, b2, eps) = (BETA1 as f32, BETA2 as f32, EPS as f32);
-        for &(off, n, p_addr) in segments {
-            let (lo, hi) = (range.start.max(off), range.end.min(off + n));
+        for seg in segments {
+            let (lo, hi) = (range.start.max(seg.off), range.end.min(seg.off + seg.len));
             if lo >= hi {
                 continue;
             }
@@ -147,25 +220,41 @@ impl Kernel {
             let at = |base: usize, first: usize| unsafe {
                 std::slice::from_raw_parts_mut((base as *mut f32).add(first), len)
             };
-            let (g, m, v, p) = (at(self.g, lo), at(self.m, lo), at(self.v, lo), at(p_addr, lo - off));
+            let (g, m, v, p) = (at(self.g, lo), at(self.m, lo), at(self.v, lo), at(seg.addr, lo - seg.off));
+            let wd = seg.decay;
             match self.kind {
-                OptimizerKind::Adam => {
+                OptimizerKind::Adam | OptimizerKind::AdamW => {
+                    // Adam adds the decay to the gradient; AdamW shrinks the weight first.
+                    let (l2, shrink) =
+                        if self.kind == OptimizerKind::Adam { (wd, 1.0) } else { (0.0, 1.0 - self.lr * wd) };
                     for i in 0..len {
-                        let gi = g[i] * self.scale;
+                        let gi = g[i] * self.scale + l2 * p[i];
                         let mi = b1 * m[i] + (1.0 - b1) * gi;
                         let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
                         m[i] = mi;
                         v[i] = vi;
-                        p[i] -= self.step_size * mi / (vi.sqrt() * self.inv_sqrt_bc2 + eps);
+                        p[i] = p[i] * shrink - self.step_size * mi / (vi.sqrt() * self.inv_sqrt_bc2 + eps);
                     }
                 }
                 OptimizerKind::Sgd => {
-                    // torch.optim.SGD: buf = grad at the first step, then momentum * buf + grad;
-                    // with buf starting at zero the one formula covers both.
+                    // torch.optim.SGD: buf = d at the first step, then momentum * buf + d; with buf
+                    // starting at zero the one formula covers both. Nesterov steps along
+                    // d + momentum * buf.
+                    let mu = self.momentum;
                     for i in 0..len {
-                        let mi = MOMENTUM as f32 * m[i] + g[i] * self.scale;
-                        m[i] = mi;
-                        p[i] -= self.lr * mi;
+                        let d = g[i] * self.scale + wd * p[i];
+                        let step = if mu == 0.0 {
+                            d
+                        } else {
+                            let mi = mu * m[i] + d;
+                            m[i] = mi;
+                            if self.nesterov {
+                                d + mu * mi
+                            } else {
+                                mi
+                            }
+                        };
+                        p[i] -= self.lr * step;
                     }
                 }
             }
@@ -190,12 +279,55 @@ mod tests {
         for (kind, want) in [(OptimizerKind::Adam, [0.8068f32, -1.9366]), (OptimizerKind::Sgd, [0.88, -2.01])] {
             let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
             let params = vec![("p".to_string(), p.shallow_clone())];
-            let mut opt = Optimizer::new(kind, 0.1, 2, Device::Cpu);
+            let mut opt = Optimizer::new(kind, 0.1, Hyper::default(), 2, Device::Cpu);
             for g in [[0.5f32, -1.0], [0.25, 2.0]] {
                 opt.apply(&Tensor::from_slice(&g), 1.0, &params);
             }
             let v = Vec::<f32>::try_from(&p.detach()).unwrap();
             assert!((v[0] - want[0]).abs() < 1e-4 && (v[1] - want[1]).abs() < 1e-4, "{kind:?}: {v:?}");
+        }
+    }
+
+    /// Momentum, Nesterov, weight decay per parameter (a weight with 0.1, a bias with 0, as
+    /// `norm_weight_decay = 0` gives) and AdamW, each on the fused kernel and on the tensor-op
+    /// path, against torch.optim. Numbers from PyTorch 2.13:
+    /// ```python
+    /// w = torch.tensor([[1.0], [-2.0]], requires_grad=True); b = torch.tensor([0.5], requires_grad=True)
+    /// opt = torch.optim.SGD([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
+    ///                       lr=0.1, momentum=0.9, nesterov=True)   # or momentum=0.0, or Adam / AdamW(lr=0.1)
+    /// for gw, gb in (([[0.5], [-1.0]], [0.3]), ([[0.25], [2.0]], [-0.7])):
+    ///     w.grad = torch.tensor(gw); b.grad = torch.tensor(gb); opt.step()
+    /// print(w.flatten(), b)
+    /// ```
+    #[test]
+    fn momentum_nesterov_weight_decay_and_adamw_match_torch_optim() {
+        let sgd = |momentum, nesterov| Hyper { momentum, nesterov, weight_decay: 0.1, norm_weight_decay: 0.0 };
+        let cases = [
+            (OptimizerKind::Sgd, sgd(0.9, true), [0.773_066f32, -2.021_132, 0.5517]),
+            (OptimizerKind::Sgd, sgd(0.0, false), [0.9056, -2.0612, 0.54]),
+            (OptimizerKind::Sgd, sgd(0.9, false), [0.8516, -1.9532, 0.513]),
+            (OptimizerKind::Adam, sgd(0.9, false), [0.805_009_8, -1.925_017_8, 0.442_018_5]),
+            (OptimizerKind::AdamW, sgd(0.9, false), [0.787_882_1, -1.897_810_3, 0.442_018_5]),
+        ];
+        for (kind, hyper, want) in cases {
+            for fused in [true, false] {
+                let w = Tensor::from_slice(&[1.0f32, -2.0]).view([2, 1]);
+                let b = Tensor::from_slice(&[0.5f32]);
+                let params = vec![("w".to_string(), w.shallow_clone()), ("b".to_string(), b.shallow_clone())];
+                let mut opt = Optimizer::new(kind, 0.1, hyper, 3, Device::Cpu);
+                for g in [[0.5f32, -1.0, 0.3], [0.25, 2.0, -0.7]] {
+                    let g = Tensor::from_slice(&g);
+                    if fused {
+                        opt.apply(&g, 1.0, &params);
+                    } else {
+                        opt.step += 1;
+                        opt.apply_tensor_ops(&g, &params);
+                    }
+                }
+                let got: Vec<f32> = [w.view([-1]), b].iter().flat_map(|t| Vec::<f32>::try_from(t).unwrap()).collect();
+                let close = got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 2e-5);
+                assert!(close, "{kind:?} {hyper:?} fused {fused}: {got:?}, torch {want:?}");
+            }
         }
     }
 
@@ -213,8 +345,9 @@ mod tests {
         for threads in [1, 3] {
             tch::set_num_threads(threads);
             let params = make();
-            for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
-                let mut opt = Optimizer::new(kind, 0.01, n, Device::Cpu);
+            for kind in [OptimizerKind::Adam, OptimizerKind::AdamW, OptimizerKind::Sgd] {
+                let hyper = Hyper { weight_decay: 1e-2, norm_weight_decay: 1e-2, ..Hyper::default() };
+                let mut opt = Optimizer::new(kind, 0.01, hyper, n, Device::Cpu);
                 opt.apply(&g, 0.5, &params);
                 opt.apply(&g, 0.25, &params);
             }

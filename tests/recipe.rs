@@ -1,0 +1,100 @@
+//! The training recipe of torchvision's reference scripts, end to end: the keys of `[train]` that
+//! choose the optimizer and the learning-rate schedule (and, as they land, label smoothing,
+//! clipping, EMA, class-balanced sampling, augmentation and resizing), each shown working by a
+//! real `sac train` on a tiny generated data dir, under `mpiexec` where the global batch matters.
+mod common;
+
+use common::*;
+
+/// `(1 + cos(π x)) / 2`, the cosine schedule's factor at fraction `x` of its span.
+fn half_cosine(x: f64) -> f64 {
+    (1.0 + (std::f64::consts::PI * x).cos()) / 2.0
+}
+
+#[test]
+fn sgd_nesterov_weight_decay_warmup_cosine_and_linear_scaling_run_as_configured() {
+    // 24 images over 2 ranks with batch 2 per rank: 6 steps per epoch of a global batch of 4.
+    let p = Project::new(2, 24, 0, 32);
+    let keys = [
+        "train.optimizer=sgd",
+        "train.lr=1.6",
+        "train.lr_scaling=linear",
+        "train.momentum=0.9",
+        "train.nesterov=true",
+        "train.weight_decay=5e-4",
+        "train.norm_weight_decay=0",
+        "train.lr_schedule=cosine",
+        "train.warmup_epochs=1",
+        "train.warmup_decay=0.1",
+    ];
+    let mut args = vec!["--epochs", "3"];
+    for k in &keys {
+        args.extend(["--set", k]);
+    }
+    let out = p.train_mpi(2, &args);
+    assert_success(&out);
+    let err = stderr(&out);
+    // lr 1.6 is for a global batch of 256: 1.6 × 4 / 256 = 0.025.
+    assert!(
+        err.contains("optimizer sgd (momentum 0.9, nesterov, weight decay 0.0005, 0 for batch norm and biases)")
+            && err.contains("lr 2.5000e-2 cosine to 0.0000e0 at step 18, after 6 warmup steps from 2.5000e-3")
+            && err.contains("6 steps per epoch of a global batch of 4"),
+        "{err}"
+    );
+    let dir = p.model_dir_in("checkpoints", "resnet18");
+    let state = read_json(&dir.join("state.json"));
+    let lrs: Vec<f64> = (0..3).map(|e| state["history"][e]["lr"].as_f64().expect("lr per epoch")).collect();
+    // The lr of each epoch's last step (t = 5, 11, 17): warmup to t = 6, then half a cosine over 12.
+    let want = [0.025 * (0.1 + 0.9 * 5.0 / 6.0), 0.025 * half_cosine(5.0 / 12.0), 0.025 * half_cosine(11.0 / 12.0)];
+    for (got, want) in lrs.iter().zip(want) {
+        assert!((got - want).abs() < 1e-9, "lr per epoch {lrs:?}, expected {want}");
+    }
+    for e in 0..3 {
+        let loss = state["history"][e]["train_loss"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{state}");
+    }
+    let meta = safetensors_metadata(&dir.join("optimizer.safetensors"));
+    assert_eq!(meta["optimizer"], "sgd", "{meta:?}");
+    assert_eq!(meta["step"], "18", "{meta:?}");
+}
+
+#[test]
+fn adamw_checkpoints_its_state_and_a_resume_with_another_optimizer_is_refused() {
+    let p = Project::new(2, 8, 0, 32);
+    let out = p.train(&["--set", "train.optimizer=adamw", "--set", "train.weight_decay=0.05"]);
+    assert_success(&out);
+    let dir = p.model_dir_in("checkpoints", "resnet18");
+    let meta = safetensors_metadata(&dir.join("optimizer.safetensors"));
+    assert_eq!(meta["optimizer"], "adamw", "{meta:?}");
+    let out = p.train(&["--resume", "--epochs", "2", "--set", "train.optimizer=sgd"]);
+    assert_fails_with(&out, &["optimizer.safetensors", "adamw", "sgd"]);
+}
+
+#[test]
+fn recipe_keys_are_validated_naming_the_key() {
+    let p = Project::new(2, 4, 0, 32);
+    for (set, needle) in [
+        ("train.nesterov=true", "train.nesterov"),
+        ("train.momentum=1.0", "train.momentum"),
+        ("train.weight_decay=-1", "train.weight_decay"),
+        ("train.norm_weight_decay=2", "train.norm_weight_decay"),
+        ("train.warmup_decay=0", "train.warmup_decay"),
+        ("train.lr_gamma=1.5", "train.lr_gamma"),
+        ("train.lr_min=1", "train.lr_min"),
+        ("train.lr_schedule=linear", "lr_schedule"),
+        ("train.lr_scaling=sqrt", "lr_scaling"),
+        ("train.optimizer=lamb", "optimizer"),
+    ] {
+        let out = p.train(&["--set", set]);
+        assert_fails_with(&out, &[needle]);
+        assert!(!p.model_dir_in("checkpoints", "resnet18").exists(), "{set}: nothing is written");
+    }
+}
+
+/// The `__metadata__` of a safetensors file.
+fn safetensors_metadata(path: &std::path::Path) -> serde_json::Map<String, serde_json::Value> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"].as_object().cloned().unwrap_or_default()
+}
