@@ -368,6 +368,10 @@ pub struct TrainCfg {
     /// `cosine` schedule: the learning rate at the last step.
     pub lr_min: f64,
     pub lr_scaling: LrScaling,
+    /// Cross-entropy against targets smoothed by this much (torch's `label_smoothing`).
+    pub label_smoothing: f64,
+    /// Largest L2 norm of the averaged global gradient; 0: no clipping.
+    pub clip_grad_norm: f64,
     pub validate: bool,
     pub device: DeviceKind,
     pub threads: usize,
@@ -403,6 +407,8 @@ impl Default for TrainCfg {
             lr_gamma: 0.1,
             lr_min: 0.0,
             lr_scaling: LrScaling::None,
+            label_smoothing: 0.0,
+            clip_grad_norm: 0.0,
             validate: true,
             device: DeviceKind::Cpu,
             threads: 0,
@@ -704,6 +710,16 @@ impl Config {
             t.warmup_decay > 0.0 && t.warmup_decay <= 1.0,
             "train.warmup_decay",
             format!("{} must be in (0, 1]: warmup starts at warmup_decay x lr", t.warmup_decay),
+        )?;
+        check(
+            (0.0..1.0).contains(&t.label_smoothing),
+            "train.label_smoothing",
+            format!("{} must be in [0, 1) (0.1 is usual)", t.label_smoothing),
+        )?;
+        check(
+            t.clip_grad_norm >= 0.0 && t.clip_grad_norm.is_finite(),
+            "train.clip_grad_norm",
+            format!("{} must be >= 0 (0 = no clipping)", t.clip_grad_norm),
         )?;
         check(t.lr_step_size >= 1, "train.lr_step_size", "must be at least 1 (epochs)")?;
         check(t.lr_gamma > 0.0 && t.lr_gamma <= 1.0, "train.lr_gamma", format!("{} must be in (0, 1]", t.lr_gamma))?;

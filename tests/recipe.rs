@@ -59,6 +59,22 @@ fn sgd_nesterov_weight_decay_warmup_cosine_and_linear_scaling_run_as_configured(
 }
 
 #[test]
+fn label_smoothing_and_gradient_clipping_are_applied_and_reported() {
+    // 8 images, batch 2, one process: 4 steps per epoch.
+    let p = Project::new(2, 8, 0, 32);
+    let set = ["--set", "train.label_smoothing=0.1", "--set", "train.clip_grad_norm=0.001"];
+    let out = p.train(&set);
+    assert_success(&out);
+    let err = stderr(&out);
+    assert!(err.contains("label smoothing 0.1, gradient norm clipped at 0.001"), "{err}");
+    // No gradient of a fresh resnet18 is as short as 0.001: every step is clipped.
+    assert!(err.contains("epoch 1: the gradient norm was clipped to 0.001 in 4 of 4 steps"), "{err}");
+    let out = p.train(&["--overwrite", "--set", "train.clip_grad_norm=1e9"]);
+    assert_success(&out);
+    assert!(stderr(&out).contains("clipped to 1000000000 in 0 of 4 steps"), "{}", stderr(&out));
+}
+
+#[test]
 fn adamw_checkpoints_its_state_and_a_resume_with_another_optimizer_is_refused() {
     let p = Project::new(2, 8, 0, 32);
     let out = p.train(&["--set", "train.optimizer=adamw", "--set", "train.weight_decay=0.05"]);
@@ -80,6 +96,8 @@ fn recipe_keys_are_validated_naming_the_key() {
         ("train.norm_weight_decay=2", "train.norm_weight_decay"),
         ("train.warmup_decay=0", "train.warmup_decay"),
         ("train.lr_gamma=1.5", "train.lr_gamma"),
+        ("train.label_smoothing=1", "train.label_smoothing"),
+        ("train.clip_grad_norm=-1", "train.clip_grad_norm"),
         ("train.lr_min=1", "train.lr_min"),
         ("train.lr_schedule=linear", "lr_schedule"),
         ("train.lr_scaling=sqrt", "lr_scaling"),

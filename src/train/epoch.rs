@@ -34,6 +34,8 @@ pub(crate) struct EpochSteps {
     pub skipped: u64,
     /// Steps left out for a non-finite loss or gradient.
     pub nonfinite_steps: u64,
+    /// Steps whose gradient norm was clipped (`train.clip_grad_norm`).
+    pub clipped_steps: u64,
     /// Where this rank's time went.
     pub times: Times,
 }
@@ -101,6 +103,7 @@ impl<'a> Stepper<'a> {
         }
         let mut times = Times::default();
         let (mut loss_sum, mut seen, mut skipped, mut nonfinite_steps) = (0f64, 0f64, 0u64, 0u64);
+        let mut clipped_steps = 0u64;
         with_batches(loader, rows, batches, device, |next_batch| {
             for step in 0..steps {
                 crate::fault::point("step");
@@ -124,7 +127,7 @@ impl<'a> Stepper<'a> {
                         copy_tensors(&self.saved_buffers, &self.buffers);
                     }
                     let logits = self.model.net.forward_t(&x, true);
-                    let mut loss = logits.cross_entropy_for_logits(&y);
+                    let mut loss = training_loss(&logits, &y, tc.label_smoothing);
                     if crate::fault::poison("loss") {
                         loss *= f64::NAN;
                     }
@@ -185,7 +188,13 @@ impl<'a> Stepper<'a> {
                 let t3 = crate::timeline::since("exchange", "allreduce", t2, at);
                 step_times.comm = t3 - t2;
 
-                self.opt.apply(&g, synced.scale, &self.model.params);
+                let mut scale = synced.scale;
+                if tc.clip_grad_norm > 0.0 {
+                    let (clipped, factor) = clip_factor(&synced.grad, scale, tc.clip_grad_norm);
+                    clipped_steps += u64::from(clipped);
+                    scale *= factor;
+                }
+                self.opt.apply(&g, scale, &self.model.params);
                 step_times.optim = crate::timeline::since("optimizer", "optimizer step", t3, at) - t3;
                 times.add(&step_times);
                 state.steps += 1;
@@ -204,7 +213,31 @@ impl<'a> Stepper<'a> {
         if let Some(r) = reporter {
             r.end_steps(state.steps, self.opt.lr);
         }
-        Ok(EpochSteps { loss_sum, seen, skipped, nonfinite_steps, times })
+        Ok(EpochSteps { loss_sum, seen, skipped, nonfinite_steps, clipped_steps, times })
+    }
+}
+
+/// The mean cross-entropy of a batch, against targets smoothed by `smoothing` (as torch's
+/// `cross_entropy(label_smoothing=…)`: the true class gets 1 − smoothing + smoothing / K, every
+/// class smoothing / K).
+pub(crate) fn training_loss(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Tensor {
+    if smoothing == 0.0 {
+        logits.cross_entropy_for_logits(labels)
+    } else {
+        logits.cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Mean, -100, smoothing)
+    }
+}
+
+/// Whether the averaged gradient (`sum` × `scale`) is longer than `max_norm`, and the factor that
+/// brings it to `max_norm` (1 if not), as `torch.nn.utils.clip_grad_norm_`: max_norm / (norm +
+/// 1e-6), at most 1. The norm is of the global gradient, the same on every rank.
+pub(crate) fn clip_factor(sum: &Tensor, scale: f32, max_norm: f64) -> (bool, f32) {
+    let norm = sum.norm().double_value(&[]) * f64::from(scale);
+    let factor = max_norm / (norm + 1e-6);
+    if factor < 1.0 {
+        (true, factor as f32)
+    } else {
+        (false, 1.0)
     }
 }
 
@@ -219,5 +252,33 @@ fn stopping(epoch: u32, step: usize, steps: usize, state: &State, dir: &Path) {
             state.epoch,
             dir.display()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// Against PyTorch 2.13:
+    /// ```python
+    /// l = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 0.0]]); y = torch.tensor([0, 2])
+    /// F.cross_entropy(l, y, label_smoothing=0.1)  # 1.71420156955719 (1.7558681964874268 without)
+    /// ```
+    #[test]
+    fn label_smoothing_matches_torch_cross_entropy() {
+        let l = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 0.5, -1.0, 0.0]).view([2, 3]);
+        let y = Tensor::from_slice(&[0i64, 2]);
+        assert!((training_loss(&l, &y, 0.1).double_value(&[]) - 1.714_201_569_557_19).abs() < 1e-6);
+        assert!((training_loss(&l, &y, 0.0).double_value(&[]) - 1.755_868_196_487_426_8).abs() < 1e-6);
+    }
+
+    #[test]
+    fn clipping_scales_the_averaged_gradient_to_the_largest_norm() {
+        // A summed gradient (3, 4) over 2 images: the average (1.5, 2) has norm 2.5.
+        let sum = Tensor::from_slice(&[3.0f32, 4.0]).to_kind(Kind::Float);
+        let (clipped, f) = clip_factor(&sum, 0.5, 1.0);
+        assert!(clipped && (f64::from(f) - 1.0 / (2.5 + 1e-6)).abs() < 1e-7);
+        assert_eq!(clip_factor(&sum, 0.5, 2.5 + 1e-3), (false, 1.0));
     }
 }

@@ -198,7 +198,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             reporter.as_mut(),
             traced_from,
         )?;
-        let EpochSteps { loss_sum, seen, skipped, nonfinite_steps, times } = done;
+        let EpochSteps { loss_sum, seen, skipped, nonfinite_steps, clipped_steps, times } = done;
         let train_seconds = t_epoch.elapsed().as_secs_f64();
         let train_loss = dist.sum_f64(loss_sum) / seen.max(1.0);
         let skipped_all = dist.sum_f64(skipped as f64) as u64;
@@ -257,6 +257,12 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         }
         if skipped_all > 0 {
             warn!("{skipped_all} image(s) could not be decoded and were skipped this epoch");
+        }
+        if tc.clip_grad_norm > 0.0 {
+            info!(
+                "epoch {epoch}: the gradient norm was clipped to {} in {clipped_steps} of {steps} steps",
+                tc.clip_grad_norm
+            );
         }
         if nonfinite_steps > 0 {
             warn!("{nonfinite_steps} step(s) of epoch {epoch} were left out: non-finite loss or gradient");
@@ -341,6 +347,12 @@ fn stepper_text(tc: &TrainCfg) -> String {
         if tc.norm_decay() != tc.weight_decay {
             parts.push(format!("{} for batch norm and biases", tc.norm_decay()));
         }
+    }
+    if tc.label_smoothing > 0.0 {
+        parts.push(format!("label smoothing {}", tc.label_smoothing));
+    }
+    if tc.clip_grad_norm > 0.0 {
+        parts.push(format!("gradient norm clipped at {}", tc.clip_grad_norm));
     }
     let name = format!("{:?}", tc.optimizer).to_lowercase();
     if parts.is_empty() {
