@@ -66,7 +66,7 @@ fn main() -> Result<()> {
         }
     };
     let files = jpeg_files(&dir)?;
-    let g = Geometry { width: SIZE, height: SIZE, mean: [0.0; 3], std: [1.0; 3] };
+    let g = Geometry { width: SIZE, height: SIZE, mean: [0.0; 3], std: [1.0; 3], ..Geometry::default() };
     let sac = rate(&files, |p| load_image(p, &g))?;
     let full = rate(&files, |p| {
         let img = image::open(p)?;

@@ -18,6 +18,7 @@ pub struct Config {
     pub paths: Paths,
     pub dataset: DatasetCfg,
     pub image: ImageCfg,
+    pub augment: AugmentCfg,
     pub model: ModelCfg,
     pub train: TrainCfg,
     pub evaluate: EvaluateCfg,
@@ -179,11 +180,76 @@ pub struct ImageCfg {
     pub height: u32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// How an image becomes width x height for evaluation, validation and un-cropped training.
+    pub resize: ResizeMode,
+    /// `center_crop`: the short side before the crop; 0: max(width, height) / 0.875, as
+    /// torchvision's 256 for 224.
+    pub val_resize_size: u32,
+    /// With `[augment] random_resized_crop`: the short side images are decoded and cached at, to
+    /// crop from; 0: the network input as `resize` makes it.
+    pub cache_size: u32,
 }
 
 impl Default for ImageCfg {
     fn default() -> Self {
-        Self { width: 64, height: 64, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] }
+        Self {
+            width: 64,
+            height: 64,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            resize: ResizeMode::Stretch,
+            val_resize_size: 0,
+            cache_size: 0,
+        }
+    }
+}
+
+/// `[image] resize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeMode {
+    /// Both sides to width x height, whatever the aspect ratio.
+    Stretch,
+    /// The short side to `val_resize_size`, then the centre width x height (torchvision's eval).
+    CenterCrop,
+    /// The whole image inside width x height, aspect kept, the rest the mean colour.
+    Pad,
+}
+
+impl ImageCfg {
+    /// `val_resize_size`, or its default for the input size.
+    pub fn val_resize(&self) -> u32 {
+        if self.val_resize_size > 0 {
+            self.val_resize_size
+        } else {
+            (f64::from(self.width.max(self.height)) / 0.875) as u32
+        }
+    }
+}
+
+/// `[augment]`: training-time augmentation, drawn per (seed, epoch, image).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentCfg {
+    /// torchvision's RandomResizedCrop to width x height.
+    pub random_resized_crop: bool,
+    /// Its range of the crop's share of the image's area, and of the crop's aspect ratio.
+    pub scale: [f64; 2],
+    pub ratio: [f64; 2],
+    /// Mirror left-right / top-bottom with probability 1/2.
+    pub hflip: bool,
+    pub vflip: bool,
+}
+
+impl Default for AugmentCfg {
+    fn default() -> Self {
+        Self {
+            random_resized_crop: false,
+            scale: [0.08, 1.0],
+            ratio: [3.0 / 4.0, 4.0 / 3.0],
+            hflip: false,
+            vflip: false,
+        }
     }
 }
 
@@ -674,6 +740,27 @@ impl Config {
         check(i.height >= 8 && i.height <= 4096, "image.height", format!("{} must be in 8..=4096", i.height))?;
         check(i.std.iter().all(|s| *s > 0.0), "image.std", "every entry must be > 0")?;
         check(i.mean.iter().chain(&i.std).all(|v| v.is_finite()), "image.mean/std", "must be finite")?;
+        check(
+            i.val_resize_size == 0 || i.val_resize_size >= i.width.max(i.height),
+            "image.val_resize_size",
+            format!("{} must be 0 (auto) or at least max(width, height) to crop from", i.val_resize_size),
+        )?;
+        check(
+            i.cache_size <= 8192,
+            "image.cache_size",
+            format!("{} is larger than any image sac caches", i.cache_size),
+        )?;
+        let a = &self.augment;
+        check(
+            a.scale[0] > 0.0 && a.scale[0] <= a.scale[1] && a.scale[1] <= 1.0,
+            "augment.scale",
+            format!("{:?} must be [lo, hi] with 0 < lo <= hi <= 1", a.scale),
+        )?;
+        check(
+            a.ratio[0] > 0.0 && a.ratio[0] <= a.ratio[1] && a.ratio[1].is_finite(),
+            "augment.ratio",
+            format!("{:?} must be [lo, hi] with 0 < lo <= hi", a.ratio),
+        )?;
         let (min_w, min_h) = crate::models::min_input_size(self.model.name);
         check(
             i.width >= min_w && i.height >= min_h,

@@ -7,6 +7,8 @@ use polars::prelude::{CsvReadOptions, DataFrame, DataType, SerReader};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::config::ResizeMode;
+
 /// One row of `train.csv` / `test.csv`. `label` is -1 when the split has no labels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
@@ -120,53 +122,151 @@ pub struct Geometry {
     pub height: u32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// How a whole image becomes width x height.
+    pub resize: ResizeMode,
+    /// `CenterCrop`: the short side before the crop.
+    pub val_resize: u32,
+}
+
+impl Default for Geometry {
+    fn default() -> Self {
+        Geometry::from_config(&crate::config::ImageCfg::default())
+    }
 }
 
 impl Geometry {
     pub fn from_config(c: &crate::config::ImageCfg) -> Self {
-        Geometry { width: c.width, height: c.height, mean: c.mean, std: c.std }
+        Geometry {
+            width: c.width,
+            height: c.height,
+            mean: c.mean,
+            std: c.std,
+            resize: c.resize,
+            val_resize: c.val_resize(),
+        }
     }
 
     /// Bytes of one decoded, resized RGB image.
     pub fn image_bytes(&self) -> usize {
         (self.width * self.height * 3) as usize
     }
+
+    /// The mean colour as pixel values (what `Pad` fills with: 0 after normalization).
+    fn mean_pixel(&self) -> [u8; 3] {
+        self.mean.map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8)
+    }
 }
 
-/// Decodes image bytes and resizes them to the geometry: RGB, HWC, u8.
-pub fn decode_resize(bytes: &[u8], g: &Geometry) -> Result<Vec<u8>> {
+/// Decoded RGB pixels (HWC, u8) of a `w` x `h` image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rgb {
+    pub w: u32,
+    pub h: u32,
+    pub px: Vec<u8>,
+}
+
+/// Decodes image bytes to RGB. JPEGs are decoded at the smallest DCT scale whose image still
+/// covers `min_w` x `min_h` (crate::jpeg); everything else, and JPEGs that decoder cannot read, by
+/// the image crate, which names the error.
+pub fn decode_rgb(bytes: &[u8], min_w: u32, min_h: u32) -> Result<Rgb> {
     let jpeg = bytes.starts_with(&[0xFF, 0xD8, 0xFF]);
-    // JPEGs at a reduced DCT scale (crate::jpeg); everything else, and JPEGs that decoder
-    // cannot read, by the image crate, which names the error.
-    let (w, h, px) = match jpeg.then(|| crate::jpeg::decode_scaled(bytes, g.width, g.height)).flatten() {
+    let (w, h, px) = match jpeg.then(|| crate::jpeg::decode_scaled(bytes, min_w, min_h)).flatten() {
         Some(decoded) => decoded,
         None => {
             let img = image::load_from_memory(bytes).context("cannot decode image")?.into_rgb8();
             (img.width(), img.height(), img.into_raw())
         }
     };
-    resize_rgb(w, h, px, g)
+    Ok(Rgb { w, h, px })
 }
 
-/// Resizes RGB pixels to the geometry with a bilinear (triangle) filter that widens with the
-/// scale factor when shrinking, as PIL's `BILINEAR` and torchvision's `Resize` do; SIMD
+/// Decodes image bytes and makes them the geometry's width x height by its `resize` mode.
+pub fn decode_resize(bytes: &[u8], g: &Geometry) -> Result<Vec<u8>> {
+    let cover = match g.resize {
+        ResizeMode::CenterCrop => (g.val_resize, g.val_resize),
+        ResizeMode::Stretch | ResizeMode::Pad => (g.width, g.height),
+    };
+    fit(&decode_rgb(bytes, cover.0, cover.1)?, g)
+}
+
+/// A whole image made width x height: stretched; or its short side resized to `val_resize` and
+/// the centre cut out (torchvision's `Resize(val_resize)` then `CenterCrop`, in one resampling);
+/// or fitted inside with its aspect ratio and padded with the mean colour.
+pub fn fit(img: &Rgb, g: &Geometry) -> Result<Vec<u8>> {
+    let (w, h) = (f64::from(img.w), f64::from(img.h));
+    let (out_w, out_h) = (g.width, g.height);
+    match g.resize {
+        ResizeMode::Stretch => resize_region(img, None, out_w, out_h),
+        ResizeMode::CenterCrop => {
+            // The resized image's size, as torchvision's Resize(int): short side = val_resize,
+            // long side int(val_resize × long / short); then the crop's offset, rounded as
+            // CenterCrop does, mapped back to the source.
+            let s = f64::from(g.val_resize);
+            let (rw, rh) = if w <= h { (s, (s * h / w).floor()) } else { ((s * w / h).floor(), s) };
+            let (rw, rh) = (rw.max(f64::from(out_w)), rh.max(f64::from(out_h)));
+            let left = ((rw - f64::from(out_w)) / 2.0).round();
+            let top = ((rh - f64::from(out_h)) / 2.0).round();
+            let (sx, sy) = (w / rw, h / rh);
+            let region = (left * sx, top * sy, f64::from(out_w) * sx, f64::from(out_h) * sy);
+            resize_region(img, Some(region), out_w, out_h)
+        }
+        ResizeMode::Pad => {
+            let scale = (f64::from(out_w) / w).min(f64::from(out_h) / h);
+            let rw = ((w * scale).round() as u32).clamp(1, out_w);
+            let rh = ((h * scale).round() as u32).clamp(1, out_h);
+            let inner = resize_region(img, None, rw, rh)?;
+            let fill = g.mean_pixel();
+            let mut out: Vec<u8> = std::iter::repeat_n(fill, (out_w * out_h) as usize).flatten().collect();
+            let (x0, y0) = ((out_w - rw) / 2, (out_h - rh) / 2);
+            for y in 0..rh {
+                let dst = (((y0 + y) * out_w + x0) * 3) as usize;
+                let src = (y * rw * 3) as usize;
+                out[dst..dst + (rw * 3) as usize].copy_from_slice(&inner[src..src + (rw * 3) as usize]);
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// The region `(left, top, width, height)` of `img` (all of it for None), resampled to
+/// `out_w` x `out_h` with a bilinear (triangle) filter that widens with the scale factor when
+/// shrinking, as PIL's `BILINEAR` and torchvision's `Resize(antialias=True)` do; SIMD
 /// (fast_image_resize) where the CPU has it.
-fn resize_rgb(w: u32, h: u32, px: Vec<u8>, g: &Geometry) -> Result<Vec<u8>> {
-    use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-    if (w, h) == (g.width, g.height) {
-        return Ok(px);
+pub fn resize_region(img: &Rgb, region: Option<(f64, f64, f64, f64)>, out_w: u32, out_h: u32) -> Result<Vec<u8>> {
+    use fast_image_resize::{
+        images::Image, images::ImageRef, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer,
+    };
+    let whole = (0.0, 0.0, f64::from(img.w), f64::from(img.h));
+    if region.is_none_or(|r| r == whole) && (img.w, img.h) == (out_w, out_h) {
+        return Ok(img.px.clone());
     }
     thread_local! {
         static RESIZER: std::cell::RefCell<Resizer> = std::cell::RefCell::new(Resizer::new());
     }
-    let src = Image::from_vec_u8(w, h, px, PixelType::U8x3).context("image buffer of the wrong size")?;
-    let mut dst = Image::new(g.width, g.height, PixelType::U8x3);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    let src = ImageRef::new(img.w, img.h, &img.px, PixelType::U8x3).context("image buffer of the wrong size")?;
+    let mut dst = Image::new(out_w, out_h, PixelType::U8x3);
+    let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    if let Some((left, top, width, height)) = region {
+        options = options.crop(left, top, width, height);
+    }
     RESIZER.with(|r| r.borrow_mut().resize(&src, &mut dst, &options)).context("cannot resize image")?;
     Ok(dst.into_vec())
 }
 
-/// Reads and decodes one file.
+/// `img` with its short side brought down to `short` (aspect kept; smaller images stay as they
+/// are): what the training cache keeps to crop from.
+pub fn shrink_to_short_side(img: Rgb, short: u32) -> Result<Rgb> {
+    let s = img.w.min(img.h);
+    if s <= short {
+        return Ok(img);
+    }
+    let scale = f64::from(short) / f64::from(s);
+    let (w, h) =
+        (((f64::from(img.w) * scale).round() as u32).max(1), ((f64::from(img.h) * scale).round() as u32).max(1));
+    Ok(Rgb { w, h, px: resize_region(&img, None, w, h)? })
+}
+
+/// Reads and decodes one file to width x height.
 pub fn load_image(path: &Path, g: &Geometry) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     decode_resize(&bytes, g).with_context(|| format!("{}", path.display()))
@@ -238,20 +338,25 @@ pub fn cache_budget(setting: crate::config::Cache, local_ranks: usize, available
 /// A rank's images: decoded on first use; kept in memory while the cache's byte budget allows.
 /// Images are kept in the order they are first used and never evicted, so a full cache serves a
 /// fixed part of the shard from memory and decodes the rest every epoch.
+///
+/// An image is kept as the network input (width x height, by `[image] resize`), or, for random
+/// crops, whole with its short side at most `crop_source` pixels (`[image] cache_size`).
 pub struct ImageStore {
     root: PathBuf,
     geometry: Geometry,
-    cache: Vec<Option<Box<[u8]>>>,
+    crop_source: Option<u32>,
+    cache: Vec<Option<Rgb>>,
     budget: u64,
     used: u64,
     held: usize,
 }
 
 impl ImageStore {
-    /// A store for a shard of `len` images with a cache of at most `budget` bytes (0: none).
-    pub fn new(root: &Path, geometry: Geometry, len: usize, budget: u64) -> Self {
+    /// A store for a shard of `len` images with a cache of at most `budget` bytes (0: none),
+    /// keeping whole images of short side `crop_source` if set.
+    pub fn new(root: &Path, geometry: Geometry, crop_source: Option<u32>, len: usize, budget: u64) -> Self {
         let cache = if budget >= geometry.image_bytes() as u64 { vec![None; len] } else { Vec::new() };
-        ImageStore { root: root.to_path_buf(), geometry, cache, budget, used: 0, held: 0 }
+        ImageStore { root: root.to_path_buf(), geometry, crop_source, cache, budget, used: 0, held: 0 }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -263,20 +368,35 @@ impl ImageStore {
         (self.used, self.held)
     }
 
+    /// Does the cache hold image `index`?
+    pub fn holds(&self, index: usize) -> bool {
+        self.cache.get(index).is_some_and(Option::is_some)
+    }
+
+    fn load(&self, rel: &str) -> Result<Rgb> {
+        let path = self.root.join(rel);
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let g = &self.geometry;
+        let img = match self.crop_source {
+            Some(short) => decode_rgb(&bytes, short, short).and_then(|img| shrink_to_short_side(img, short)),
+            None => decode_resize(&bytes, g).map(|px| Rgb { w: g.width, h: g.height, px }),
+        };
+        img.with_context(|| format!("{}", path.display()))
+    }
+
     /// Image `index` (its position in the rank's shard) at `rel`.
-    pub fn get(&mut self, index: usize, rel: &str) -> Result<std::borrow::Cow<'_, [u8]>> {
-        if self.cache.get(index).is_some_and(Option::is_some) {
-            return Ok(std::borrow::Cow::Borrowed(self.cache[index].as_deref().expect("checked")));
+    pub fn get(&mut self, index: usize, rel: &str) -> Result<Rgb> {
+        if let Some(Some(img)) = self.cache.get(index) {
+            return Ok(img.clone());
         }
-        let img = load_image(&self.root.join(rel), &self.geometry)?;
-        let size = img.len() as u64;
+        let img = self.load(rel)?;
+        let size = img.px.len() as u64;
         if index < self.cache.len() && self.used + size <= self.budget {
             self.used += size;
             self.held += 1;
-            let slot = &mut self.cache[index];
-            return Ok(std::borrow::Cow::Borrowed(slot.insert(img.into_boxed_slice())));
+            self.cache[index] = Some(img.clone());
         }
-        Ok(std::borrow::Cow::Owned(img))
+        Ok(img)
     }
 }
 
@@ -287,7 +407,7 @@ mod tests {
     #[test]
     fn normalize_matches_torchvision_to_tensor_then_normalize() {
         // torchvision: Normalize(mean, std)(ToTensor()(img)) = (v/255 - mean) / std, CHW.
-        let g = Geometry { width: 2, height: 1, mean: [0.5, 0.25, 0.0], std: [0.5, 0.25, 1.0] };
+        let g = Geometry { width: 2, height: 1, mean: [0.5, 0.25, 0.0], std: [0.5, 0.25, 1.0], ..Geometry::default() };
         let img: Vec<u8> = vec![255, 0, 51, 0, 255, 102]; // HWC: pixel0 = (255,0,51), pixel1 = (0,255,102)
         let mut out = Vec::new();
         normalize_into(&[&img], &g, &mut out);
@@ -302,7 +422,7 @@ mod tests {
         let img = image::RgbImage::from_fn(1000, 680, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
         let mut jpg = Vec::new();
         img.write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg).unwrap();
-        let g = Geometry { width: 128, height: 128, mean: [0.0; 3], std: [1.0; 3] };
+        let g = Geometry { width: 128, height: 128, mean: [0.0; 3], std: [1.0; 3], ..Geometry::default() };
         assert_eq!(decode_resize(&jpg, &g).unwrap().len(), 128 * 128 * 3);
         assert!(decode_resize(&jpg[..100], &g).is_err(), "a truncated header is an error");
     }
@@ -313,11 +433,34 @@ mod tests {
         image::GrayImage::from_pixel(28, 28, image::Luma([200]))
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .unwrap();
-        let g = Geometry { width: 64, height: 32, mean: [0.0; 3], std: [1.0; 3] };
+        let g = Geometry { width: 64, height: 32, mean: [0.0; 3], std: [1.0; 3], ..Geometry::default() };
         let rgb = decode_resize(&png, &g).unwrap();
         assert_eq!(rgb.len(), 64 * 32 * 3);
         assert!(rgb.iter().all(|&v| v == 200));
         assert!(decode_resize(b"not an image", &g).is_err());
+    }
+
+    /// A 40x20 image whose left half is red and right half blue, made 8x8 each way.
+    #[test]
+    fn stretch_center_crop_and_pad_make_the_input_size_as_torchvision_would() {
+        let px: Vec<u8> =
+            (0..20).flat_map(|_| (0..40).flat_map(|x| if x < 20 { [255, 0, 0] } else { [0, 0, 255] })).collect();
+        let img = Rgb { w: 40, h: 20, px };
+        let g = |resize, val_resize| Geometry { width: 8, height: 8, resize, val_resize, ..Geometry::default() };
+        let at =
+            |out: &[u8], x: usize, y: usize| [out[(y * 8 + x) * 3], out[(y * 8 + x) * 3 + 1], out[(y * 8 + x) * 3 + 2]];
+        // Stretch: both halves, 4 columns each.
+        let s = fit(&img, &g(ResizeMode::Stretch, 9)).unwrap();
+        assert_eq!((at(&s, 0, 0), at(&s, 7, 7)), ([255, 0, 0], [0, 0, 255]));
+        // Centre crop: short side 9 → 18x9, the centre 8x8 spans columns 5..13 of 18: the middle.
+        let c = fit(&img, &g(ResizeMode::CenterCrop, 9)).unwrap();
+        assert_eq!((at(&c, 0, 4), at(&c, 7, 4)), ([255, 0, 0], [0, 0, 255]));
+        assert_eq!(c.len(), 8 * 8 * 3);
+        // Pad: 8x4 in the middle rows, the mean colour above and below.
+        let p = fit(&img, &g(ResizeMode::Pad, 9)).unwrap();
+        let mean = Geometry::default().mean_pixel();
+        assert_eq!((at(&p, 3, 0), at(&p, 3, 7)), (mean, mean));
+        assert_eq!((at(&p, 0, 3), at(&p, 7, 4)), ([255, 0, 0], [0, 0, 255]));
     }
 
     #[test]
@@ -328,15 +471,15 @@ mod tests {
                 .save(dir.path().join(format!("{i}.png")))
                 .unwrap();
         }
-        let g = Geometry { width: 8, height: 8, mean: [0.0; 3], std: [1.0; 3] };
+        let g = Geometry { width: 8, height: 8, mean: [0.0; 3], std: [1.0; 3], ..Geometry::default() };
         let one = g.image_bytes() as u64;
         // Room for 2 images and a half: 2 are kept, in the order they were first used.
-        let mut store = ImageStore::new(dir.path(), g, 5, 2 * one + one / 2);
+        let mut store = ImageStore::new(dir.path(), g, None, 5, 2 * one + one / 2);
         for round in 0..2 {
             for i in [3usize, 1, 4, 0, 2] {
                 let img = store.get(i, &format!("{i}.png")).unwrap();
-                assert_eq!(img[0], i as u8 * 40, "round {round}, image {i}");
-                assert_eq!(matches!(img, std::borrow::Cow::Borrowed(_)), i == 3 || i == 1, "image {i}");
+                assert_eq!((img.w, img.h, img.px[0]), (8, 8, i as u8 * 40), "round {round}, image {i}");
+                assert_eq!(store.holds(i), i == 3 || i == 1, "image {i}");
             }
         }
         assert_eq!(store.held(), (2 * one, 2));
@@ -345,9 +488,13 @@ mod tests {
         assert!(store.get(3, "3.png").is_ok());
         assert!(store.get(0, "0.png").is_ok() && store.get(4, "gone.png").is_err());
 
-        let mut none = ImageStore::new(dir.path(), g, 5, 0);
-        assert!(matches!(none.get(1, "1.png").unwrap(), std::borrow::Cow::Owned(_)));
+        let mut none = ImageStore::new(dir.path(), g, None, 5, 0);
+        assert!(none.get(1, "1.png").is_ok() && !none.holds(1));
         assert_eq!(none.held(), (0, 0));
+        // For random crops the whole 20x10 image is kept, its short side at most 6: 12x6.
+        let mut whole = ImageStore::new(dir.path(), g, Some(6), 5, u64::MAX);
+        let img = whole.get(2, "2.png").unwrap();
+        assert_eq!((img.w, img.h, img.px.len()), (12, 6, 12 * 6 * 3));
     }
 
     #[test]

@@ -98,6 +98,9 @@ fn recipe_keys_are_validated_naming_the_key() {
         ("train.lr_gamma=1.5", "train.lr_gamma"),
         ("train.label_smoothing=1", "train.label_smoothing"),
         ("train.clip_grad_norm=-1", "train.clip_grad_norm"),
+        ("augment.scale=[0.5, 0.2]", "augment.scale"),
+        ("augment.ratio=[0, 1]", "augment.ratio"),
+        ("image.resize=crop", "resize"),
         ("train.lr_min=1", "train.lr_min"),
         ("train.lr_schedule=linear", "lr_schedule"),
         ("train.lr_scaling=sqrt", "lr_scaling"),
@@ -109,10 +112,90 @@ fn recipe_keys_are_validated_naming_the_key() {
     }
 }
 
-/// The `__metadata__` of a safetensors file.
-fn safetensors_metadata(path: &std::path::Path) -> serde_json::Map<String, serde_json::Value> {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    header["__metadata__"].as_object().cloned().unwrap_or_default()
+/// Replaces every image of the project's data dir by a 48x32 one of the same colour that darkens
+/// to the right and down: crops, flips and padding change such an image (not a solid square).
+fn texture_images(p: &Project) {
+    for rel in files_below(&p.data()) {
+        let path = p.data().join(&rel);
+        if path.extension().is_none_or(|e| e != "png") {
+            continue;
+        }
+        let colour = image::open(&path).unwrap().to_rgb8().get_pixel(0, 0).0;
+        let img = image::RgbImage::from_fn(48, 32, |x, y| {
+            let f = 1.0 - (x + y) as f32 / 100.0;
+            image::Rgb(colour.map(|c| (f32::from(c) * f) as u8))
+        });
+        img.save(&path).unwrap();
+    }
+}
+
+#[test]
+fn augmented_training_resumes_to_the_weights_of_an_uninterrupted_run() {
+    // 48x32 images cached at short side 24 and cropped to 32x32, mirrored both ways.
+    let p = Project::new(2, 12, 0, 32);
+    texture_images(&p);
+    let aug = [
+        "--set",
+        "augment.random_resized_crop=true",
+        "--set",
+        "augment.hflip=true",
+        "--set",
+        "augment.vflip=true",
+        "--set",
+        "image.cache_size=24",
+    ];
+    fn with<'a>(extra: &[&'a str], aug: &[&'a str]) -> Vec<&'a str> {
+        [extra, aug].concat()
+    }
+    let out = p.train_mpi(2, &with(&["--epochs", "2", "--set", "paths.checkpoint_dir=a"], &aug));
+    assert_success(&out);
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "augmentation: random resized crop (scale 0.08-1, ratio 0.75-1.33) from images cached at short side 24, \
+             horizontal flip, vertical flip"
+        ),
+        "{err}"
+    );
+    assert_success(&p.train_mpi(2, &with(&["--epochs", "1", "--set", "paths.checkpoint_dir=b"], &aug)));
+    assert_success(&p.train_mpi(2, &with(&["--resume", "--epochs", "2", "--set", "paths.checkpoint_dir=b"], &aug)));
+    assert_success(&p.train_mpi(2, &["--epochs", "1", "--set", "paths.checkpoint_dir=plain"]));
+    let (a, b) = (p.model_dir_in("a", "resnet18"), p.model_dir_in("b", "resnet18"));
+    let cmp = compare_safetensors(&a.join("model.safetensors"), &b.join("model.safetensors"));
+    assert!(cmp.bitwise || cmp.max_abs_diff <= 1e-6, "augmented run and its resume differ: {cmp:?}");
+    let loss =
+        |dir: &str| read_json(&p.model_dir_in(dir, "resnet18").join("state.json"))["history"][0]["train_loss"].clone();
+    assert_eq!(loss("a"), loss("b"));
+    assert_ne!(loss("a"), loss("plain"), "augmentation changes what the network sees");
+}
+
+#[test]
+fn evaluation_resizes_by_stretching_centre_cropping_or_padding() {
+    // 48x32 images into 32x32: each way gives other pixels, so another loss.
+    let p = Project::new(2, 8, 6, 32);
+    texture_images(&p);
+    assert_success(&p.train(&["--set", "train.validate=true"]));
+    let config = p.path().join("config.toml");
+    let loss = |mode: &str| {
+        let out_dir = format!("out-{mode}");
+        let args = [
+            "--config",
+            config.to_str().unwrap(),
+            "evaluate",
+            "--set",
+            &format!("image.resize={mode}"),
+            "--set",
+            &format!("paths.output_dir={out_dir}"),
+        ];
+        let out = run_sac_with_timeout(p.path(), &args, RUN_TIMEOUT);
+        assert_success(&out);
+        read_json(&p.path().join(&out_dir).join("metrics.json"))["loss"].as_f64().expect("loss")
+    };
+    let (stretch, crop, pad) = (loss("stretch"), loss("center_crop"), loss("pad"));
+    assert!(
+        (stretch - crop).abs() > 1e-6 && (stretch - pad).abs() > 1e-6 && (crop - pad).abs() > 1e-6,
+        "losses: stretch {stretch}, centre crop {crop}, pad {pad}"
+    );
+    let out = p.train(&["--overwrite", "--set", "image.val_resize_size=16"]);
+    assert_fails_with(&out, &["image.val_resize_size", "16"]);
 }

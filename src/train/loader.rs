@@ -6,6 +6,7 @@ use anyhow::{anyhow, Context, Result};
 use tch::{Device, Tensor};
 use tracing::warn;
 
+use super::augment::Augment;
 use crate::config::OnBadImage;
 use crate::data::{self, Geometry, ImageStore, Row};
 
@@ -24,11 +25,25 @@ pub struct Loader {
     pub rank: usize,
     /// Batches a loader thread prepares ahead of the one in use; 0: no thread (`train.prefetch`).
     pub ahead: usize,
+    /// Training-time augmentation (None: images as `[image] resize` makes them), and the epoch
+    /// whose draws it makes.
+    pub augment: Option<Augment>,
+    pub epoch: u32,
 }
 
 impl Loader {
     pub fn new(store: ImageStore, geometry: Geometry, on_bad: OnBadImage, rank: usize, ahead: usize) -> Self {
-        Loader { store, geometry, on_bad, bad: HashSet::new(), values: Vec::new(), rank, ahead }
+        Loader {
+            store,
+            geometry,
+            on_bad,
+            bad: HashSet::new(),
+            values: Vec::new(),
+            rank,
+            ahead,
+            augment: None,
+            epoch: 0,
+        }
     }
 
     /// The decodable images of `rows[idx]` as a batch, and how many were skipped.
@@ -41,9 +56,15 @@ impl Loader {
                 skipped += 1;
                 continue;
             }
-            match self.store.get(i, &rows[i].path) {
-                Ok(img) => {
-                    images.push(img.into_owned());
+            let g = &self.geometry;
+            let input = self.store.get(i, &rows[i].path).and_then(|img| match &self.augment {
+                Some(a) => a.apply(&img, g, &mut a.rng(self.epoch, &rows[i].path)),
+                None if (img.w, img.h) == (g.width, g.height) => Ok(img.px),
+                None => data::fit(&img, g),
+            });
+            match input {
+                Ok(px) => {
+                    images.push(px);
                     labels.push(rows[i].label);
                 }
                 Err(e) if self.on_bad == OnBadImage::Fail => {
@@ -134,8 +155,8 @@ mod tests {
     }
 
     fn loader(dir: &std::path::Path, on_bad: OnBadImage) -> Loader {
-        let g = Geometry { width: 8, height: 8, mean: [0.5; 3], std: [0.25; 3] };
-        Loader::new(ImageStore::new(dir, g, 12, 0), g, on_bad, 0, 0)
+        let g = Geometry { width: 8, height: 8, mean: [0.5; 3], std: [0.25; 3], ..Geometry::default() };
+        Loader::new(ImageStore::new(dir, g, None, 12, 0), g, on_bad, 0, 0)
     }
 
     /// Per batch: the image values, the labels, the skipped count.

@@ -19,6 +19,7 @@ use crate::config::{OptimizerKind, Settings, TrainCfg};
 use crate::data::{self, Geometry, ImageStore, Row};
 use crate::dist::Dist;
 use crate::record::{EpochRecord, State};
+use augment::Augment;
 pub use epoch::Interrupted;
 use epoch::{EpochSteps, Stepper};
 use exchange::{average_tensors, broadcast_tensors};
@@ -29,6 +30,7 @@ use progress::Reporter;
 use schedule::Schedule;
 use shard::{batch_bounds, distribute, epoch_order, steps_per_epoch};
 
+pub mod augment;
 pub mod epoch;
 pub mod exchange;
 pub mod loader;
@@ -145,16 +147,23 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         }
     };
     let geometry = Geometry::from_config(&cfg.image);
-    let loader = |rows: &[Row]| {
+    let augment = Augment::new(&cfg.augment, cfg.dataset.seed);
+    // Random crops are cut from whole images (short side `cache_size`), or from the input-size ones.
+    let crop_source = (cfg.augment.random_resized_crop && cfg.image.cache_size > 0).then_some(cfg.image.cache_size);
+    let loader = |rows: &[Row], crop_source| {
         Loader::new(
-            ImageStore::new(s.data_dir(), geometry, rows.len(), share(rows.len())),
+            ImageStore::new(s.data_dir(), geometry, crop_source, rows.len(), share(rows.len())),
             geometry,
             tc.on_bad_image,
             dist.rank(),
             tc.prefetch,
         )
     };
-    let (mut train_loader, mut test_loader) = (loader(&shard.train), loader(&shard.test));
+    let (mut train_loader, mut test_loader) = (loader(&shard.train, crop_source), loader(&shard.test, None));
+    if let Some(a) = &augment {
+        info!("{}", a.describe(crop_source.unwrap_or(0)));
+    }
+    train_loader.augment = augment;
     let steps = steps_per_epoch(shard.total_train, dist.size(), tc.batch_size);
     let mut first_save = true;
 
@@ -189,6 +198,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         let batches: Vec<&[usize]> =
             (0..steps).map(|step| bounds.get(step).map_or(&[][..], |r| &order[r.clone()])).collect();
         let traced_from = traced.map(|(_, from)| *from);
+        train_loader.epoch = epoch;
         let done = stepper.run_epoch(
             epoch,
             &mut train_loader,
