@@ -46,6 +46,10 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// The files of one epoch's checkpoint, in the order they are written.
 pub const EPOCH_FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "state.json"];
+
+/// The moving average of the weights (`train.ema_decay`), in an epoch when training keeps one;
+/// published beside the others.
+pub const EMA_FILE: &str = "model_ema.safetensors";
 /// Written last into an epoch directory: every other file's name, size and CRC-32.
 pub const MANIFEST: &str = "manifest.json";
 /// The symlink that names the newest complete epoch; replaced by one rename (the publish step).
@@ -151,6 +155,17 @@ impl Store {
                 self.replace_symlink(name, &target)?;
             }
         }
+        // The EMA link exists exactly when the published epoch has the file (no dangling link
+        // after a run without EMA).
+        let ema_link = self.dir.join(EMA_FILE);
+        if self.epoch_dir(epoch).join(EMA_FILE).is_file() {
+            let target = PathBuf::from(LATEST).join(EMA_FILE);
+            if fs::read_link(&ema_link).ok().as_ref() != Some(&target) {
+                self.replace_symlink(EMA_FILE, &target)?;
+            }
+        } else if fs::symlink_metadata(&ema_link).is_ok() {
+            fs::remove_file(&ema_link).with_context(|| format!("removing {}", ema_link.display()))?;
+        }
         sync_dir(&self.dir)
     }
 
@@ -206,10 +221,12 @@ impl Store {
         let manifest: Vec<ManifestEntry> =
             serde_json::from_slice(&text).with_context(|| format!("{} is damaged", mpath.display()))?;
         for name in EPOCH_FILES {
-            let entry = manifest
-                .iter()
-                .find(|e| e.name == name)
-                .with_context(|| format!("{} does not list {name}", mpath.display()))?;
+            if !manifest.iter().any(|e| e.name == name) {
+                bail!("{} does not list {name}", mpath.display());
+            }
+        }
+        for entry in &manifest {
+            let name = &entry.name;
             let path = epoch_dir.join(name);
             let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
             if bytes.len() as u64 != entry.bytes {

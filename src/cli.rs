@@ -140,6 +140,10 @@ pub struct EvaluateArgs {
     /// (`Id,Predicted`: image id, category id; the Kaggle submission format).
     #[arg(long, value_enum, default_value_t = Split::Test)]
     pub split: Split,
+    /// Evaluate the exponential moving average of the weights ([evaluate] ema):
+    /// <checkpoint_dir>/<model>/model_ema.safetensors, kept when training with train.ema_decay > 0.
+    #[arg(long)]
+    pub ema: bool,
     /// Write a Chrome trace / Perfetto timeline of every rank's pipeline stage to FILE
     /// ([timeline] file): read, decode, normalize, predict and the waits between them, for the
     /// first [timeline] steps batches.

@@ -436,6 +436,9 @@ pub struct TrainCfg {
     pub lr_scaling: LrScaling,
     /// Cross-entropy against targets smoothed by this much (torch's `label_smoothing`).
     pub label_smoothing: f64,
+    /// Per-step decay of an exponential moving average of the weights (and batch-norm
+    /// statistics), saved as `model_ema.safetensors`; 0: none.
+    pub ema_decay: f64,
     /// Largest L2 norm of the averaged global gradient; 0: no clipping.
     pub clip_grad_norm: f64,
     pub validate: bool,
@@ -474,6 +477,7 @@ impl Default for TrainCfg {
             lr_min: 0.0,
             lr_scaling: LrScaling::None,
             label_smoothing: 0.0,
+            ema_decay: 0.0,
             clip_grad_norm: 0.0,
             validate: true,
             device: DeviceKind::Cpu,
@@ -525,13 +529,16 @@ pub struct EvaluateCfg {
     /// Threads that decode and resize images (the decode rank's, or the decode stage's with fewer
     /// than 4 ranks); 0: the rank's share of its node's cores.
     pub decode_threads: usize,
-    /// Empty: `<checkpoint_dir>/<model.name>/model.safetensors`.
+    /// Empty: `<checkpoint_dir>/<model.name>/model.safetensors` (`model_ema.safetensors` with `ema`).
     pub checkpoint: PathBuf,
+    /// Evaluate the exponential moving average of the weights that training kept
+    /// (`train.ema_decay`) instead of the weights themselves.
+    pub ema: bool,
 }
 
 impl Default for EvaluateCfg {
     fn default() -> Self {
-        Self { batch_size: 32, decode_threads: 0, checkpoint: PathBuf::new() }
+        Self { batch_size: 32, decode_threads: 0, checkpoint: PathBuf::new(), ema: false }
     }
 }
 
@@ -588,6 +595,8 @@ pub struct FlagOverrides {
     pub epochs: Option<u32>,
     pub checkpoint: Option<PathBuf>,
     pub timeline: Option<PathBuf>,
+    /// `evaluate --ema`.
+    pub ema: bool,
 }
 
 /// A loaded, overridden, validated config with every path made absolute.
@@ -632,7 +641,7 @@ impl Settings {
     /// The checkpoint `evaluate` reads.
     pub fn eval_checkpoint(&self) -> PathBuf {
         if self.config.evaluate.checkpoint.as_os_str().is_empty() {
-            self.model_dir().join("model.safetensors")
+            self.model_dir().join(if self.config.evaluate.ema { "model_ema.safetensors" } else { "model.safetensors" })
         } else {
             self.config.evaluate.checkpoint.clone()
         }
@@ -668,13 +677,16 @@ impl FlagOverrides {
         if let Some(p) = &self.timeline {
             c.timeline.file = std::path::absolute(p).unwrap_or_else(|_| p.clone());
         }
+        if self.ema {
+            c.evaluate.ema = true;
+        }
     }
 }
 
-/// Parses the file text, then merges each `section.key=value` of `sets` into it.
 /// Keys whose default is "unset" (an `Option`), so the encoded defaults do not list them.
 const UNSET_BY_DEFAULT: [(&str, &str); 1] = [("train", "norm_weight_decay")];
 
+/// Parses the file text, then merges each `section.key=value` of `sets` into it.
 fn parse_with_sets(text: &str, sets: &[String]) -> Result<Config> {
     // First the file alone, so its errors carry line and column.
     let config: Config = toml::from_str(text)?;
@@ -802,6 +814,17 @@ impl Config {
             (0.0..1.0).contains(&t.label_smoothing),
             "train.label_smoothing",
             format!("{} must be in [0, 1) (0.1 is usual)", t.label_smoothing),
+        )?;
+        check(
+            t.ema_decay == 0.0 || (0.5..1.0).contains(&t.ema_decay),
+            "train.ema_decay",
+            format!("{} must be 0 (off) or in [0.5, 1) (0.9998 per step is usual)", t.ema_decay),
+        )?;
+        check(
+            !self.evaluate.ema || self.evaluate.checkpoint.as_os_str().is_empty(),
+            "evaluate.ema",
+            "picks <checkpoint_dir>/<model>/model_ema.safetensors; with evaluate.checkpoint (--checkpoint) name the \
+             EMA file itself instead",
         )?;
         check(
             t.clip_grad_norm >= 0.0 && t.clip_grad_norm.is_finite(),

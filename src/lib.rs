@@ -90,6 +90,7 @@ fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
             model: a.model,
             checkpoint: a.checkpoint.clone(),
             timeline: a.timeline.clone(),
+            ema: a.ema,
             ..Default::default()
         },
         Command::MpiCheck(_) => unreachable!("handled above"),

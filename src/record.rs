@@ -25,6 +25,9 @@ pub struct EpochRecord {
     /// schedules).
     #[serde(default)]
     pub lr: Option<f64>,
+    /// Validation top-1 of the moving average of the weights (`train.ema_decay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_top1: Option<f64>,
 }
 
 /// `state.json`.

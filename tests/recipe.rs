@@ -98,6 +98,7 @@ fn recipe_keys_are_validated_naming_the_key() {
         ("train.lr_gamma=1.5", "train.lr_gamma"),
         ("train.label_smoothing=1", "train.label_smoothing"),
         ("train.clip_grad_norm=-1", "train.clip_grad_norm"),
+        ("train.ema_decay=1", "train.ema_decay"),
         ("augment.scale=[0.5, 0.2]", "augment.scale"),
         ("augment.ratio=[0, 1]", "augment.ratio"),
         ("image.resize=crop", "resize"),
@@ -198,4 +199,48 @@ fn evaluation_resizes_by_stretching_centre_cropping_or_padding() {
     );
     let out = p.train(&["--overwrite", "--set", "image.val_resize_size=16"]);
     assert_fails_with(&out, &["image.val_resize_size", "16"]);
+}
+
+#[test]
+fn ema_weights_are_validated_saved_resumed_and_evaluated_with_ema() {
+    let p = Project::new(2, 8, 6, 32);
+    texture_images(&p);
+    let ema = ["--set", "train.ema_decay=0.9", "--set", "train.validate=true"];
+    let out = p.train(&[&["--epochs", "2"][..], &ema].concat());
+    assert_success(&out);
+    assert!(stderr(&out).contains("epoch 2/2: the moving average of the weights: top-1"), "{}", stderr(&out));
+    let dir = p.model_dir_in("checkpoints", "resnet18");
+    let state = read_json(&dir.join("state.json"));
+    assert!(state["history"][1]["ema_top1"].as_f64().is_some(), "{state}");
+    // In the epoch (and its manifest), published beside model.safetensors, with the decay.
+    let manifest = std::fs::read_to_string(dir.join("epoch-0002/manifest.json")).unwrap();
+    assert!(manifest.contains("model_ema.safetensors"), "{manifest}");
+    let meta = safetensors_metadata(&dir.join("model_ema.safetensors"));
+    assert_eq!((meta["ema_decay"].as_str(), meta["epoch"].as_str()), ("0.9", "2"));
+    let fc = |file: &str| sac::checkpoint::read_safetensors(&dir.join(file)).unwrap().0["fc.weight"].shallow_clone();
+    let diff = (fc("model.safetensors") - fc("model_ema.safetensors")).abs().max().double_value(&[]);
+    assert!(diff > 1e-6, "the average is not the weights: max |difference| {diff}");
+
+    // A resume continues the saved average (no "missing" warning).
+    let out = p.train(&[&["--resume", "--epochs", "3"][..], &ema].concat());
+    assert_success(&out);
+    assert!(!stderr(&out).contains("moving average starts from the resumed weights"), "{}", stderr(&out));
+
+    // evaluate --ema reads model_ema.safetensors; its loss is not the weights' loss.
+    let config = p.path().join("config.toml");
+    let eval = |extra: &[&str]| {
+        let args = [&["--config", config.to_str().unwrap(), "evaluate"][..], extra].concat();
+        run_sac_with_timeout(p.path(), &args, RUN_TIMEOUT)
+    };
+    let loss = |out_dir: &str| read_json(&p.path().join(out_dir).join("metrics.json"))["loss"].as_f64().unwrap();
+    assert_success(&eval(&["--set", "paths.output_dir=plain"]));
+    assert_success(&eval(&["--ema", "--set", "paths.output_dir=ema"]));
+    assert!((loss("plain") - loss("ema")).abs() > 1e-6, "plain {} vs ema {}", loss("plain"), loss("ema"));
+    let out = eval(&["--ema", "--checkpoint", "x.safetensors"]);
+    assert_fails_with(&out, &["evaluate.ema", "--checkpoint"]);
+
+    // A run without EMA publishes no EMA link, and evaluate --ema then says what to do.
+    assert_success(&p.train(&["--overwrite", "--set", "train.validate=true"]));
+    assert!(std::fs::symlink_metadata(dir.join("model_ema.safetensors")).is_err(), "no dangling EMA link");
+    assert_fails_with(&eval(&["--ema"]), &["model_ema.safetensors", "train.ema_decay"]);
 }

@@ -27,6 +27,12 @@ use pipeline::{Ctx, RankReport, Stage};
 /// without a class map in its metadata is compared through the `state.json` beside it, if any.
 pub fn check_checkpoint(path: &Path, arch: Arch, classes: &[data::Class]) -> Result<()> {
     if !path.is_file() {
+        if path.file_name().is_some_and(|n| n == crate::checkpoint::EMA_FILE) {
+            bail!(
+                "checkpoint {} not found: --ema (evaluate.ema) needs a run trained with train.ema_decay > 0",
+                path.display()
+            );
+        }
         bail!("checkpoint {} not found: train first (`sac train`) or pass --checkpoint PATH", path.display());
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;

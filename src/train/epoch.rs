@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use tch::{Device, Tensor};
 use tracing::warn;
 
+use super::ema::Ema;
 use super::exchange::{buffers_finite, copy_tensors, GradSync};
 use super::loader::{with_batches, Loader};
 use super::model::Model;
@@ -47,6 +48,8 @@ pub(crate) struct Stepper<'a> {
     pub opt: Optimizer,
     /// Sets `opt.lr` before every step.
     pub schedule: Schedule,
+    /// The moving average of the weights, updated after every step (`train.ema_decay`).
+    pub ema: Option<Ema>,
     pub sync: GradSync,
     pub tc: &'a TrainCfg,
     pub device: Device,
@@ -74,7 +77,7 @@ impl<'a> Stepper<'a> {
         let sync = GradSync::new(&model.params.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());
         let buffers: Vec<Tensor> = model.buffers.iter().map(|(_, t)| t.shallow_clone()).collect();
         let saved_buffers = buffers.iter().map(|t| t.detach().copy()).collect();
-        Stepper { dist, model, opt, schedule, sync, tc, device, stop, dir, buffers, saved_buffers }
+        Stepper { dist, model, opt, schedule, ema: None, sync, tc, device, stop, dir, buffers, saved_buffers }
     }
 
     /// Runs the steps of `epoch`: one per entry of `batches` (indices into `rows`; empty when this
@@ -107,7 +110,8 @@ impl<'a> Stepper<'a> {
         with_batches(loader, rows, batches, device, |next_batch| {
             for step in 0..steps {
                 crate::fault::point("step");
-                self.opt.lr = self.schedule.lr(u64::from(epoch - 1) * steps as u64 + step as u64);
+                let t = u64::from(epoch - 1) * steps as u64 + step as u64;
+                self.opt.lr = self.schedule.lr(t);
                 let lr = self.opt.lr;
                 if traced_from == Some(step) {
                     crate::timeline::set_recording(true);
@@ -195,6 +199,9 @@ impl<'a> Stepper<'a> {
                     scale *= factor;
                 }
                 self.opt.apply(&g, scale, &self.model.params);
+                if let Some(ema) = self.ema.as_mut() {
+                    ema.update(self.model, self.schedule.in_warmup(t));
+                }
                 step_times.optim = crate::timeline::since("optimizer", "optimizer step", t3, at) - t3;
                 times.add(&step_times);
                 state.steps += 1;

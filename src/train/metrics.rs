@@ -210,6 +210,7 @@ mod tests {
                 skipped_images: 0,
                 nonfinite_steps: 0,
                 lr: Some(4e-4),
+                ema_top1: None,
             },
             validation_seconds: 0.5,
             shares: Shares::default(),

@@ -20,6 +20,7 @@ use crate::data::{self, Geometry, ImageStore, Row};
 use crate::dist::Dist;
 use crate::record::{EpochRecord, State};
 use augment::Augment;
+use ema::Ema;
 pub use epoch::Interrupted;
 use epoch::{EpochSteps, Stepper};
 use exchange::{average_tensors, broadcast_tensors};
@@ -31,6 +32,7 @@ use schedule::Schedule;
 use shard::{batch_bounds, distribute, epoch_order, steps_per_epoch};
 
 pub mod augment;
+pub mod ema;
 pub mod epoch;
 pub mod exchange;
 pub mod loader;
@@ -92,9 +94,12 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
 
     // Rank 0 loads what training starts from; then every rank gets it.
     let mut header = Vec::new();
+    let mut resumed_from = None;
     if dist.is_root() {
         if resume {
-            state = state::load_for_resume(&store, &model, &mut opt, &state)?;
+            let (loaded, from) = state::load_for_resume(&store, &model, &mut opt, &state)?;
+            state = loaded;
+            resumed_from = Some(from);
             if state.world_size != dist.size() {
                 info!(
                     "the checkpoint was written by {} rank(s), this run has {}: the global batch changes from {} to {} \
@@ -121,6 +126,14 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     dist.broadcast_slice(0, &mut step_buf);
     opt.step = step_buf[0] as i64;
     broadcast_tensors(dist, &[opt.m.shallow_clone(), opt.v.shallow_clone()]);
+    // The moving average starts as the weights, or as the resumed run's average.
+    let ema = (tc.ema_decay > 0.0).then(|| Ema::new(&model, tc.ema_decay));
+    if let Some(e) = &ema {
+        if let Some(from) = &resumed_from {
+            state::load_ema(from, e)?;
+        }
+        broadcast_tensors(dist, &e.all());
+    }
 
     if state.epoch >= tc.epochs {
         info!(
@@ -185,6 +198,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         tc.batch_size * dist.size()
     );
     let mut stepper = Stepper::new(dist, &model, opt, schedule, tc, device, &stop, &dir);
+    stepper.ema = ema;
     let first_epoch = state.epoch + 1;
     // The timeline's window: the last `timeline.steps` steps of the first epoch, its validation
     // and its checkpoint.
@@ -215,6 +229,9 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         let images_per_second = seen / train_seconds;
 
         average_tensors(dist, &stepper.buffers);
+        if let Some(e) = &stepper.ema {
+            average_tensors(dist, &e.buffers(&model));
+        }
         let t_val = Instant::now();
         let (val_loss, top1, top5) = if tc.validate {
             let traced_batches = if traced.is_some() { cfg.timeline.steps } else { 0 };
@@ -238,6 +255,26 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         } else {
             (None, None, None)
         };
+        // The moving average is validated as well, with the model's code on its values.
+        let ema_top1 = match (&stepper.ema, top1) {
+            (Some(e), Some(_)) => {
+                e.swap(&model);
+                let v = validate::validate(
+                    dist,
+                    &model,
+                    &shard.test,
+                    &mut test_loader,
+                    tc.batch_size,
+                    device,
+                    &stop,
+                    0,
+                    tc.log_interval(),
+                );
+                e.swap(&model);
+                v?.map(|v| v.1)
+            }
+            _ => None,
+        };
         let t_val_end = Instant::now();
         let validation_seconds = (t_val_end - t_val).as_secs_f64();
         let record = EpochRecord {
@@ -251,6 +288,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             skipped_images: skipped_all,
             nonfinite_steps,
             lr: Some(stepper.opt.lr),
+            ema_top1,
         };
         let pct = |x: Option<f64>| x.map_or("-".into(), |v| format!("{:.2} %", 100.0 * v));
         info!(
@@ -262,6 +300,9 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             record.seconds,
             progress::shares_text(&times.shares())
         );
+        if let Some(t) = ema_top1 {
+            info!("epoch {epoch}/{}: the moving average of the weights: top-1 {}", tc.epochs, pct(Some(t)));
+        }
         if epoch == first_epoch {
             log_cache(dist, budget, &[&train_loader, &test_loader], shard.total_train + shard.total_test);
         }
@@ -305,6 +346,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
                 improved,
                 first_save && overwrite,
                 metrics_file.as_deref(),
+                stepper.ema.as_ref(),
             )?;
             crate::timeline::since("checkpoint", "write checkpoint", t, None);
             if let (true, Some(r)) = (first_save, reporter.as_mut()) {

@@ -8,7 +8,7 @@ use tch::{Device, Tensor};
 use crate::models::Arch;
 
 /// The model's variables in a fixed (name) order, split into trained parameters and the rest.
-pub(crate) struct Model {
+pub struct Model {
     pub net: Box<dyn ModuleT>,
     pub vars: BTreeMap<String, Tensor>,
     pub params: Vec<(String, Tensor)>,

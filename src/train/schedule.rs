@@ -56,6 +56,11 @@ impl Schedule {
         }
     }
 
+    /// Is step `t` in the warmup?
+    pub fn in_warmup(&self, t: u64) -> bool {
+        t < self.warmup_steps
+    }
+
     /// One line for the log: what the run's learning rate does.
     pub fn describe(&self) -> String {
         let main = match self.kind {

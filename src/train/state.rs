@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use tch::Tensor;
 use tracing::{info, warn};
 
+use super::ema::Ema;
 use super::metrics;
 use super::model::Model;
 use super::optim::Optimizer;
@@ -19,6 +20,7 @@ pub fn model_file(dir: &Path) -> PathBuf {
     dir.join("model.safetensors")
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn save(
     store: &checkpoint::Store,
     model: &Model,
@@ -27,6 +29,7 @@ pub(crate) fn save(
     best: bool,
     replace_old_run: bool,
     metrics_file: Option<&Path>,
+    ema: Option<&Ema>,
 ) -> Result<()> {
     crate::fault::point("save");
     // Never save a NaN: name the first tensor that holds one.
@@ -54,14 +57,29 @@ pub(crate) fn save(
     opt_meta.insert("step".into(), opt.step.to_string());
     let opt_bytes = checkpoint::to_safetensors(&opt_tensors, &opt_meta)?;
     let state_bytes = (serde_json::to_string_pretty(state)? + "\n").into_bytes();
-    store.write_epoch(
-        state.epoch,
-        &[
-            ("model.safetensors", &model_bytes[..]),
-            ("optimizer.safetensors", &opt_bytes[..]),
-            ("state.json", &state_bytes[..]),
-        ],
-    )?;
+    let mut files: Vec<(&str, &[u8])> = vec![
+        ("model.safetensors", &model_bytes[..]),
+        ("optimizer.safetensors", &opt_bytes[..]),
+        ("state.json", &state_bytes[..]),
+    ];
+    let ema_bytes = match ema {
+        Some(e) => {
+            if let Some(name) = checkpoint::first_non_finite(e.vars.iter()) {
+                bail!(
+                    "epoch {}: the moving average's {name} holds NaN or infinite values; no checkpoint is written",
+                    state.epoch
+                );
+            }
+            let mut ema_meta = meta.clone();
+            ema_meta.insert("ema_decay".into(), e.decay.to_string());
+            checkpoint::to_safetensors(&checkpoint::with_batch_counters(&e.vars, state.steps), &ema_meta)?
+        }
+        None => Vec::new(),
+    };
+    if ema.is_some() {
+        files.push((checkpoint::EMA_FILE, &ema_bytes[..]));
+    }
+    store.write_epoch(state.epoch, &files)?;
     store.publish(state.epoch)?;
     if replace_old_run {
         let _ = std::fs::remove_file(store.dir.join("best.safetensors"));
@@ -80,12 +98,13 @@ pub(crate) fn save(
 
 /// The newest checkpoint that is whole and loads: epoch directories newest first (checked against
 /// their manifests), else the older flat layout. Says which it took and why it passed others over.
+/// Returns the state and the directory it came from (where its other files are).
 pub(crate) fn load_for_resume(
     store: &checkpoint::Store,
     model: &Model,
     opt: &mut Optimizer,
     fresh: &State,
-) -> Result<State> {
+) -> Result<(State, PathBuf)> {
     let dir = &store.dir;
     let epochs = store.epochs();
     if epochs.is_empty() {
@@ -96,7 +115,7 @@ pub(crate) fn load_for_resume(
                 state.epoch,
                 dir.display()
             );
-            return Ok(state);
+            return Ok((state, dir.clone()));
         }
         bail!("--resume: no checkpoint to resume in {} (train without --resume first)", dir.display());
     }
@@ -109,7 +128,7 @@ pub(crate) fn load_for_resume(
                     warn!("--resume: epoch {m} is not usable ({why}); falling back to epoch {n}");
                 }
                 info!("resuming after epoch {} from {} (the newest complete checkpoint)", state.epoch, path.display());
-                return Ok(state);
+                return Ok((state, path.clone()));
             }
             // A checkpoint of another model or data set is not damage: no fallback past it.
             Err(e) if e.is::<Mismatch>() => return Err(e),
@@ -199,4 +218,16 @@ pub(crate) fn load_pretrained(path: &Path, model: &Model, arch: Arch) -> Result<
     )?;
     info!("started from {}", path.display());
     Ok(())
+}
+
+/// Loads the moving average kept beside a resumed checkpoint into `ema`; without one (the run
+/// before kept none), the average starts from the resumed weights, as it says.
+pub(crate) fn load_ema(dir: &Path, ema: &Ema) -> Result<()> {
+    let file = dir.join(checkpoint::EMA_FILE);
+    if !file.is_file() {
+        warn!("--resume: {} is missing: the moving average starts from the resumed weights", file.display());
+        return Ok(());
+    }
+    let (tensors, _) = checkpoint::read_safetensors(&file)?;
+    checkpoint::load_into(&ema.vars, &tensors, &|_| false, &file.display().to_string())
 }
