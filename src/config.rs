@@ -288,6 +288,29 @@ pub enum LrSchedule {
     Cosine,
 }
 
+/// How each epoch picks its images (`train.sampler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampler {
+    /// Every image once, shuffled.
+    Uniform,
+    /// As many draws as images, with replacement, an image of a class of n images with weight 1/n:
+    /// every class is drawn equally often.
+    ClassBalanced,
+    /// The same with weight 1/√n: between uniform and balanced.
+    Sqrt,
+}
+
+impl Sampler {
+    pub fn name(self) -> &'static str {
+        match self {
+            Sampler::Uniform => "uniform",
+            Sampler::ClassBalanced => "class_balanced",
+            Sampler::Sqrt => "sqrt",
+        }
+    }
+}
+
 /// Whether `lr` is for a global batch of 256 and scales with the global batch (the rank count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -439,6 +462,8 @@ pub struct TrainCfg {
     /// Per-step decay of an exponential moving average of the weights (and batch-norm
     /// statistics), saved as `model_ema.safetensors`; 0: none.
     pub ema_decay: f64,
+    /// How each epoch picks its images.
+    pub sampler: Sampler,
     /// Largest L2 norm of the averaged global gradient; 0: no clipping.
     pub clip_grad_norm: f64,
     pub validate: bool,
@@ -478,6 +503,7 @@ impl Default for TrainCfg {
             lr_scaling: LrScaling::None,
             label_smoothing: 0.0,
             ema_decay: 0.0,
+            sampler: Sampler::Uniform,
             clip_grad_norm: 0.0,
             validate: true,
             device: DeviceKind::Cpu,

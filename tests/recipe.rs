@@ -99,6 +99,7 @@ fn recipe_keys_are_validated_naming_the_key() {
         ("train.label_smoothing=1", "train.label_smoothing"),
         ("train.clip_grad_norm=-1", "train.clip_grad_norm"),
         ("train.ema_decay=1", "train.ema_decay"),
+        ("train.sampler=balanced", "sampler"),
         ("augment.scale=[0.5, 0.2]", "augment.scale"),
         ("augment.ratio=[0, 1]", "augment.ratio"),
         ("image.resize=crop", "resize"),
@@ -243,4 +244,36 @@ fn ema_weights_are_validated_saved_resumed_and_evaluated_with_ema() {
     assert_success(&p.train(&["--overwrite", "--set", "train.validate=true"]));
     assert!(std::fs::symlink_metadata(dir.join("model_ema.safetensors")).is_err(), "no dangling EMA link");
     assert_fails_with(&eval(&["--ema"]), &["model_ema.safetensors", "train.ema_decay"]);
+}
+
+#[test]
+fn class_balanced_sampling_draws_rare_classes_as_often_as_common_ones() {
+    // 20 training images of 2 classes; train.csv keeps every image of class 0 and 2 of class 1.
+    let p = Project::new(2, 20, 0, 32);
+    let csv = p.data().join("train.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut ones = 0;
+    let kept: Vec<&str> = text
+        .lines()
+        .enumerate()
+        .filter(|(i, l)| {
+            let label = l.split(',').nth(1).unwrap_or("");
+            ones += usize::from(*i > 0 && label == "1");
+            *i == 0 || label != "1" || ones <= 2
+        })
+        .map(|(_, l)| l)
+        .collect();
+    std::fs::write(&csv, kept.join("\n") + "\n").unwrap();
+    let images = kept.len() - 1;
+    let out = p.train_mpi(2, &["--set", "train.sampler=class_balanced"]);
+    assert_success(&out);
+    let half = images as f64 / 2.0;
+    let want = format!(
+        "sampler class_balanced: each epoch draws {images} images with replacement; expected draws of the rarest \
+         class (2 images) {half:.1}, of the commonest ({} images) {half:.1}",
+        images - 2
+    );
+    assert!(stderr(&out).contains(&want), "{want}\n{}", stderr(&out));
+    let state = read_json(&p.model_dir_in("checkpoints", "resnet18").join("state.json"));
+    assert_eq!(u64_of(&state, "epoch"), 1, "{state}");
 }

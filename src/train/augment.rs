@@ -23,14 +23,15 @@ impl Augment {
         (cfg.random_resized_crop || cfg.hflip || cfg.vflip).then(|| Augment { cfg: cfg.clone(), seed })
     }
 
-    /// The generator of one image in one epoch.
-    pub fn rng(&self, epoch: u32, path: &str) -> ChaCha8Rng {
+    /// The generator of one image in one epoch; `draw` counts earlier draws of the image in the
+    /// epoch (a weighted sampler draws some images more than once: each copy is cropped anew).
+    pub fn rng(&self, epoch: u32, path: &str, draw: u32) -> ChaCha8Rng {
         // FNV-1a of the path, mixed with the seed and epoch by splitmix64's finalizer.
         let mut h = 0xcbf2_9ce4_8422_2325u64;
         for b in path.bytes() {
             h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
         }
-        let mut z = h ^ self.seed.rotate_left(17) ^ (u64::from(epoch) << 40) ^ 0xa5a5_0000;
+        let mut z = h ^ self.seed.rotate_left(17) ^ (u64::from(epoch) << 40) ^ (u64::from(draw) << 20) ^ 0xa5a5_0000;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         ChaCha8Rng::seed_from_u64(z ^ (z >> 31))
@@ -179,10 +180,12 @@ mod tests {
         let a = Augment::new(&cfg, 7).unwrap();
         let img = Rgb { w: 40, h: 30, px: (0..40 * 30 * 3).map(|i| (i * 7 % 251) as u8).collect() };
         let g = Geometry { width: 16, height: 16, ..Geometry::default() };
-        let run = |epoch, path: &str| a.apply(&img, &g, &mut a.rng(epoch, path)).unwrap();
+        let run = |epoch, path: &str| a.apply(&img, &g, &mut a.rng(epoch, path, 0)).unwrap();
         assert_eq!(run(1, "img/a.png"), run(1, "img/a.png"));
         assert_ne!(run(1, "img/a.png"), run(2, "img/a.png"));
         assert_ne!(run(1, "img/a.png"), run(1, "img/b.png"));
+        let second = a.apply(&img, &g, &mut a.rng(1, "img/a.png", 1)).unwrap();
+        assert_ne!(run(1, "img/a.png"), second, "a second draw in the epoch is augmented anew");
         assert_eq!(run(1, "img/a.png").len(), 16 * 16 * 3);
         assert!(Augment::new(&AugmentCfg::default(), 7).is_none(), "the default changes nothing");
     }

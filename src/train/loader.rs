@@ -29,6 +29,9 @@ pub struct Loader {
     /// whose draws it makes.
     pub augment: Option<Augment>,
     pub epoch: u32,
+    /// Draws of each row so far in this epoch (a weighted sampler repeats rows); `set_epoch`
+    /// clears it.
+    draws: std::collections::HashMap<usize, u32>,
 }
 
 impl Loader {
@@ -43,7 +46,14 @@ impl Loader {
             ahead,
             augment: None,
             epoch: 0,
+            draws: Default::default(),
         }
+    }
+
+    /// Starts an epoch: augmentation draws for `epoch`, every row's draw count back at 0.
+    pub fn set_epoch(&mut self, epoch: u32) {
+        self.epoch = epoch;
+        self.draws.clear();
     }
 
     /// The decodable images of `rows[idx]` as a batch, and how many were skipped.
@@ -57,8 +67,11 @@ impl Loader {
                 continue;
             }
             let g = &self.geometry;
+            let draw = self.draws.entry(i).or_insert(0);
+            let nth = *draw;
+            *draw += 1;
             let input = self.store.get(i, &rows[i].path).and_then(|img| match &self.augment {
-                Some(a) => a.apply(&img, g, &mut a.rng(self.epoch, &rows[i].path)),
+                Some(a) => a.apply(&img, g, &mut a.rng(self.epoch, &rows[i].path, nth)),
                 None if (img.w, img.h) == (g.width, g.height) => Ok(img.px),
                 None => data::fit(&img, g),
             });

@@ -29,7 +29,7 @@ use model::Model;
 use optim::{Hyper, Optimizer};
 use progress::Reporter;
 use schedule::Schedule;
-use shard::{batch_bounds, distribute, epoch_order, steps_per_epoch};
+use shard::{batch_bounds, distribute, epoch_order, steps_per_epoch, weighted_order};
 
 pub mod augment;
 pub mod ema;
@@ -199,6 +199,16 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     );
     let mut stepper = Stepper::new(dist, &model, opt, schedule, tc, device, &stop, &dir);
     stepper.ema = ema;
+    let weights = shard::sampling_weights(tc.sampler, &shard.train, &shard.class_counts);
+    if weights.is_some() {
+        let ((lo, lo_draws), (hi, hi_draws)) = shard::expected_draws(tc.sampler, &shard.class_counts);
+        info!(
+            "sampler {}: each epoch draws {} images with replacement; expected draws of the rarest class \
+             ({lo} images) {lo_draws:.1}, of the commonest ({hi} images) {hi_draws:.1}",
+            tc.sampler.name(),
+            shard.total_train
+        );
+    }
     let first_epoch = state.epoch + 1;
     // The timeline's window: the last `timeline.steps` steps of the first epoch, its validation
     // and its checkpoint.
@@ -207,12 +217,15 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         let t_epoch = Instant::now();
         let traced = timeline.as_ref().filter(|_| epoch == first_epoch);
         tch::manual_seed((cfg.dataset.seed as i64) ^ (i64::from(epoch) << 20) ^ (dist.rank() as i64) << 40);
-        let order = epoch_order(shard.train.len(), cfg.dataset.seed, epoch, dist.rank());
+        let order = match &weights {
+            Some(w) => weighted_order(w, cfg.dataset.seed, epoch, dist.rank()),
+            None => epoch_order(shard.train.len(), cfg.dataset.seed, epoch, dist.rank()),
+        };
         let bounds = batch_bounds(order.len(), tc.batch_size);
         let batches: Vec<&[usize]> =
             (0..steps).map(|step| bounds.get(step).map_or(&[][..], |r| &order[r.clone()])).collect();
         let traced_from = traced.map(|(_, from)| *from);
-        train_loader.epoch = epoch;
+        train_loader.set_epoch(epoch);
         let done = stepper.run_epoch(
             epoch,
             &mut train_loader,

@@ -2,12 +2,12 @@
 //! a rank's seeded order of its shard, cut into batches; the steps every rank runs.
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use crate::config::Settings;
+use crate::config::{Sampler, Settings};
 use crate::data::{self, Class, Row};
 use crate::dist::Dist;
 
@@ -19,6 +19,8 @@ pub(crate) struct Shard {
     pub test: Vec<Row>,
     pub total_train: usize,
     pub total_test: usize,
+    /// Training images per label, over all ranks (for `train.sampler`).
+    pub class_counts: Vec<u64>,
 }
 
 /// The batches of one epoch's order of `len` images: consecutive runs of `batch`, except that a
@@ -57,6 +59,10 @@ pub(crate) fn distribute(dist: &Dist, s: &Settings) -> Result<Shard> {
             bail!("{} has rows without a label: training needs labels", train_file.display());
         }
         data::check_labels(&test, classes.len(), &test_file)?;
+        let mut class_counts = vec![0u64; classes.len()];
+        for r in &train {
+            class_counts[r.label as usize] += 1;
+        }
         let n = dist.size();
         let deal = |rows: &[Row], r: usize| rows.iter().skip(r).step_by(n).cloned().collect::<Vec<_>>();
         let mut parts = Vec::with_capacity(n);
@@ -67,6 +73,7 @@ pub(crate) fn distribute(dist: &Dist, s: &Settings) -> Result<Shard> {
                 test: deal(&test, r),
                 total_train: train.len(),
                 total_test: test.len(),
+                class_counts: class_counts.clone(),
             };
             parts.push(serde_json::to_vec(&shard)?);
         }
@@ -92,6 +99,51 @@ pub(crate) fn epoch_order(len: usize, seed: u64, epoch: u32, rank: usize) -> Vec
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (u64::from(epoch) << 32) ^ ((rank as u64) << 48) ^ 0x5ac);
     order.shuffle(&mut rng);
     order
+}
+
+/// The sampling weight of each of a rank's training rows under `sampler` (None: uniform, every
+/// image once). `counts` are the training images per label over all ranks.
+pub(crate) fn sampling_weights(sampler: Sampler, rows: &[Row], counts: &[u64]) -> Option<Vec<f64>> {
+    let weight = |n: u64| match sampler {
+        Sampler::Uniform => 1.0,
+        Sampler::ClassBalanced => 1.0 / n as f64,
+        Sampler::Sqrt => 1.0 / (n as f64).sqrt(),
+    };
+    (sampler != Sampler::Uniform).then(|| rows.iter().map(|r| weight(counts[r.label as usize].max(1))).collect())
+}
+
+/// An epoch's order of a rank's rows under sampling weights: as many draws as rows, with
+/// replacement (as torch's `WeightedRandomSampler`), seeded per (seed, epoch, rank). Every rank
+/// draws from its own shard only, so the ranks' images stay disjoint and their step counts equal.
+pub(crate) fn weighted_order(weights: &[f64], seed: u64, epoch: u32, rank: usize) -> Vec<usize> {
+    let mut cumulative = Vec::with_capacity(weights.len());
+    let mut total = 0.0;
+    for w in weights {
+        total += w;
+        cumulative.push(total);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (u64::from(epoch) << 32) ^ ((rank as u64) << 48) ^ 0x5a3b);
+    (0..weights.len())
+        .map(|_| {
+            let u = rng.random_range(0.0..total);
+            cumulative.partition_point(|&c| c <= u).min(weights.len() - 1)
+        })
+        .collect()
+}
+
+/// For the log: (images, expected draws per epoch) of the rarest and of the commonest class.
+pub(crate) fn expected_draws(sampler: Sampler, counts: &[u64]) -> ((u64, f64), (u64, f64)) {
+    let present: Vec<u64> = counts.iter().copied().filter(|&n| n > 0).collect();
+    let weight = |n: u64| match sampler {
+        Sampler::Uniform => n as f64,
+        Sampler::ClassBalanced => 1.0,
+        Sampler::Sqrt => (n as f64).sqrt(),
+    };
+    let total: f64 = present.iter().map(|&n| weight(n)).sum();
+    let images: u64 = present.iter().sum();
+    let draws = |n: u64| images as f64 * weight(n) / total.max(f64::MIN_POSITIVE);
+    let (lo, hi) = (present.iter().copied().min().unwrap_or(0), present.iter().copied().max().unwrap_or(0));
+    ((lo, draws(lo)), (hi, draws(hi)))
 }
 
 #[cfg(test)]
@@ -127,5 +179,26 @@ mod tests {
         assert_eq!(steps_per_epoch(16, 2, 4), 2);
         assert_eq!(steps_per_epoch(10, 2, 2), 2, "shards of 5: batches of 2 and 3");
         assert_eq!(steps_per_epoch(7, 1, 64), 1);
+    }
+
+    #[test]
+    fn class_balanced_and_sqrt_sampling_draw_classes_as_their_weights_say() {
+        // 900 images of class 0, 100 of class 1.
+        let rows: Vec<Row> = (0..1000)
+            .map(|i| Row { path: format!("{i}.png"), label: i64::from(i >= 900), category_id: 0, image_id: i })
+            .collect();
+        let counts = [900, 100];
+        assert!(sampling_weights(Sampler::Uniform, &rows, &counts).is_none());
+        for (sampler, want) in [(Sampler::ClassBalanced, 0.5), (Sampler::Sqrt, 10.0 / 40.0)] {
+            let w = sampling_weights(sampler, &rows, &counts).unwrap();
+            let order = weighted_order(&w, 3, 1, 0);
+            assert_eq!(order.len(), 1000);
+            assert_eq!(order, weighted_order(&w, 3, 1, 0), "seeded");
+            let rare = order.iter().filter(|&&i| i >= 900).count() as f64 / 1000.0;
+            assert!((rare - want).abs() < 0.05, "{sampler:?}: class 1 drawn {rare}, expected {want}");
+            let ((lo, lo_draws), (hi, hi_draws)) = expected_draws(sampler, &counts);
+            assert_eq!((lo, hi), (100, 900));
+            assert!((lo_draws / 1000.0 - want).abs() < 1e-9 && (hi_draws / 1000.0 - (1.0 - want)).abs() < 1e-9);
+        }
     }
 }
