@@ -239,6 +239,12 @@ pub struct AugmentCfg {
     /// Mirror left-right / top-bottom with probability 1/2.
     pub hflip: bool,
     pub vflip: bool,
+    /// torchvision's RandomErasing with this probability (a box filled with the mean colour).
+    pub random_erase: f64,
+    /// Mixup / CutMix of each batch with itself rolled by one, lambda ~ Beta(alpha, alpha); 0: off
+    /// (both on: one of the two per batch).
+    pub mixup_alpha: f64,
+    pub cutmix_alpha: f64,
 }
 
 impl Default for AugmentCfg {
@@ -249,6 +255,9 @@ impl Default for AugmentCfg {
             ratio: [3.0 / 4.0, 4.0 / 3.0],
             hflip: false,
             vflip: false,
+            random_erase: 0.0,
+            mixup_alpha: 0.0,
+            cutmix_alpha: 0.0,
         }
     }
 }
@@ -799,6 +808,18 @@ impl Config {
             "augment.ratio",
             format!("{:?} must be [lo, hi] with 0 < lo <= hi", a.ratio),
         )?;
+        check(
+            (0.0..=1.0).contains(&a.random_erase),
+            "augment.random_erase",
+            format!("{} must be a probability in [0, 1]", a.random_erase),
+        )?;
+        for (key, alpha) in [("augment.mixup_alpha", a.mixup_alpha), ("augment.cutmix_alpha", a.cutmix_alpha)] {
+            check(
+                (0.0..=100.0).contains(&alpha),
+                key,
+                format!("{alpha} must be in [0, 100] (0.2 and 1.0 are usual; 0 = off)"),
+            )?;
+        }
         let (min_w, min_h) = crate::models::min_input_size(self.model.name);
         check(
             i.width >= min_w && i.height >= min_h,

@@ -102,6 +102,8 @@ fn recipe_keys_are_validated_naming_the_key() {
         ("train.sampler=balanced", "sampler"),
         ("augment.scale=[0.5, 0.2]", "augment.scale"),
         ("augment.ratio=[0, 1]", "augment.ratio"),
+        ("augment.random_erase=1.5", "augment.random_erase"),
+        ("augment.mixup_alpha=-1", "augment.mixup_alpha"),
         ("image.resize=crop", "resize"),
         ("train.lr_min=1", "train.lr_min"),
         ("train.lr_schedule=linear", "lr_schedule"),
@@ -133,7 +135,8 @@ fn texture_images(p: &Project) {
 
 #[test]
 fn augmented_training_resumes_to_the_weights_of_an_uninterrupted_run() {
-    // 48x32 images cached at short side 24 and cropped to 32x32, mirrored both ways.
+    // 48x32 images cached at short side 24 and cropped to 32x32, mirrored both ways, erased in
+    // part, and every batch mixed up or cut and mixed.
     let p = Project::new(2, 12, 0, 32);
     texture_images(&p);
     let aug = [
@@ -145,6 +148,12 @@ fn augmented_training_resumes_to_the_weights_of_an_uninterrupted_run() {
         "augment.vflip=true",
         "--set",
         "image.cache_size=24",
+        "--set",
+        "augment.random_erase=0.5",
+        "--set",
+        "augment.mixup_alpha=0.2",
+        "--set",
+        "augment.cutmix_alpha=1.0",
     ];
     fn with<'a>(extra: &[&'a str], aug: &[&'a str]) -> Vec<&'a str> {
         [extra, aug].concat()
@@ -155,8 +164,8 @@ fn augmented_training_resumes_to_the_weights_of_an_uninterrupted_run() {
     assert!(
         err.contains(
             "augmentation: random resized crop (scale 0.08-1, ratio 0.75-1.33) from images cached at short side 24, \
-             horizontal flip, vertical flip"
-        ),
+             horizontal flip, vertical flip, random erasing (p 0.5)"
+        ) && err.contains("batch mixing: mixup (alpha 0.2) or cutmix (alpha 1), one per batch"),
         "{err}"
     );
     assert_success(&p.train_mpi(2, &with(&["--epochs", "1", "--set", "paths.checkpoint_dir=b"], &aug)));

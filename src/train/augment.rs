@@ -20,7 +20,8 @@ pub struct Augment {
 impl Augment {
     /// None when `cfg` changes nothing.
     pub fn new(cfg: &AugmentCfg, seed: u64) -> Option<Self> {
-        (cfg.random_resized_crop || cfg.hflip || cfg.vflip).then(|| Augment { cfg: cfg.clone(), seed })
+        (cfg.random_resized_crop || cfg.hflip || cfg.vflip || cfg.random_erase > 0.0)
+            .then(|| Augment { cfg: cfg.clone(), seed })
     }
 
     /// The generator of one image in one epoch; `draw` counts earlier draws of the image in the
@@ -54,6 +55,19 @@ impl Augment {
         if self.cfg.vflip && rng.random_bool(0.5) {
             vflip(&mut px, g.width as usize, g.height as usize);
         }
+        if self.cfg.random_erase > 0.0 && rng.random_bool(self.cfg.random_erase) {
+            // torchvision's RandomErasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0) on the
+            // normalized image: 0 there is the mean colour here.
+            if let Some((left, top, w, h)) = erase_box(g.width, g.height, rng) {
+                let fill = g.mean.map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8);
+                for y in top..top + h {
+                    for x in left..left + w {
+                        let at = ((y * g.width + x) * 3) as usize;
+                        px[at..at + 3].copy_from_slice(&fill);
+                    }
+                }
+            }
+        }
         Ok(px)
     }
 
@@ -77,6 +91,9 @@ impl Augment {
         }
         if c.vflip {
             parts.push("vertical flip".into());
+        }
+        if c.random_erase > 0.0 {
+            parts.push(format!("random erasing (p {})", c.random_erase));
         }
         format!("augmentation: {}", parts.join(", "))
     }
@@ -114,6 +131,27 @@ pub fn random_resized_crop_box(
         (w, h)
     };
     ((w - cw) / 2, (h - ch) / 2, cw, ch)
+}
+
+/// torchvision's `RandomErasing.get_params` for a `w` x `h` image: up to ten tries at a box of
+/// 2-33 % of the area with an aspect ratio log-uniform in 0.3-3.3 that fits strictly inside;
+/// None when none fits (the image stays as it is). Returns (left, top, width, height).
+pub fn erase_box(w: u32, h: u32, rng: &mut impl Rng) -> Option<(u32, u32, u32, u32)> {
+    let area = f64::from(w) * f64::from(h);
+    let (lo, hi) = (0.3f64.ln(), 3.3f64.ln());
+    for _ in 0..10 {
+        let target = area * rng.random_range(0.02..=0.33);
+        let aspect = rng.random_range(lo..=hi).exp();
+        let eh = (target * aspect).sqrt().round() as u32;
+        let ew = (target / aspect).sqrt().round() as u32;
+        if eh == 0 || ew == 0 || eh >= h || ew >= w {
+            continue;
+        }
+        let top = rng.random_range(0..=h - eh);
+        let left = rng.random_range(0..=w - ew);
+        return Some((left, top, ew, eh));
+    }
+    None
 }
 
 /// Mirrors an RGB image of width `w` left-right, in place.
@@ -158,6 +196,20 @@ mod tests {
         assert!(small > 400 && large > 100, "areas spread over the range: {small} small, {large} large");
         // A strip too narrow for any try: the centre, clamped to the ratio range.
         assert_eq!(random_resized_crop_box(100, 10, [0.9, 1.0], [0.75, 4.0 / 3.0], &mut rng), (43, 0, 13, 10));
+    }
+
+    #[test]
+    fn erased_boxes_cover_two_to_thirty_three_percent_inside_the_image() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut found = 0;
+        for _ in 0..500 {
+            if let Some((l, t, w, h)) = erase_box(64, 48, &mut rng) {
+                found += 1;
+                let share = f64::from(w * h) / f64::from(64 * 48);
+                assert!(l + w <= 64 && t + h <= 48 && (0.015..=0.35).contains(&share), "{l} {t} {w} {h}");
+            }
+        }
+        assert!(found > 450, "a box almost always fits: {found}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use tracing::warn;
 use super::ema::Ema;
 use super::exchange::{buffers_finite, copy_tensors, GradSync};
 use super::loader::{with_batches, Loader};
+use super::mix::Mix;
 use super::model::Model;
 use super::optim::Optimizer;
 use super::progress::{Reporter, Times};
@@ -50,6 +51,8 @@ pub(crate) struct Stepper<'a> {
     pub schedule: Schedule,
     /// The moving average of the weights, updated after every step (`train.ema_decay`).
     pub ema: Option<Ema>,
+    /// Mixup / CutMix of every batch (`augment.mixup_alpha`, `cutmix_alpha`).
+    pub mix: Option<Mix>,
     pub sync: GradSync,
     pub tc: &'a TrainCfg,
     pub device: Device,
@@ -77,7 +80,21 @@ impl<'a> Stepper<'a> {
         let sync = GradSync::new(&model.params.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());
         let buffers: Vec<Tensor> = model.buffers.iter().map(|(_, t)| t.shallow_clone()).collect();
         let saved_buffers = buffers.iter().map(|t| t.detach().copy()).collect();
-        Stepper { dist, model, opt, schedule, ema: None, sync, tc, device, stop, dir, buffers, saved_buffers }
+        Stepper {
+            dist,
+            model,
+            opt,
+            schedule,
+            ema: None,
+            mix: None,
+            sync,
+            tc,
+            device,
+            stop,
+            dir,
+            buffers,
+            saved_buffers,
+        }
     }
 
     /// Runs the steps of `epoch`: one per entry of `batches` (indices into `rows`; empty when this
@@ -130,8 +147,20 @@ impl<'a> Stepper<'a> {
                     if tc.on_nonfinite == OnNonFinite::Skip {
                         copy_tensors(&self.saved_buffers, &self.buffers);
                     }
+                    let (x, soft) = match &self.mix {
+                        Some(m) => {
+                            let (x, t) = m.apply(&x, &y);
+                            (x, Some(t))
+                        }
+                        None => (x, None),
+                    };
                     let logits = self.model.net.forward_t(&x, true);
-                    let mut loss = training_loss(&logits, &y, tc.label_smoothing);
+                    let mut loss = match &soft {
+                        Some(t) => {
+                            logits.cross_entropy_loss::<Tensor>(t, None, tch::Reduction::Mean, -100, tc.label_smoothing)
+                        }
+                        None => training_loss(&logits, &y, tc.label_smoothing),
+                    };
                     if crate::fault::poison("loss") {
                         loss *= f64::NAN;
                     }

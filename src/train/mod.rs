@@ -37,6 +37,7 @@ pub mod epoch;
 pub mod exchange;
 pub mod loader;
 pub mod metrics;
+pub mod mix;
 pub mod model;
 pub mod optim;
 pub mod progress;
@@ -199,6 +200,10 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     );
     let mut stepper = Stepper::new(dist, &model, opt, schedule, tc, device, &stop, &dir);
     stepper.ema = ema;
+    stepper.mix = mix::Mix::new(&cfg.augment, k);
+    if let Some(m) = &stepper.mix {
+        info!("{}", m.describe());
+    }
     let weights = shard::sampling_weights(tc.sampler, &shard.train, &shard.class_counts);
     if weights.is_some() {
         let ((lo, lo_draws), (hi, hi_draws)) = shard::expected_draws(tc.sampler, &shard.class_counts);
