@@ -239,6 +239,8 @@ pub struct AugmentCfg {
     /// Mirror left-right / top-bottom with probability 1/2.
     pub hflip: bool,
     pub vflip: bool,
+    /// torchvision's TrivialAugmentWide (one random operation of fourteen per image).
+    pub trivial_augment: bool,
     /// torchvision's RandomErasing with this probability (a box filled with the mean colour).
     pub random_erase: f64,
     /// Mixup / CutMix of each batch with itself rolled by one, lambda ~ Beta(alpha, alpha); 0: off
@@ -255,6 +257,7 @@ impl Default for AugmentCfg {
             ratio: [3.0 / 4.0, 4.0 / 3.0],
             hflip: false,
             vflip: false,
+            trivial_augment: false,
             random_erase: 0.0,
             mixup_alpha: 0.0,
             cutmix_alpha: 0.0,

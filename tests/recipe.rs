@@ -149,6 +149,8 @@ fn augmented_training_resumes_to_the_weights_of_an_uninterrupted_run() {
         "--set",
         "image.cache_size=24",
         "--set",
+        "augment.trivial_augment=true",
+        "--set",
         "augment.random_erase=0.5",
         "--set",
         "augment.mixup_alpha=0.2",
@@ -164,7 +166,7 @@ fn augmented_training_resumes_to_the_weights_of_an_uninterrupted_run() {
     assert!(
         err.contains(
             "augmentation: random resized crop (scale 0.08-1, ratio 0.75-1.33) from images cached at short side 24, \
-             horizontal flip, vertical flip, random erasing (p 0.5)"
+             horizontal flip, vertical flip, TrivialAugmentWide, random erasing (p 0.5)"
         ) && err.contains("batch mixing: mixup (alpha 0.2) or cutmix (alpha 1), one per batch"),
         "{err}"
     );

@@ -1,5 +1,6 @@
-//! Training-time augmentation on decoded images (RGB, HWC, u8), on the loader thread: torchvision's
-//! `RandomResizedCrop` to the network input and random flips. Every draw comes from a generator
+//! Training-time augmentation on decoded images (RGB, HWC, u8), on the loader thread, in the order
+//! of torchvision's reference recipe: `RandomResizedCrop` to the network input, random flips,
+//! `TrivialAugmentWide`, and `RandomErasing`. Every draw comes from a generator
 //! seeded by (dataset seed, epoch, image path), so an image is augmented alike whatever rank,
 //! thread or rank count handles it, and a `--resume`d run sees the images the uninterrupted run
 //! would have.
@@ -20,7 +21,7 @@ pub struct Augment {
 impl Augment {
     /// None when `cfg` changes nothing.
     pub fn new(cfg: &AugmentCfg, seed: u64) -> Option<Self> {
-        (cfg.random_resized_crop || cfg.hflip || cfg.vflip || cfg.random_erase > 0.0)
+        (cfg.random_resized_crop || cfg.hflip || cfg.vflip || cfg.trivial_augment || cfg.random_erase > 0.0)
             .then(|| Augment { cfg: cfg.clone(), seed })
     }
 
@@ -54,6 +55,9 @@ impl Augment {
         }
         if self.cfg.vflip && rng.random_bool(0.5) {
             vflip(&mut px, g.width as usize, g.height as usize);
+        }
+        if self.cfg.trivial_augment {
+            super::trivial::apply(super::trivial::draw(rng), &mut px, g.width as usize, g.height as usize);
         }
         if self.cfg.random_erase > 0.0 && rng.random_bool(self.cfg.random_erase) {
             // torchvision's RandomErasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0) on the
@@ -91,6 +95,9 @@ impl Augment {
         }
         if c.vflip {
             parts.push("vertical flip".into());
+        }
+        if c.trivial_augment {
+            parts.push("TrivialAugmentWide".into());
         }
         if c.random_erase > 0.0 {
             parts.push(format!("random erasing (p {})", c.random_erase));
@@ -228,7 +235,14 @@ mod tests {
 
     #[test]
     fn an_image_is_augmented_alike_for_the_same_seed_epoch_and_path_only() {
-        let cfg = AugmentCfg { random_resized_crop: true, hflip: true, vflip: true, ..AugmentCfg::default() };
+        let cfg = AugmentCfg {
+            random_resized_crop: true,
+            hflip: true,
+            vflip: true,
+            trivial_augment: true,
+            random_erase: 0.5,
+            ..AugmentCfg::default()
+        };
         let a = Augment::new(&cfg, 7).unwrap();
         let img = Rgb { w: 40, h: 30, px: (0..40 * 30 * 3).map(|i| (i * 7 % 251) as u8).collect() };
         let g = Geometry { width: 16, height: 16, ..Geometry::default() };

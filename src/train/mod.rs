@@ -44,6 +44,7 @@ pub mod progress;
 pub mod schedule;
 pub mod shard;
 pub mod state;
+pub mod trivial;
 pub mod validate;
 
 /// The subcommand.
