@@ -11,10 +11,12 @@ recipe (Adam, lr 4e-4, constant lr, no augmentation, images stretched to 64x64).
 Run (from the repository root, on a data dir made by `sac create-dataset`):
 
   .venv/bin/python bench/recipe_torch.py --data-dir data --out bench/results/recipe_torch.json
-  .venv/bin/python bench/recipe_torch.py --data-dir data --optimizer sgd --lr 0.1 --nesterov \\
+  .venv/bin/python bench/recipe_torch.py --data-dir data --optimizer sgd --lr 0.5 --nesterov \\
       --weight-decay 1e-4 --norm-weight-decay 0 --lr-schedule cosine --warmup-epochs 1 \\
-      --label-smoothing 0.1 --random-resized-crop --hflip --resize center_crop --lr-scaling linear \\
-      --out recipe_sgd.json
+      --label-smoothing 0.1 --random-resized-crop --rrc-scale 0.35 1 --hflip --resize center_crop \\
+      --lr-scaling linear --out recipe_sgd.json          # bench/recipe.sh's "full" recipe
+  .venv/bin/python bench/recipe_torch.py --data-dir data --trivial-augment --random-erase 0.1 \\
+      --mixup-alpha 0.2 --cutmix-alpha 1.0 --ema-decay 0.9998 --sampler sqrt --resize pad
   .venv/bin/python bench/recipe_torch.py --data-dir data --lr-schedule cosine --print-lr 20
 
 Input: <data_dir>/train.csv and test.csv (columns path, relative to the data dir, and label in
@@ -22,9 +24,15 @@ Input: <data_dir>/train.csv and test.csv (columns path, relative to the data dir
 decoded with PIL, converted to RGB and kept in memory after their first read (--no-cache turns
 that off for sources too large to hold).
 
-Data order: every epoch a permutation drawn from a torch.Generator seeded with seed + epoch (epoch
-counted from 0), cut into consecutive runs of --batch-size images; a last run of a single image
-joins the run before it, as sac does (batch-norm cannot take a batch of one).
+Data order: every epoch a list of image indices drawn from a torch.Generator seeded with seed +
+epoch (epoch counted from 0), cut into consecutive runs of --batch-size images; a last run of a
+single image joins the run before it, as sac does (batch-norm cannot take a batch of one).
+  --sampler uniform:        torch.randperm (every image once)
+  --sampler class_balanced: torch.utils.data.WeightedRandomSampler(weights, num_samples = the number
+                            of training images, replacement=True, generator), weight 1/n for an
+                            image of a class with n training images
+  --sampler sqrt:           likewise with weight 1/sqrt(n)
+An image drawn twice in an epoch is augmented anew each time.
 
 Learning rate, set before every optimizer step (per step, not per epoch) through
 torch.optim.lr_scheduler.LambdaLR with factor lr(t) / base:
@@ -44,15 +52,38 @@ the parameters of normalisation layers (batch/group/layer/instance norm) AND eve
 name ends in ".bias" get --norm-weight-decay; all others get --weight-decay. With Adam the decay is
 the L2 term torch.optim.Adam adds to the gradient; with AdamW it is decoupled.
 
-Augmentation (torchvision.transforms.v2, bilinear, antialias=True):
-  train: RandomResizedCrop(HxW, scale, ratio) with --random-resized-crop, else Resize to HxW
-         (stretched); then RandomHorizontalFlip(0.5) with --hflip, RandomVerticalFlip(0.5) with
-         --vflip
-  test:  --resize stretch: Resize to HxW (stretched);
-         --resize center_crop: torchvision's crop/0.875 convention, each side on its own:
-         Resize((int(H / 0.875), int(W / 0.875))) (stretched; 64 -> 73), then CenterCrop((H, W))
-  both:  to float in [0, 1], then Normalize with ImageNet's mean (0.485, 0.456, 0.406) and std
-         (0.229, 0.224, 0.225)
+Resizing, --resize (torchvision.transforms.v2 on PIL images, bilinear, antialias=True): how a whole
+image becomes width x height, for evaluation and for training without --random-resized-crop:
+  stretch:     Resize((H, W)), each side on its own
+  center_crop: torchvision's evaluation transform: Resize(val_resize) (an int: the SHORT side to
+               val_resize, aspect kept, the long side int(val_resize * long / short)), then
+               CenterCrop((H, W)); val_resize = --val-resize-size if > 0, else
+               int(max(W, H) / 0.875) (73 for 64)
+  pad:         the whole image fitted inside W x H with its aspect kept (scale = min(W / w, H / h),
+               the scaled size rounded half up, at least 1 px), centred (offsets floored) on a
+               canvas of the mean colour round(mean * 255) per channel (0 after Normalize)
+
+Training transforms, in torchvision's reference order:
+  RandomResizedCrop((H, W), --rrc-scale, --rrc-ratio) from the whole image with
+  --random-resized-crop, else the --resize transform above; RandomHorizontalFlip(0.5) with
+  --hflip; RandomVerticalFlip(0.5) with --vflip; TrivialAugmentWide(interpolation=NEAREST) with
+  --trivial-augment; to float in [0, 1] and Normalize; RandomErasing(p=P, value=0) with
+  --random-erase P.
+Evaluation transforms: the --resize transform, to float, Normalize.
+Normalize uses ImageNet's mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
+
+Batch-level (torchvision's reference get_mixup_cutmix): with --mixup-alpha A > 0,
+v2.MixUp(alpha=A, num_classes=K); with --cutmix-alpha A > 0, v2.CutMix(alpha=A, num_classes=K);
+with both, v2.RandomChoice of the two (one per batch). Applied to every training batch; the
+targets become soft (N x K) and go to the same CrossEntropyLoss(label_smoothing=...), which takes
+class probabilities.
+
+Moving average (--ema-decay D > 0): torch.optim.swa_utils.AveragedModel(model,
+multi_avg_fn=get_ema_multi_avg_fn(D), use_buffers=True), weights and batch-norm buffers. It starts
+as the initial weights (as sac's does) and is updated after every optimizer step: ema = D * ema +
+(1 - D) * weights; during the lr warmup (step t < W) n_averaged is set to 0 before the update, so
+the update copies the weights (torchvision's reference resets it per warmup epoch; here, as in
+sac, per step). The average is evaluated after every epoch as well (ema_top1).
 
 Every epoch trains (train loss = mean over images of the training criterion, label smoothing
 included), then evaluates on test.csv: test loss (plain cross-entropy, no label smoothing, so it
@@ -60,13 +91,14 @@ compares with sac's val loss), top-1 and top-5 (top-k with k = min(5, K)). One l
 to stderr; --out FILE gets JSON, rewritten atomically (FILE.tmp then rename) after every epoch:
 
   {"recipe": {every option}, "run": {derived numbers, versions},
-   "epochs": [{"epoch", "train_loss", "test_loss", "top1", "top5", "lr_end", "seconds",
+   "epochs": [{"epoch", "train_loss", "test_loss", "top1", "top5", "ema_top1", "lr_end", "seconds",
                "images_per_second"}, ...],
-   "final": {"top1", "top5"}}          (null until the last epoch is done)
+   "final": {"top1", "top5", "ema_top1"}}          (null until the last epoch is done)
 
-top1/top5 are fractions in [0, 1] (as in sac's metrics); lr_end is the lr of the epoch's last
-step; seconds is the epoch's wall time (training + evaluation); images_per_second is training
-images over training seconds. Missing inputs (data dir, CSV, image) end the script with exit
+top1, top5 and ema_top1 (the moving average's top-1; null without --ema-decay) are fractions in
+[0, 1] (as in sac's metrics); lr_end is the lr of the epoch's last step; seconds is the epoch's
+wall time (training + evaluation, the average's included); images_per_second is training images
+over training seconds. Missing inputs (data dir, CSV, image) end the script with exit
 status 2 and a message naming the file.
 """
 import argparse
@@ -148,8 +180,26 @@ def parse_args(argv=None):
     g.add_argument("--rrc-ratio", type=float, nargs=2, default=[0.75, 4.0 / 3.0], metavar=("MIN", "MAX"), help="RandomResizedCrop ratio")
     g.add_argument("--hflip", action="store_true", help="train: random horizontal flip (p = 0.5)")
     g.add_argument("--vflip", action="store_true", help="train: random vertical flip (p = 0.5)")
-    g.add_argument("--resize", choices=["stretch", "center_crop"], default="stretch",
-                   help="test: stretch to width x height, or resize each side to int(side / 0.875) then center-crop")
+    g.add_argument("--resize", choices=["stretch", "center_crop", "pad"], default="stretch",
+                   help="how a whole image becomes width x height (evaluation, and training without "
+                   "--random-resized-crop): stretch; center_crop = short side to the --val-resize-size, then the "
+                   "centre; pad = fit inside with the aspect kept, the rest the mean colour")
+    g.add_argument("--val-resize-size", type=int, default=0,
+                   help="center_crop: the short side before the crop; 0 = int(max(width, height) / 0.875)")
+    g.add_argument("--trivial-augment", action="store_true",
+                   help="train: TrivialAugmentWide(interpolation=NEAREST), after the flips")
+    g.add_argument("--random-erase", type=float, default=0.0, metavar="P",
+                   help="train: RandomErasing(p=P, value=0) after Normalize (0 = off)")
+    g.add_argument("--mixup-alpha", type=float, default=0.0, help="train: v2.MixUp(alpha) of every batch (0 = off)")
+    g.add_argument("--cutmix-alpha", type=float, default=0.0,
+                   help="train: v2.CutMix(alpha) of every batch (0 = off); with both on, one of the two per batch")
+
+    g = p.add_argument_group("sampling and averaging")
+    g.add_argument("--sampler", choices=["uniform", "class_balanced", "sqrt"], default="uniform",
+                   help="uniform: every image once per epoch; class_balanced / sqrt: as many draws as images, with "
+                   "replacement, weight 1/n or 1/sqrt(n) for an image of a class of n training images")
+    g.add_argument("--ema-decay", type=float, default=0.0,
+                   help="per-step decay of an AveragedModel (EMA of weights and buffers), evaluated too (0 = off)")
 
     a = p.parse_args(argv)
     if a.norm_weight_decay is None:
@@ -167,6 +217,11 @@ def parse_args(argv=None):
         (not a.nesterov or a.optimizer == "sgd", "--nesterov applies to --optimizer sgd only"),
         (not a.nesterov or a.momentum > 0, "--nesterov needs --momentum > 0"),
         (a.print_lr >= 0, "--print-lr must not be negative"),
+        (a.val_resize_size >= 0, "--val-resize-size must not be negative"),
+        (0 <= a.random_erase <= 1, "--random-erase must be in [0, 1]"),
+        (a.mixup_alpha >= 0 and a.cutmix_alpha >= 0, "--mixup-alpha and --cutmix-alpha must not be negative"),
+        (0 <= a.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+        (0 < a.rrc_scale[0] <= a.rrc_scale[1], "--rrc-scale must be 0 < MIN <= MAX"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -250,22 +305,101 @@ def batch_bounds(n, batch):
     return runs
 
 
+def round_half_up(x):
+    """Rounds halves away from zero (x >= 0), as Rust's f64::round in sac (Python's round() is banker's)."""
+    return int(math.floor(x + 0.5))
+
+
+def val_resize(a):
+    """center_crop's short side: --val-resize-size, or int(max(width, height) / 0.875) (73 for 64)."""
+    return a.val_resize_size if a.val_resize_size > 0 else int(max(a.width, a.height) / 0.875)
+
+
+class Pad:
+    """The whole image fitted inside width x height with its aspect kept (scaled size rounded, at
+    least 1 px), bilinear with antialiasing, centred (offsets floored), the rest filled with the
+    mean colour round(mean * 255) (0 after Normalize), as sac's image.resize = "pad". PIL in, PIL out."""
+
+    def __init__(self, width, height, mean):
+        self.width, self.height = width, height
+        self.fill = tuple(min(255, max(0, round_half_up(m * 255))) for m in mean)
+
+    def __call__(self, img):
+        w, h = img.size
+        scale = min(self.width / w, self.height / h)
+        rw = min(max(round_half_up(w * scale), 1), self.width)
+        rh = min(max(round_half_up(h * scale), 1), self.height)
+        if (rw, rh) != (w, h):
+            img = v2.functional.resize(img, [rh, rw], antialias=True)
+        out = Image.new("RGB", (self.width, self.height), self.fill)
+        out.paste(img, ((self.width - rw) // 2, (self.height - rh) // 2))
+        return out
+
+    def __repr__(self):
+        return f"Pad(size=({self.height}, {self.width}), fill={self.fill})"
+
+
+def fit(a):
+    """--resize as transforms: a whole image made height x width (PIL in, PIL out)."""
+    size = (a.height, a.width)
+    if a.resize == "center_crop":
+        # torchvision's evaluation transform: Resize(int) brings the SHORT side to val_resize
+        # (aspect kept), then CenterCrop.
+        return [v2.Resize(val_resize(a), antialias=True), v2.CenterCrop(size)]
+    if a.resize == "pad":
+        return [Pad(a.width, a.height, MEAN)]
+    return [v2.Resize(size, antialias=True)]
+
+
 def transforms(a):
+    """(train, test) per-image transforms; see the module docstring."""
     size = (a.height, a.width)
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
     if a.random_resized_crop:
         train = [v2.RandomResizedCrop(size, scale=tuple(a.rrc_scale), ratio=tuple(a.rrc_ratio), antialias=True)]
     else:
-        train = [v2.Resize(size, antialias=True)]
+        train = fit(a)
     if a.hflip:
         train.append(v2.RandomHorizontalFlip(0.5))
     if a.vflip:
         train.append(v2.RandomVerticalFlip(0.5))
-    if a.resize == "center_crop":
-        test = [v2.Resize((int(a.height / 0.875), int(a.width / 0.875)), antialias=True), v2.CenterCrop(size)]
-    else:
-        test = [v2.Resize(size, antialias=True)]
-    return v2.Compose(train + tail), v2.Compose(test + tail)
+    if a.trivial_augment:
+        train.append(v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.NEAREST))
+    train += tail
+    if a.random_erase > 0:
+        train.append(v2.RandomErasing(p=a.random_erase, value=0))
+    return v2.Compose(train), v2.Compose(fit(a) + tail)
+
+
+def batch_mix(a, classes):
+    """torchvision's reference get_mixup_cutmix: MixUp and/or CutMix (one chosen per batch when both
+    are on) with soft targets over `classes`; None when both alphas are 0."""
+    mix = []
+    if a.mixup_alpha > 0:
+        mix.append(v2.MixUp(alpha=a.mixup_alpha, num_classes=classes))
+    if a.cutmix_alpha > 0:
+        mix.append(v2.CutMix(alpha=a.cutmix_alpha, num_classes=classes))
+    return v2.RandomChoice(mix) if mix else None
+
+
+def sampling_weights(a, labels):
+    """Per-image weights of --sampler class_balanced (1/n) or sqrt (1/sqrt(n)); None for uniform."""
+    if a.sampler == "uniform":
+        return None
+    counts = {}
+    for y in labels:
+        counts[y] = counts.get(y, 0) + 1
+    f = (lambda n: 1.0 / n) if a.sampler == "class_balanced" else (lambda n: 1.0 / math.sqrt(n))
+    return torch.tensor([f(counts[y]) for y in labels], dtype=torch.double)
+
+
+def epoch_order(a, n, epoch, weights):
+    """The image indices of one epoch, drawn from a generator seeded with seed + epoch."""
+    g = torch.Generator()
+    g.manual_seed(a.seed + epoch)
+    if weights is None:
+        return torch.randperm(n, generator=g).tolist()
+    return list(torch.utils.data.WeightedRandomSampler(weights, num_samples=n, replacement=True, generator=g))
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -386,8 +520,20 @@ def main(argv=None):
     train.check()
     test.check()
     train_tf, test_tf = transforms(a)
+    mix = batch_mix(a, K)
+    weights = sampling_weights(a, train.labels)
+    # Soft targets (mixup / cutmix) go to the same criterion: CrossEntropyLoss takes class
+    # probabilities and smooths them as well.
     criterion = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
     k = min(5, K)
+    W = a.warmup_epochs * S
+    ema = None
+    if a.ema_decay > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(a.ema_decay), use_buffers=True)
+        # The average starts as the initial weights, as sac's does: this first update copies them
+        # (n_averaged 0 -> 1), so the first update after a step averages (unless in warmup).
+        ema.update_parameters(model)
     run = {
         "train_images": len(train),
         "test_images": len(test),
@@ -404,17 +550,19 @@ def main(argv=None):
     result = {"recipe": vars(a), "run": run, "epochs": [], "final": None}
     print(f"resnet18, {K} classes, {len(train)} train / {len(test)} test images, {S} steps/epoch, "
           f"{a.optimizer} base lr {base:.4g}, {a.lr_schedule} schedule, {a.threads} thread(s)", file=sys.stderr)
+    print(f"train transform: {train_tf}\ntest transform: {test_tf}\nbatch mix: {mix}, sampler {a.sampler}, "
+          f"EMA decay {a.ema_decay or 'off'}", file=sys.stderr)
 
     step = 0
     for epoch in range(a.epochs):
         t0 = time.perf_counter()
         model.train()
-        g = torch.Generator()
-        g.manual_seed(a.seed + epoch)
-        order = torch.randperm(len(train), generator=g).tolist()
+        order = epoch_order(a, len(train), epoch, weights)
         loss_sum, seen, lr = 0.0, 0, base
-        for lo, hi in batch_bounds(len(train), a.batch_size):
+        for lo, hi in batch_bounds(len(order), a.batch_size):
             x, y = train.batch(order[lo:hi], train_tf)
+            if mix is not None:
+                x, y = mix(x, y)  # y: (N, K) soft targets
             lr = opt.param_groups[0]["lr"]
             opt.zero_grad(set_to_none=True)
             loss = criterion(model(x), y)
@@ -426,11 +574,16 @@ def main(argv=None):
                 nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad_norm)
             opt.step()
             sched.step()
+            if ema is not None:
+                if step < W:
+                    ema.n_averaged.fill_(0)  # warmup: the average copies the weights
+                ema.update_parameters(model)
             step += 1
             loss_sum += loss.item() * len(y)
             seen += len(y)
         train_seconds = time.perf_counter() - t0
         test_loss, top1, top5 = evaluate(model, test, test_tf, a.batch_size, k)
+        ema_top1 = evaluate(ema, test, test_tf, a.batch_size, k)[1] if ema is not None else None
         seconds = time.perf_counter() - t0
         rec = {
             "epoch": epoch + 1,
@@ -438,6 +591,7 @@ def main(argv=None):
             "test_loss": test_loss,
             "top1": top1,
             "top5": top5,
+            "ema_top1": ema_top1,
             "lr_end": lr,
             "seconds": seconds,
             "images_per_second": seen / train_seconds,
@@ -445,9 +599,10 @@ def main(argv=None):
         result["epochs"].append(rec)
         print(f"epoch {epoch + 1}/{a.epochs}: train loss {rec['train_loss']:.4f}, test loss {test_loss:.4f}, "
               f"test top-1 {100 * top1:.2f}%, top-{k} {100 * top5:.2f}%, lr {lr:.4g}, "
-              f"images/s {rec['images_per_second']:.1f}, seconds {seconds:.1f}", file=sys.stderr, flush=True)
+              f"images/s {rec['images_per_second']:.1f}, seconds {seconds:.1f}"
+              + (f", EMA top-1 {100 * ema_top1:.2f}%" if ema is not None else ""), file=sys.stderr, flush=True)
         if epoch + 1 == a.epochs:
-            result["final"] = {"top1": top1, "top5": top5}
+            result["final"] = {"top1": top1, "top5": top5, "ema_top1": ema_top1}
         if a.out:
             write_json(a.out, result)
     return 0
