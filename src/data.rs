@@ -151,8 +151,9 @@ impl Geometry {
         (self.width * self.height * 3) as usize
     }
 
-    /// The mean colour as pixel values (what `Pad` fills with: 0 after normalization).
-    fn mean_pixel(&self) -> [u8; 3] {
+    /// The mean colour as pixel values (what `Pad` and random erasing fill with: 0 after
+    /// normalization).
+    pub fn mean_pixel(&self) -> [u8; 3] {
         self.mean.map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8)
     }
 }
@@ -268,8 +269,23 @@ pub fn shrink_to_short_side(img: Rgb, short: u32) -> Result<Rgb> {
 
 /// Reads and decodes one file to width x height.
 pub fn load_image(path: &Path, g: &Geometry) -> Result<Vec<u8>> {
+    load_with(path, |bytes| decode_resize(bytes, g))
+}
+
+/// Reads one file and decodes its bytes with `decode`; errors name the file.
+fn load_with<T>(path: &Path, decode: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    decode_resize(&bytes, g).with_context(|| format!("{}", path.display()))
+    decode(&bytes).with_context(|| format!("{}", path.display()))
+}
+
+/// A decoded image as the network input: as it is when it already has the input size (the
+/// cache keeps inputs), else made so by `fit`.
+pub fn into_input(img: Rgb, g: &Geometry) -> Result<Vec<u8>> {
+    if (img.w, img.h) == (g.width, g.height) {
+        Ok(img.px)
+    } else {
+        fit(&img, g)
+    }
 }
 
 /// Normalized float CHW values of decoded images, concatenated (`n * 3 * h * w`).
@@ -374,14 +390,11 @@ impl ImageStore {
     }
 
     fn load(&self, rel: &str) -> Result<Rgb> {
-        let path = self.root.join(rel);
-        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let g = &self.geometry;
-        let img = match self.crop_source {
-            Some(short) => decode_rgb(&bytes, short, short).and_then(|img| shrink_to_short_side(img, short)),
-            None => decode_resize(&bytes, g).map(|px| Rgb { w: g.width, h: g.height, px }),
-        };
-        img.with_context(|| format!("{}", path.display()))
+        load_with(&self.root.join(rel), |bytes| match self.crop_source {
+            Some(short) => decode_rgb(bytes, short, short).and_then(|img| shrink_to_short_side(img, short)),
+            None => decode_resize(bytes, g).map(|px| Rgb { w: g.width, h: g.height, px }),
+        })
     }
 
     /// Image `index` (its position in the rank's shard) at `rel`.

@@ -158,8 +158,10 @@ fn role(name: &str, vars: &BTreeMap<String, Tensor>) -> Role {
 /// weight's `kaiming_uniform_(a=√5)` comes to that bound).
 fn torch_default(role: Role) -> Option<Init> {
     match role {
-        Role::ConvWeight { fan_in, .. } | Role::ConvBias { fan_in } => Some(Init::Uniform(1.0 / fan_in.sqrt())),
-        Role::LinearWeight { fan_in } | Role::LinearBias { fan_in } => Some(Init::Uniform(1.0 / fan_in.sqrt())),
+        Role::ConvWeight { fan_in, .. }
+        | Role::ConvBias { fan_in }
+        | Role::LinearWeight { fan_in }
+        | Role::LinearBias { fan_in } => Some(Init::Uniform(1.0 / fan_in.sqrt())),
         Role::NormWeight => Some(Init::Const(1.0)),
         Role::NormBias => Some(Init::Const(0.0)),
         Role::Buffer => None,

@@ -40,15 +40,13 @@ impl Augment {
     }
 
     /// `img` made the network input (width x height of `g`) with this augmentation.
-    pub fn apply(&self, img: &Rgb, g: &Geometry, rng: &mut impl Rng) -> Result<Vec<u8>> {
+    pub fn apply(&self, img: Rgb, g: &Geometry, rng: &mut impl Rng) -> Result<Vec<u8>> {
         let mut px = if self.cfg.random_resized_crop {
             let (left, top, w, h) = random_resized_crop_box(img.w, img.h, self.cfg.scale, self.cfg.ratio, rng);
             let region = (f64::from(left), f64::from(top), f64::from(w), f64::from(h));
-            data::resize_region(img, Some(region), g.width, g.height)?
-        } else if (img.w, img.h) == (g.width, g.height) {
-            img.px.clone()
+            data::resize_region(&img, Some(region), g.width, g.height)?
         } else {
-            data::fit(img, g)?
+            data::into_input(img, g)?
         };
         if self.cfg.hflip && rng.random_bool(0.5) {
             hflip(&mut px, g.width as usize);
@@ -63,7 +61,7 @@ impl Augment {
             // torchvision's RandomErasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0) on the
             // normalized image: 0 there is the mean colour here.
             if let Some((left, top, w, h)) = erase_box(g.width, g.height, rng) {
-                let fill = g.mean.map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8);
+                let fill = g.mean_pixel();
                 for y in top..top + h {
                     for x in left..left + w {
                         let at = ((y * g.width + x) * 3) as usize;
@@ -246,11 +244,11 @@ mod tests {
         let a = Augment::new(&cfg, 7).unwrap();
         let img = Rgb { w: 40, h: 30, px: (0..40 * 30 * 3).map(|i| (i * 7 % 251) as u8).collect() };
         let g = Geometry { width: 16, height: 16, ..Geometry::default() };
-        let run = |epoch, path: &str| a.apply(&img, &g, &mut a.rng(epoch, path, 0)).unwrap();
+        let run = |epoch, path: &str| a.apply(img.clone(), &g, &mut a.rng(epoch, path, 0)).unwrap();
         assert_eq!(run(1, "img/a.png"), run(1, "img/a.png"));
         assert_ne!(run(1, "img/a.png"), run(2, "img/a.png"));
         assert_ne!(run(1, "img/a.png"), run(1, "img/b.png"));
-        let second = a.apply(&img, &g, &mut a.rng(1, "img/a.png", 1)).unwrap();
+        let second = a.apply(img.clone(), &g, &mut a.rng(1, "img/a.png", 1)).unwrap();
         assert_ne!(run(1, "img/a.png"), second, "a second draw in the epoch is augmented anew");
         assert_eq!(run(1, "img/a.png").len(), 16 * 16 * 3);
         assert!(Augment::new(&AugmentCfg::default(), 7).is_none(), "the default changes nothing");

@@ -5,7 +5,7 @@
 //! reference script resets it during warmup for the same reason: the first weights are noise).
 use std::collections::BTreeMap;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::model::Model;
 
@@ -54,12 +54,7 @@ impl Ema {
     /// The batch-norm statistics (not trained, so each rank's differ a little): what is averaged
     /// over the ranks at the end of an epoch, as the model's are.
     pub fn buffers(&self, model: &Model) -> Vec<Tensor> {
-        model
-            .buffers
-            .iter()
-            .filter_map(|(n, _)| self.vars.get(n).map(Tensor::shallow_clone))
-            .filter(|t| t.kind() != Kind::Int64)
-            .collect()
+        model.buffers.iter().filter_map(|(n, _)| self.vars.get(n).map(Tensor::shallow_clone)).collect()
     }
 
     pub fn all(&self) -> Vec<Tensor> {

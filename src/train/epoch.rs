@@ -155,12 +155,7 @@ impl<'a> Stepper<'a> {
                         None => (x, None),
                     };
                     let logits = self.model.net.forward_t(&x, true);
-                    let mut loss = match &soft {
-                        Some(t) => {
-                            logits.cross_entropy_loss::<Tensor>(t, None, tch::Reduction::Mean, -100, tc.label_smoothing)
-                        }
-                        None => training_loss(&logits, &y, tc.label_smoothing),
-                    };
+                    let mut loss = training_loss(&logits, soft.as_ref().unwrap_or(&y), tc.label_smoothing);
                     if crate::fault::poison("loss") {
                         loss *= f64::NAN;
                     }
@@ -253,14 +248,14 @@ impl<'a> Stepper<'a> {
     }
 }
 
-/// The mean cross-entropy of a batch, against targets smoothed by `smoothing` (as torch's
-/// `cross_entropy(label_smoothing=…)`: the true class gets 1 − smoothing + smoothing / K, every
-/// class smoothing / K).
-pub(crate) fn training_loss(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Tensor {
-    if smoothing == 0.0 {
-        logits.cross_entropy_for_logits(labels)
+/// The mean cross-entropy of a batch against `target`: class labels, or class probabilities
+/// (mixup / CutMix), smoothed by `smoothing` as torch's `cross_entropy(label_smoothing=…)` does
+/// (the true class gets 1 − smoothing + smoothing / K, every class smoothing / K).
+pub(crate) fn training_loss(logits: &Tensor, target: &Tensor, smoothing: f64) -> Tensor {
+    if smoothing == 0.0 && target.kind() == tch::Kind::Int64 {
+        logits.cross_entropy_for_logits(target)
     } else {
-        logits.cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Mean, -100, smoothing)
+        logits.cross_entropy_loss::<Tensor>(target, None, tch::Reduction::Mean, -100, smoothing)
     }
 }
 

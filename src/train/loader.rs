@@ -71,9 +71,8 @@ impl Loader {
             let nth = *draw;
             *draw += 1;
             let input = self.store.get(i, &rows[i].path).and_then(|img| match &self.augment {
-                Some(a) => a.apply(&img, g, &mut a.rng(self.epoch, &rows[i].path, nth)),
-                None if (img.w, img.h) == (g.width, g.height) => Ok(img.px),
-                None => data::fit(&img, g),
+                Some(a) => a.apply(img, g, &mut a.rng(self.epoch, &rows[i].path, nth)),
+                None => data::into_input(img, g),
             });
             match input {
                 Ok(px) => {

@@ -252,9 +252,10 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             average_tensors(dist, &e.buffers(&model));
         }
         let t_val = Instant::now();
-        let (val_loss, top1, top5) = if tc.validate {
-            let traced_batches = if traced.is_some() { cfg.timeline.steps } else { 0 };
-            match validate::validate(
+        // Validation of the weights, then of their moving average with the model's code on its
+        // values; the timeline records the first `timeline.steps` batches of the first.
+        let mut validate = |traced_batches| {
+            validate::validate(
                 dist,
                 &model,
                 &shard.test,
@@ -264,7 +265,10 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
                 &stop,
                 traced_batches,
                 tc.log_interval(),
-            )? {
+            )
+        };
+        let (val_loss, top1, top5) = if tc.validate {
+            match validate(if traced.is_some() { cfg.timeline.steps } else { 0 })? {
                 Some(v) => (Some(v.0), Some(v.1), Some(v.2)),
                 None => {
                     warn!("validation of epoch {epoch} cut short by a stop signal; the epoch is saved without it");
@@ -274,21 +278,10 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         } else {
             (None, None, None)
         };
-        // The moving average is validated as well, with the model's code on its values.
         let ema_top1 = match (&stepper.ema, top1) {
             (Some(e), Some(_)) => {
                 e.swap(&model);
-                let v = validate::validate(
-                    dist,
-                    &model,
-                    &shard.test,
-                    &mut test_loader,
-                    tc.batch_size,
-                    device,
-                    &stop,
-                    0,
-                    tc.log_interval(),
-                );
+                let v = validate(0);
                 e.swap(&model);
                 v?.map(|v| v.1)
             }

@@ -96,20 +96,30 @@ pub(crate) fn distribute(dist: &Dist, s: &Settings) -> Result<Shard> {
 
 pub(crate) fn epoch_order(len: usize, seed: u64, epoch: u32, rank: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (u64::from(epoch) << 32) ^ ((rank as u64) << 48) ^ 0x5ac);
+    let mut rng = epoch_rng(seed, epoch, rank, 0x5ac);
     order.shuffle(&mut rng);
     order
+}
+
+/// The sampling weight of one image of a class of `n` training images under `sampler`.
+fn image_weight(sampler: Sampler, n: u64) -> f64 {
+    match sampler {
+        Sampler::Uniform => 1.0,
+        Sampler::ClassBalanced => 1.0 / n as f64,
+        Sampler::Sqrt => 1.0 / (n as f64).sqrt(),
+    }
 }
 
 /// The sampling weight of each of a rank's training rows under `sampler` (None: uniform, every
 /// image once). `counts` are the training images per label over all ranks.
 pub(crate) fn sampling_weights(sampler: Sampler, rows: &[Row], counts: &[u64]) -> Option<Vec<f64>> {
-    let weight = |n: u64| match sampler {
-        Sampler::Uniform => 1.0,
-        Sampler::ClassBalanced => 1.0 / n as f64,
-        Sampler::Sqrt => 1.0 / (n as f64).sqrt(),
-    };
-    (sampler != Sampler::Uniform).then(|| rows.iter().map(|r| weight(counts[r.label as usize].max(1))).collect())
+    (sampler != Sampler::Uniform)
+        .then(|| rows.iter().map(|r| image_weight(sampler, counts[r.label as usize].max(1))).collect())
+}
+
+/// The generator of a rank's epoch order; `salt` tells the uses apart.
+fn epoch_rng(seed: u64, epoch: u32, rank: usize, salt: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ (u64::from(epoch) << 32) ^ ((rank as u64) << 48) ^ salt)
 }
 
 /// An epoch's order of a rank's rows under sampling weights: as many draws as rows, with
@@ -122,7 +132,7 @@ pub(crate) fn weighted_order(weights: &[f64], seed: u64, epoch: u32, rank: usize
         total += w;
         cumulative.push(total);
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (u64::from(epoch) << 32) ^ ((rank as u64) << 48) ^ 0x5a3b);
+    let mut rng = epoch_rng(seed, epoch, rank, 0x5a3b);
     (0..weights.len())
         .map(|_| {
             let u = rng.random_range(0.0..total);
@@ -131,17 +141,14 @@ pub(crate) fn weighted_order(weights: &[f64], seed: u64, epoch: u32, rank: usize
         .collect()
 }
 
-/// For the log: (images, expected draws per epoch) of the rarest and of the commonest class.
+/// For the log: (images, expected draws per epoch) of the rarest and of the commonest class. A
+/// class of n images holds n × (its images' weight) of the total weight.
 pub(crate) fn expected_draws(sampler: Sampler, counts: &[u64]) -> ((u64, f64), (u64, f64)) {
     let present: Vec<u64> = counts.iter().copied().filter(|&n| n > 0).collect();
-    let weight = |n: u64| match sampler {
-        Sampler::Uniform => n as f64,
-        Sampler::ClassBalanced => 1.0,
-        Sampler::Sqrt => (n as f64).sqrt(),
-    };
-    let total: f64 = present.iter().map(|&n| weight(n)).sum();
+    let mass = |n: u64| n as f64 * image_weight(sampler, n);
+    let total: f64 = present.iter().map(|&n| mass(n)).sum();
     let images: u64 = present.iter().sum();
-    let draws = |n: u64| images as f64 * weight(n) / total.max(f64::MIN_POSITIVE);
+    let draws = |n: u64| images as f64 * mass(n) / total.max(f64::MIN_POSITIVE);
     let (lo, hi) = (present.iter().copied().min().unwrap_or(0), present.iter().copied().max().unwrap_or(0));
     ((lo, draws(lo)), (hi, draws(hi)))
 }

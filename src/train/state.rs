@@ -62,8 +62,8 @@ pub(crate) fn save(
         ("optimizer.safetensors", &opt_bytes[..]),
         ("state.json", &state_bytes[..]),
     ];
-    let ema_bytes = match ema {
-        Some(e) => {
+    let ema_bytes = ema
+        .map(|e| {
             if let Some(name) = checkpoint::first_non_finite(e.vars.iter()) {
                 bail!(
                     "epoch {}: the moving average's {name} holds NaN or infinite values; no checkpoint is written",
@@ -72,12 +72,11 @@ pub(crate) fn save(
             }
             let mut ema_meta = meta.clone();
             ema_meta.insert("ema_decay".into(), e.decay.to_string());
-            checkpoint::to_safetensors(&checkpoint::with_batch_counters(&e.vars, state.steps), &ema_meta)?
-        }
-        None => Vec::new(),
-    };
-    if ema.is_some() {
-        files.push((checkpoint::EMA_FILE, &ema_bytes[..]));
+            checkpoint::to_safetensors(&checkpoint::with_batch_counters(&e.vars, state.steps), &ema_meta)
+        })
+        .transpose()?;
+    if let Some(bytes) = &ema_bytes {
+        files.push((checkpoint::EMA_FILE, &bytes[..]));
     }
     store.write_epoch(state.epoch, &files)?;
     store.publish(state.epoch)?;

@@ -4,7 +4,7 @@ state_dict, so that sac's initialisation can be compared with torchvision's with
 usage: init_stats.py ARCH NUM_CLASSES OUT.json
 ARCH is one of resnet18 resnet34 alexnet vgg squeezenet densenet inception.
 
-The builders are those of torchvision_logits.py, except inception: here it is built as a user
+The models come from torchvision_models.py; inception is built as a user
 gets it by default with aux_logits=False. In torchvision 0.28 `Inception3(init_weights=None)`
 warns (FutureWarning) and then sets init_weights=True, so the default is the truncated-normal
 initialisation; passing init_weights=True explicitly gives the same model without the warning.
@@ -19,17 +19,9 @@ import json
 import sys
 
 import torch
-import torchvision
 
-BUILDERS = {
-    "resnet18": lambda k: torchvision.models.resnet18(num_classes=k),
-    "resnet34": lambda k: torchvision.models.resnet34(num_classes=k),
-    "alexnet": lambda k: torchvision.models.alexnet(num_classes=k),
-    "vgg": lambda k: torchvision.models.vgg11_bn(num_classes=k),
-    "squeezenet": lambda k: torchvision.models.squeezenet1_0(num_classes=k),
-    "densenet": lambda k: torchvision.models.densenet121(num_classes=k),
-    "inception": lambda k: torchvision.models.inception_v3(num_classes=k, aux_logits=False, init_weights=True),
-}
+from torchvision_models import ARCHS, build
+
 
 
 def stats(t: torch.Tensor) -> dict:
@@ -45,13 +37,13 @@ def stats(t: torch.Tensor) -> dict:
 
 
 def main() -> int:
-    if len(sys.argv) != 4 or sys.argv[1] not in BUILDERS:
+    if len(sys.argv) != 4 or sys.argv[1] not in ARCHS:
         print(__doc__, file=sys.stderr)
         return 2
     arch, k, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = BUILDERS[arch](k)
+    model = build(arch, k, init_weights=True)
     result = {
         name: stats(t)
         for name, t in model.state_dict().items()

@@ -10,25 +10,17 @@ times max(1, largest |logit|).
 import sys
 
 import torch
-import torchvision
 from safetensors.torch import load_file
 
-BUILDERS = {
-    "resnet18": lambda k: torchvision.models.resnet18(num_classes=k),
-    "resnet34": lambda k: torchvision.models.resnet34(num_classes=k),
-    "alexnet": lambda k: torchvision.models.alexnet(num_classes=k),
-    "vgg": lambda k: torchvision.models.vgg11_bn(num_classes=k),
-    "squeezenet": lambda k: torchvision.models.squeezenet1_0(num_classes=k),
-    "densenet": lambda k: torchvision.models.densenet121(num_classes=k),
-    "inception": lambda k: torchvision.models.inception_v3(num_classes=k, aux_logits=False, init_weights=False),
-}
+from torchvision_models import build
+
 
 
 def main() -> int:
     arch, k, model_file, case_file = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     tol = float(sys.argv[5]) if len(sys.argv) > 5 else 1e-4
     torch.set_num_threads(1)
-    model = BUILDERS[arch](k)
+    model = build(arch, k, init_weights=False)
     model.load_state_dict(load_file(model_file), strict=True)
     model.eval()
     case = load_file(case_file)
