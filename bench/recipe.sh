@@ -3,14 +3,21 @@
 # full recipe, 3 seeds"): resnet18 from scratch on the project's default data (the data dir that
 # `sac create-dataset` makes from the default config: Fashion-MNIST, a 10 % sample with seed 0,
 # 5,600 train / 1,400 test images, 64x64), trained by sac (mpiexec, RANKS ranks x 1 torch thread,
-# batch 64 per rank) and by bench/recipe_torch.py (torchvision's resnet18 in one process, RANKS
-# threads, batch 64 x RANKS = the same global batch), both on the SAME data dir, with the same
-# recipe and seeds. The test top-1 after the last epoch of every run goes to the table.
+# batch 64 per rank) and by bench/recipe_torch.py as PyTorch DDP (torchrun, RANKS processes over
+# gloo x 1 thread, batch 64 per process: the same global batch, and batch-norm over each rank's 64
+# images in both), both on the SAME data dir, with the same recipe and seeds. The test top-1 after
+# the last epoch of every run goes to the table.
 #
 #   bench/recipe.sh                                   # 15 epochs, seeds 0 1 2, 2 ranks
 #   bench/recipe.sh --epochs 15 --seeds "0 1 2" --ranks 2
+#   bench/recipe.sh --resume bench/results/recipe-<timestamp>.json   # add the runs it lacks
 #   bench/recipe.sh --smoke      # plumbing check: 1 epoch, the first seed only, a 1 % sample (~1 min)
 #   KEEP=1 bench/recipe.sh ...   # keep the work dir (data, configs, logs, per-run JSON)
+#
+# --resume FILE continues an earlier (e.g. interrupted) benchmark: the runs already in FILE are
+# kept and skipped, the missing ones are run and appended to FILE, and the table is made from all
+# of them (its .md is rewritten next to FILE). Epochs, ranks and sample must be those of FILE's
+# runs (checked); the commit of every run is kept, and the table names them all.
 #
 # Recipes (each run by both frameworks):
 #   plain: sac's defaults = recipe_torch.py's defaults: Adam, lr 4e-4, constant lr, no weight
@@ -35,8 +42,9 @@
 # the seed-0 sample for every run and the seed varies the training only. recipe_torch.py gets
 # --seed <s>. The seeds do not make the two frameworks' runs alike (different generators); they
 # give each framework a sample of runs whose mean and spread are compared.
-# Known difference: sac's ranks each normalise batch-norm over their own 64 images, while the
-# PyTorch process normalises over all 64 x RANKS images of a step.
+# Data order: sac deals each rank a fixed shard (every RANKS-th row) and shuffles it per epoch;
+# DDP shuffles all rows per epoch and gives each process every RANKS-th of them (DistributedSampler).
+# Both are what their users get; both see every image once per epoch.
 #
 # Writes bench/results/recipe-<timestamp>.json (a list of {framework, recipe, seed, epochs, top1,
 # top5, seconds}, rewritten after every run, so a run that fails late keeps the earlier ones) and
@@ -47,23 +55,25 @@
 # Duration (sac at ~110 images/s with 2 ranks at 64x64 on a 2-core machine): about 1 min per sac
 # epoch (5,600 training images + validation of 1,400), so ~15 min per sac run of 15 epochs; the
 # PyTorch runs take about as long or longer. 2 recipes x 2 frameworks x 3 seeds = 12 runs: ~3-4 h.
+# It may be split over sittings: stop it (its JSON keeps every finished run), then --resume.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
-usage() { sed -n '10,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
+usage() { sed -n '11,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 command_line=bench/recipe.sh # for the table; arguments with spaces in double quotes
 for arg in "$@"; do
   [[ $arg == *[[:space:]]* ]] && arg="\"$arg\""
   command_line+=" $arg"
 done
-epochs=15 seeds="0 1 2" ranks=2 smoke=0
+epochs=15 seeds="0 1 2" ranks=2 smoke=0 resume=
 while (($#)); do
   case $1 in
     --epochs) epochs=${2:?--epochs needs a value}; shift 2 ;;
     --seeds) seeds=${2:?--seeds needs a value}; shift 2 ;;
     --ranks) ranks=${2:?--ranks needs a value}; shift 2 ;;
     --smoke) smoke=1; shift ;;
+    --resume) resume=${2:?--resume needs a results file}; shift 2 ;;
     -h | --help) usage 0 ;;
     *) echo "recipe.sh: unknown argument $1" >&2; usage ;;
   esac
@@ -90,8 +100,29 @@ command -v mpiexec >/dev/null || { echo "recipe.sh: mpiexec is not on PATH" >&2;
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 ((smoke)) && stamp=$stamp-smoke
 mkdir -p "$root/bench/results"
-results=$root/bench/results/recipe-$stamp.json
-table_md=$root/bench/results/recipe-$stamp.md
+if [[ -n $resume ]]; then
+  [[ -f $resume ]] || { echo "recipe.sh: --resume $resume: no such file" >&2; exit 2; }
+  results=$(cd "$(dirname "$resume")" && pwd)/$(basename "$resume")
+  table_md=${results%.json}.md
+  # The earlier runs must be of the same benchmark: epochs, ranks, sample.
+  "$py" - "$results" "$epochs" "$ranks" "$sample" <<'EOF' || exit 2
+import json, sys
+path, epochs, ranks, sample = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+try:
+    runs = json.load(open(path))
+    assert isinstance(runs, list)
+except (OSError, ValueError, AssertionError) as e:
+    sys.exit(f"recipe.sh: --resume {path}: not a results file of recipe.sh ({e})")
+for r in runs:
+    have = (r.get("epochs"), r.get("ranks"), r.get("sample"))
+    if have != (epochs, ranks, sample):
+        sys.exit(f"recipe.sh: --resume {path}: run {r.get('framework')} {r.get('recipe')} seed {r.get('seed')} "
+                 f"has epochs/ranks/sample {have}, this benchmark {(epochs, ranks, sample)}")
+EOF
+else
+  results=$root/bench/results/recipe-$stamp.json
+  table_md=$root/bench/results/recipe-$stamp.md
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/sac-recipe.XXXXXX")
 ok=0
 finish() {
@@ -207,12 +238,15 @@ torch_full=(--optimizer sgd --lr 0.1 --lr-scaling linear --momentum 0.9 --nester
   --norm-weight-decay 0 --lr-schedule cosine --warmup-epochs 1 --warmup-decay 0.01 --label-smoothing 0.1
   --random-resized-crop --rrc-scale 0.35 1.0 --hflip --resize center_crop)
 
+commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$root" diff --quiet HEAD -- src Cargo.toml Cargo.lock bench 2>/dev/null || commit="$commit (with local changes)"
+
 # record FRAMEWORK RECIPE SEED SECONDS FILE: appends one run to $results (rewritten atomically).
-echo "[]" >"$results"
+[[ -n $resume ]] || echo "[]" >"$results"
 record() {
-  "$py" - "$results" "$@" "$epochs" <<'EOF'
+  "$py" - "$results" "$@" "$epochs" "$ranks" "$sample" "$commit" <<'EOF'
 import json, os, sys
-results, framework, recipe, seed, seconds, path, epochs = sys.argv[1:]
+results, framework, recipe, seed, seconds, path, epochs, ranks, sample, commit = sys.argv[1:]
 d = json.load(open(path))
 if framework == "sac":  # <checkpoint_dir>/resnet18/state.json
     last = d["history"][-1]
@@ -224,7 +258,8 @@ if done != int(epochs) or top1 is None:
     sys.exit(f"recipe.sh: {path}: {done} epoch(s) of {epochs}, top-1 {top1}: the run is incomplete")
 runs = json.load(open(results))
 runs.append({"framework": framework, "recipe": recipe, "seed": int(seed), "epochs": done,
-             "top1": top1, "top5": top5, "seconds": round(float(seconds), 1)})
+             "top1": top1, "top5": top5, "seconds": round(float(seconds), 1),
+             "ranks": int(ranks), "sample": float(sample), "commit": commit})
 with open(results + ".tmp", "w") as f:
     json.dump(runs, f, indent=1)
     f.write("\n")
@@ -253,8 +288,9 @@ run_torch() { # run_torch RECIPE SEED
   local recipe=$1 seed=$2 logf=$work/torch-$1-s$2.log out=$work/torch-$1-s$2.json t0 seconds line
   local -n opts=torch_$recipe
   t0=$(now)
-  step "$logf" "$py" "$root/bench/recipe_torch.py" --data-dir "$work/data" --out "$out" --epochs "$epochs" \
-    --seed "$seed" --batch-size $((64 * ranks)) --threads "$ranks" "${opts[@]}"
+  step "$logf" "$py" -m torch.distributed.run --standalone --nproc-per-node "$ranks" \
+    "$root/bench/recipe_torch.py" --ddp --data-dir "$work/data" --out "$out" --epochs "$epochs" \
+    --seed "$seed" --batch-size 64 --threads 1 "${opts[@]}"
   seconds=$(since "$t0")
   line=$(record pytorch "$recipe" "$seed" "$seconds" "$out")
   log "  PyTorch $recipe seed $seed: $line"
@@ -267,20 +303,33 @@ n_train=$(($(wc -l <"$work/data/train.csv") - 1)) n_test=$(($(wc -l <"$work/data
 log "data dir: $n_train train / $n_test test images"
 # Seed by seed, each recipe by both frameworks in turn, so that drift of the machine's speed (and a
 # run that fails late) hits both alike.
+# done_already FRAMEWORK RECIPE SEED: whether $results has that run already (--resume).
+done_already() {
+  "$py" -c 'import json, sys
+sys.exit(0 if any((r["framework"], r["recipe"], r["seed"]) == (sys.argv[2], sys.argv[3], int(sys.argv[4]))
+                  for r in json.load(open(sys.argv[1]))) else 1)' "$results" "$@"
+}
 for seed in "${seed_list[@]}"; do
   for recipe in plain full; do
-    run_sac "$recipe" "$seed"
-    run_torch "$recipe" "$seed"
+    if done_already sac "$recipe" "$seed"; then
+      log "  sac $recipe seed $seed: in $results already"
+    else
+      run_sac "$recipe" "$seed"
+    fi
+    if done_already pytorch "$recipe" "$seed"; then
+      log "  PyTorch $recipe seed $seed: in $results already"
+    else
+      run_torch "$recipe" "$seed"
+    fi
   done
 done
 
 machine="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores (nproc)"
-commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
-git -C "$root" diff --quiet HEAD -- src Cargo.toml Cargo.lock bench 2>/dev/null || commit="$commit (with local changes)"
+commits=$("$py" -c 'import json, sys; print(", ".join(sorted({r.get("commit", "unknown") for r in json.load(open(sys.argv[1]))})))' "$results")
 torch_versions=$("$py" -c 'import torch, torchvision; print(f"torch {torch.__version__}, torchvision {torchvision.__version__}")')
 "$py" "$root/bench/recipe_table.py" "$results" --command "$command_line" --machine "$machine" \
-  --note "Data: Fashion-MNIST, sample $sample (seed 0), $n_train train / $n_test test images, 64x64; resnet18 from scratch; sac: $ranks rank(s) x 1 thread, batch 64 per rank; PyTorch: 1 process, $ranks thread(s), batch $((64 * ranks))." \
+  --note "Data: Fashion-MNIST, sample $sample (seed 0), $n_train train / $n_test test images, 64x64; resnet18 from scratch; sac: $ranks rank(s) x 1 thread, batch 64 per rank; PyTorch: DDP (gloo), $ranks process(es) x 1 thread, batch 64 per process." \
   --note "plain: Adam, lr 4e-4, constant, no augmentation, stretch. full: SGD lr 0.1 x batch/256, momentum 0.9, Nesterov, weight decay 1e-4 (0 on norm and bias), cosine after 1 warmup epoch (from 0.01 x lr), label smoothing 0.1, RandomResizedCrop scale [0.35, 1] + hflip, center_crop evaluation (73 -> 64)." \
-  --note "Versions: sac $commit; $torch_versions." | tee "$table_md"
+  --note "Versions: sac $commits; $torch_versions." | tee "$table_md"
 ok=1
 log "results: $results; table: $table_md"

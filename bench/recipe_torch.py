@@ -5,8 +5,10 @@ data dir (the train.csv / test.csv that `sac create-dataset` wrote), with the sa
 schedule, regularisation and augmentation family, so that their accuracies can be set side by
 side. The recipe follows torchvision's classification reference script (references/
 classification/train.py): torchvision.models.resnet18(num_classes=K) with torchvision's own
-initialisation, trained from scratch in one process on the CPU. The defaults are sac's "plain"
-recipe (Adam, lr 4e-4, constant lr, no augmentation, images stretched to 64x64).
+initialisation, trained from scratch on the CPU, in one process or (--ddp, under torchrun) as
+DistributedDataParallel over gloo, the way the reference script runs on many devices. The
+defaults are sac's "plain" recipe (Adam, lr 4e-4, constant lr, no augmentation, images stretched
+to 64x64).
 
 Run (from the repository root, on a data dir made by `sac create-dataset`):
 
@@ -18,6 +20,18 @@ Run (from the repository root, on a data dir made by `sac create-dataset`):
   .venv/bin/python bench/recipe_torch.py --data-dir data --trivial-augment --random-erase 0.1 \\
       --mixup-alpha 0.2 --cutmix-alpha 1.0 --ema-decay 0.9998 --sampler sqrt --resize pad
   .venv/bin/python bench/recipe_torch.py --data-dir data --lr-schedule cosine --print-lr 20
+  .venv/bin/python -m torch.distributed.run --standalone --nproc-per-node 2 bench/recipe_torch.py \
+      --ddp --threads 1 --batch-size 64 --data-dir data   # 2 processes, 64 images each per step
+
+DDP (--ddp; torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT): every process builds the model
+(DDP broadcasts rank 0's weights), --batch-size is per process, so the global batch is
+batch-size x world size (what --lr-scaling linear scales by), and batch-norm normalises over each
+process's own batch, as sac's ranks do (no SyncBatchNorm, as in the reference script by default).
+Every process draws the same epoch order (below) and takes every world-th index of it from its
+rank on (torch's DistributedSampler; the order is cut to a multiple of the world size first), so
+the processes' images are disjoint and their step counts equal. Augmentation draws from torch's
+global generator, seeded with seed + rank. Rank 0 alone evaluates and writes --out; the training
+loss is averaged over all processes.
 
 Input: <data_dir>/train.csv and test.csv (columns path, relative to the data dir, and label in
 0..K-1; other columns are ignored), <data_dir>/classes.csv (one row per class: K). Images are
@@ -37,7 +51,7 @@ An image drawn twice in an epoch is augmented anew each time.
 Learning rate, set before every optimizer step (per step, not per epoch) through
 torch.optim.lr_scheduler.LambdaLR with factor lr(t) / base:
 
-  base = --lr, times batch_size / 256 with --lr-scaling linear
+  base = --lr, times the global batch (batch_size x world size) / 256 with --lr-scaling linear
   S    = steps per epoch (the number of runs above), T = epochs * S, W = warmup_epochs * S
   t    = 0-based index of the step about to be taken
   t < W:      lr(t) = base * (warmup_decay + (1 - warmup_decay) * t / W)
@@ -145,7 +159,9 @@ def parse_args(argv=None):
     g.add_argument("--data-dir", required=True, help="a sac data dir: train.csv, test.csv, classes.csv, images")
     g.add_argument("--out", help="write the results as JSON here (atomically, after every epoch)")
     g.add_argument("--epochs", type=int, default=15, help="epochs to train")
-    g.add_argument("--batch-size", type=int, default=128, help="global batch size (one process)")
+    g.add_argument("--batch-size", type=int, default=128, help="batch size per process (the global batch with one process)")
+    g.add_argument("--ddp", action="store_true",
+                   help="run as DistributedDataParallel over gloo, one process per rank (start with torchrun)")
     g.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     g.add_argument("--seed", type=int, default=0, help="seeds torch, random and numpy; epoch e shuffles with seed + e")
     g.add_argument("--width", type=int, default=64, help="network input width")
@@ -172,7 +188,7 @@ def parse_args(argv=None):
     g.add_argument("--lr-step-size", type=int, default=30, help="step schedule: epochs between lr drops")
     g.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule: factor of each drop")
     g.add_argument("--lr-min", type=float, default=0.0, help="cosine schedule: the lr it ends at")
-    g.add_argument("--lr-scaling", choices=["none", "linear"], default="none", help="linear: lr *= batch_size / 256")
+    g.add_argument("--lr-scaling", choices=["none", "linear"], default="none", help="linear: lr *= global batch / 256")
 
     g = p.add_argument_group("augmentation and resizing")
     g.add_argument("--random-resized-crop", action="store_true", help="train: RandomResizedCrop to width x height instead of a stretch")
@@ -226,6 +242,11 @@ def parse_args(argv=None):
     for ok, msg in checks:
         if not ok:
             p.error(msg)
+    a.rank, a.world = 0, 1
+    if a.ddp:
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            p.error("--ddp needs torchrun's RANK and WORLD_SIZE (run it with python -m torch.distributed.run)")
+        a.rank, a.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return a
 
 
@@ -394,19 +415,26 @@ def sampling_weights(a, labels):
 
 
 def epoch_order(a, n, epoch, weights):
-    """The image indices of one epoch, drawn from a generator seeded with seed + epoch."""
+    """This process's image indices of one epoch: the order drawn from a generator seeded with
+    seed + epoch, cut to a multiple of the world size, every world-th from the rank on."""
     g = torch.Generator()
     g.manual_seed(a.seed + epoch)
     if weights is None:
-        return torch.randperm(n, generator=g).tolist()
-    return list(torch.utils.data.WeightedRandomSampler(weights, num_samples=n, replacement=True, generator=g))
+        order = torch.randperm(n, generator=g).tolist()
+    else:
+        order = list(torch.utils.data.WeightedRandomSampler(weights, num_samples=n, replacement=True, generator=g))
+    return order[: len(order) - len(order) % a.world][a.rank :: a.world]
+
+
+def steps_per_epoch(a, n):
+    return len(batch_bounds(n // a.world, a.batch_size))
 
 
 # ----------------------------------------------------------------------------- optimisation
 
 
 def base_lr(a):
-    return a.lr * (a.batch_size / 256.0 if a.lr_scaling == "linear" else 1.0)
+    return a.lr * (a.batch_size * a.world / 256.0 if a.lr_scaling == "linear" else 1.0)
 
 
 def lr_at(t, a, steps_per_epoch):
@@ -480,9 +508,21 @@ def write_json(path, obj):
 def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
+    # The same initial weights everywhere (DDP broadcasts rank 0's anyway), then each rank's own
+    # stream for augmentation.
     torch.manual_seed(a.seed)
-    random.seed(a.seed)
-    np.random.seed(a.seed)
+    random.seed(a.seed + a.rank)
+    np.random.seed(a.seed + a.rank)
+    if a.ddp:
+        torch.distributed.init_process_group("gloo")
+    try:
+        return train_and_evaluate(a)
+    finally:
+        if a.ddp:
+            torch.distributed.destroy_process_group()
+
+
+def train_and_evaluate(a):
 
     if not os.path.isdir(a.data_dir):
         fail(f"{a.data_dir}: no such data dir")
@@ -498,16 +538,18 @@ def main(argv=None):
     if len(train) == 0:
         fail(f"{os.path.join(a.data_dir, 'train.csv')}: no images")
 
-    S = len(batch_bounds(len(train), a.batch_size))
-    model = torchvision.models.resnet18(num_classes=K)
-    opt, n_norm, n_other = make_optimizer(model, a)
+    S = steps_per_epoch(a, len(train))
+    net = torchvision.models.resnet18(num_classes=K)  # the model itself: evaluated, averaged
+    torch.manual_seed(a.seed + a.rank)  # augmentation's stream, after the initial weights
+    model = nn.parallel.DistributedDataParallel(net) if a.ddp else net
+    opt, n_norm, n_other = make_optimizer(net, a)
     base = base_lr(a)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_at(t, a, S) / base)
 
     if a.print_lr:
         T, W = a.epochs * S, a.warmup_epochs * S
         print(f"base lr {base:.6g} (--lr {a.lr:g}, scaling {a.lr_scaling}), S = {S} steps/epoch "
-              f"({len(train)} images, batch {a.batch_size}), T = {T}, W = {W}, schedule {a.lr_schedule}")
+              f"({len(train)} images, batch {a.batch_size} x {a.world}), T = {T}, W = {W}, schedule {a.lr_schedule}")
         for t in range(min(a.print_lr, T)):
             lrs = {g["lr"] for g in opt.param_groups}
             assert len(lrs) == 1
@@ -530,15 +572,17 @@ def main(argv=None):
     ema = None
     if a.ema_decay > 0:
         ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(a.ema_decay), use_buffers=True)
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(a.ema_decay), use_buffers=True)
         # The average starts as the initial weights, as sac's does: this first update copies them
         # (n_averaged 0 -> 1), so the first update after a step averages (unless in warmup).
-        ema.update_parameters(model)
+        ema.update_parameters(net)
     run = {
         "train_images": len(train),
         "test_images": len(test),
         "classes": K,
         "steps_per_epoch": S,
+        "world_size": a.world,
+        "global_batch": a.batch_size * a.world,
         "base_lr": base,
         "norm_or_bias_params": n_norm,
         "other_params": n_other,
@@ -548,9 +592,11 @@ def main(argv=None):
         "host": platform.node(),
     }
     result = {"recipe": vars(a), "run": run, "epochs": [], "final": None}
-    print(f"resnet18, {K} classes, {len(train)} train / {len(test)} test images, {S} steps/epoch, "
-          f"{a.optimizer} base lr {base:.4g}, {a.lr_schedule} schedule, {a.threads} thread(s)", file=sys.stderr)
-    print(f"train transform: {train_tf}\ntest transform: {test_tf}\nbatch mix: {mix}, sampler {a.sampler}, "
+    say = print if a.rank == 0 else (lambda *args, **kw: None)
+    say(f"resnet18, {K} classes, {len(train)} train / {len(test)} test images, {S} steps/epoch, "
+        f"{a.optimizer} base lr {base:.4g}, {a.lr_schedule} schedule, {a.world} process(es) x "
+        f"{a.threads} thread(s), batch {a.batch_size} per process", file=sys.stderr)
+    say(f"train transform: {train_tf}\ntest transform: {test_tf}\nbatch mix: {mix}, sampler {a.sampler}, "
           f"EMA decay {a.ema_decay or 'off'}", file=sys.stderr)
 
     step = 0
@@ -577,13 +623,20 @@ def main(argv=None):
             if ema is not None:
                 if step < W:
                     ema.n_averaged.fill_(0)  # warmup: the average copies the weights
-                ema.update_parameters(model)
+                ema.update_parameters(net)
             step += 1
             loss_sum += loss.item() * len(y)
             seen += len(y)
         train_seconds = time.perf_counter() - t0
-        test_loss, top1, top5 = evaluate(model, test, test_tf, a.batch_size, k)
-        ema_top1 = evaluate(ema, test, test_tf, a.batch_size, k)[1] if ema is not None else None
+        if a.ddp:
+            totals = torch.tensor([loss_sum, float(seen)], dtype=torch.double)
+            torch.distributed.all_reduce(totals)
+            loss_sum, seen = totals[0].item(), int(totals[1].item())
+        if a.rank != 0:
+            torch.distributed.barrier()  # rank 0 evaluates
+            continue
+        test_loss, top1, top5 = evaluate(net, test, test_tf, a.batch_size * a.world, k)
+        ema_top1 = evaluate(ema, test, test_tf, a.batch_size * a.world, k)[1] if ema is not None else None
         seconds = time.perf_counter() - t0
         rec = {
             "epoch": epoch + 1,
@@ -605,6 +658,8 @@ def main(argv=None):
             result["final"] = {"top1": top1, "top5": top5, "ema_top1": ema_top1}
         if a.out:
             write_json(a.out, result)
+        if a.ddp:
+            torch.distributed.barrier()
     return 0
 
 
