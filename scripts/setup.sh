@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what sac needs and skips what is already there. Safe to run again.
 #   - Debian packages: MPICH (+ libclang for rsmpi's bindgen), libjpeg-turbo's TurboJPEG, Fashion-MNIST,
-#     pkg-config
+#     pkg-config; iproute2 and util-linux for the emulated cluster of tests/multinode
 #   - .venv/ with torch==2.13.0 (libtorch for tch) and the test/benchmark Python packages
 # Set SAC_SKIP_APT=1 on a machine where you cannot use apt (a cluster): then provide MPI yourself.
 set -euo pipefail
@@ -10,7 +10,7 @@ cd "$root"
 
 log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 
-apt_pkgs=(mpich libmpich-dev libclang-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist fonts-dejavu-core)
+apt_pkgs=(mpich libmpich-dev libclang-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist fonts-dejavu-core iproute2 util-linux)
 if [[ "${SAC_SKIP_APT:-0}" != 1 ]]; then
   bash scripts/apt-ensure.sh "${apt_pkgs[@]}" # says what failed, and exits non-zero then
   log "Debian packages present"

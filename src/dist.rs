@@ -65,6 +65,25 @@ const ANSWER_WINDOW: Duration = Duration::from_millis(1000);
 /// Exit code of an abort after a stop signal (128 + SIGINT, as the clean stop uses).
 pub const EXIT_STOPPED: i32 = 130;
 
+/// How long `MPI_Finalize` may take once every rank has arrived at the end (normally well under a
+/// second). MPICH 4.0's UCX netmod closes its endpoints inside `MPI_Finalize` and then waits for
+/// the other ranks in a barrier of the process manager, where it no longer makes progress; over
+/// UCX's TCP transport a rank whose close needs such a peer's answer then waits forever (seen on
+/// the emulated cluster of tests/multinode in about a third of the runs). By then every rank has
+/// done and saved all its work, so a rank still in `MPI_Finalize` after this long leaves without
+/// it, with the job's exit code; the process manager accepts that.
+const FINALIZE_LIMIT: Duration = Duration::from_secs(10);
+
+/// The exit code the job ends with once MPI is finalized (`set_exit_code`), for a rank that has to
+/// leave `MPI_Finalize` early.
+static EXIT_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Sets the exit code this rank will end with (0, or 130 after an agreed stop): the one
+/// [`FINALIZE_LIMIT`] leaves with.
+pub fn set_exit_code(code: i32) {
+    EXIT_CODE.store(code, Ordering::SeqCst);
+}
+
 const TAG_STALL_QUERY: i32 = 0x57A1;
 const TAG_STALL_ANSWER: i32 = 0x57A2;
 
@@ -144,6 +163,33 @@ impl Drop for Mpi {
         for r in self.pending.get_mut().drain(..) {
             std::mem::forget(r);
         }
+    }
+}
+
+impl Drop for Dist {
+    /// The end of a job with more than one rank: every rank waits here for the others (sleeping,
+    /// with the stall reports of every wait), then MPI is finalized (dropping `mpi`) under
+    /// [`FINALIZE_LIMIT`].
+    fn drop(&mut self) {
+        if self.multi().is_none() {
+            return;
+        }
+        // Ranks may arrive far apart (evaluate's idle ranks wait here while rank 0 writes the
+        // reports): a wait at the end is no stall, so it is not reported as one.
+        self.limits.set(StallLimits { warn: Duration::from_secs(1 << 40), abort: None });
+        self.barrier();
+        let rank = self.rank;
+        std::thread::spawn(move || {
+            std::thread::sleep(FINALIZE_LIMIT);
+            let code = EXIT_CODE.load(Ordering::SeqCst);
+            tracing::warn!(
+                "MPI_Finalize has not returned after {} s although every rank had finished; rank {rank} \
+                 leaves without it (exit code {code}): a known shutdown race of MPICH 4.0's UCX netmod over TCP",
+                FINALIZE_LIMIT.as_secs()
+            );
+            // SAFETY: _exit ends the process at once; nothing of this rank's work is pending.
+            unsafe { libc::_exit(code) }
+        });
     }
 }
 
@@ -289,6 +335,86 @@ struct StallWatch {
     answers: BTreeMap<usize, (String, Option<u64>)>,
     /// When this wait first saw the stop flag.
     stop_seen: Option<Instant>,
+}
+
+/// Where one rank runs: its host, its rank among the ranks MPI groups on its node, and its torch
+/// thread count.
+pub struct Place {
+    pub host: String,
+    pub local_rank: usize,
+    pub local_size: usize,
+    pub threads: usize,
+}
+
+/// The ranks of each host, in order of their first rank.
+pub fn by_host(places: &[Place]) -> Vec<(&str, Vec<usize>)> {
+    let mut hosts: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (r, p) in places.iter().enumerate() {
+        match hosts.iter_mut().find(|(h, _)| *h == p.host) {
+            Some((_, ranks)) => ranks.push(r),
+            None => hosts.push((&p.host, vec![r])),
+        }
+    }
+    hosts
+}
+
+/// "0-3", "0, 2": a list of ranks, runs of three or more consecutive ranks shortened.
+pub fn rank_list(ranks: &[usize]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < ranks.len() {
+        let mut j = i;
+        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
+            j += 1;
+        }
+        if j > i + 1 {
+            parts.push(format!("{}-{}", ranks[i], ranks[j]));
+        } else {
+            parts.extend(ranks[i..=j].iter().map(usize::to_string));
+        }
+        i = j + 1;
+    }
+    parts.join(", ")
+}
+
+/// "4 rank(s) on 2 node(s): a: rank(s) 0, 1 (1 thread(s) each); b: rank(s) 2, 3 (…)".
+pub fn describe_placement(places: &[Place]) -> String {
+    let hosts = by_host(places);
+    let list: Vec<String> = hosts
+        .iter()
+        .map(|(h, ranks)| {
+            let threads: Vec<usize> = ranks.iter().map(|&r| places[r].threads).collect();
+            let each = if threads.iter().all(|&t| t == threads[0]) {
+                format!("{} thread(s) each", threads[0])
+            } else {
+                format!("threads {threads:?}")
+            };
+            format!("{h}: rank(s) {} ({each})", rank_list(ranks))
+        })
+        .collect();
+    format!("{} rank(s) on {} node(s): {}", places.len(), hosts.len(), list.join("; "))
+}
+
+/// Whether MPI's grouping of ranks into nodes (shared memory, which sets local ranks, thread
+/// counts and GPUs) differs from the hostnames'; the message says how.
+pub fn grouping_mismatch(places: &[Place]) -> Option<String> {
+    let bad: Vec<String> = by_host(places)
+        .into_iter()
+        .filter_map(|(h, ranks)| {
+            let local: Vec<usize> = ranks.iter().map(|&r| places[r].local_rank).collect();
+            let sizes: Vec<usize> = ranks.iter().map(|&r| places[r].local_size).collect();
+            let agree = local == (0..ranks.len()).collect::<Vec<_>>() && sizes.iter().all(|&n| n == ranks.len());
+            (!agree).then(|| {
+                format!(
+                    "{h} has rank(s) {} but MPI gives them local ranks {local:?} of node sizes {sizes:?}",
+                    rank_list(&ranks)
+                )
+            })
+        })
+        .collect();
+    (!bad.is_empty()).then(|| {
+        format!("MPI's grouping of ranks into nodes differs from their hostnames: {}; per-node thread counts and GPUs follow MPI's", bad.join("; "))
+    })
 }
 
 impl Dist {
@@ -645,6 +771,86 @@ impl Dist {
         m.world.all_reduce_into(&scratch[..], buf, SystemOperation::sum());
     }
 
+    /// The mean seconds of one round trip of a `bytes`-long message between this rank and `peer`
+    /// (both call it with each other's rank; the lower rank sends first), over `reps` round trips
+    /// after one that warms the path up. Plain blocking MPI calls, which busy-poll inside the
+    /// library: only `sac mpi-check`'s short measurement uses it. 0 without MPI or with itself.
+    pub fn ping_pong(&self, peer: usize, bytes: usize, reps: usize) -> f64 {
+        const TAG: i32 = 0x919;
+        let Some(m) = self.multi() else { return 0.0 };
+        if peer == self.rank {
+            return 0.0;
+        }
+        let other = m.world.process_at_rank(peer as i32);
+        let mut buf = vec![0u8; bytes.max(1)];
+        let first = self.rank < peer;
+        let round = |buf: &mut Vec<u8>| {
+            if first {
+                other.send_with_tag(&buf[..], TAG);
+                other.receive_into_with_tag(&mut buf[..], TAG);
+            } else {
+                other.receive_into_with_tag(&mut buf[..], TAG);
+                other.send_with_tag(&buf[..], TAG);
+            }
+        };
+        round(&mut buf);
+        let start = Instant::now();
+        for _ in 0..reps.max(1) {
+            round(&mut buf);
+        }
+        start.elapsed().as_secs_f64() / reps.max(1) as f64
+    }
+
+    /// Every rank's place (host, local rank, node size, `threads`), on every rank: a gather at
+    /// rank 0 and a broadcast.
+    pub fn places(&self, threads: usize) -> Vec<Place> {
+        let mine = format!("{}\t{}\t{}\t{threads}", crate::process::hostname(), self.local_rank, self.local_size);
+        let mut all = self.gather_bytes(0, mine.into_bytes()).map(|parts| parts.join(&b'\n')).unwrap_or_default();
+        self.broadcast_bytes(0, &mut all);
+        String::from_utf8_lossy(&all)
+            .lines()
+            .map(|line| {
+                let f: Vec<&str> = line.split('\t').collect();
+                let num = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+                Place {
+                    host: f.first().unwrap_or(&"?").to_string(),
+                    local_rank: num(1),
+                    local_size: num(2),
+                    threads: num(3),
+                }
+            })
+            .collect()
+    }
+
+    /// With more than one rank: rank 0 logs where the ranks run (hosts, ranks, `threads` each),
+    /// and warns if MPI's grouping into nodes differs from the hostnames. Every rank calls it.
+    pub fn log_placement(&self, threads: usize) {
+        if self.multi().is_none() {
+            return;
+        }
+        let places = self.places(threads);
+        if self.is_root() {
+            tracing::info!("placement: {}", describe_placement(&places));
+            if let Some(w) = grouping_mismatch(&places) {
+                tracing::warn!("{w}");
+            }
+        }
+    }
+
+    /// The MPI library's own description of itself (`MPI_Get_library_version`), first line.
+    pub fn library(&self) -> Option<String> {
+        self.mpi.as_ref()?;
+        // MPICH: "MPICH Version:\t4.0.2", …, "MPICH Device:\tch4:ucx"; Open MPI: one line.
+        let text = mpi::environment::library_version().ok()?;
+        let lines: Vec<String> = text
+            .lines()
+            .enumerate()
+            .filter(|(i, l)| *i == 0 || l.contains("Device:"))
+            .map(|(_, l)| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        Some(lines.join(", "))
+    }
+
     /// Sum of one number over all ranks.
     pub fn sum_f64(&self, x: f64) -> f64 {
         let mut v = [x];
@@ -836,6 +1042,47 @@ fn unsafe_static(data: &[u8]) -> &'static [u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn place(host: &str, local_rank: usize, local_size: usize) -> Place {
+        Place { host: host.into(), local_rank, local_size, threads: 2 }
+    }
+
+    #[test]
+    fn rank_lists_shorten_runs_of_three_or_more() {
+        assert_eq!(rank_list(&[0]), "0");
+        assert_eq!(rank_list(&[0, 1]), "0, 1");
+        assert_eq!(rank_list(&[0, 1, 2, 3]), "0-3");
+        assert_eq!(rank_list(&[0, 2, 3, 4, 7, 8]), "0, 2-4, 7, 8");
+        assert_eq!(rank_list(&[]), "");
+    }
+
+    #[test]
+    fn placement_groups_ranks_by_host_in_rank_order() {
+        let places = [place("b", 0, 2), place("a", 0, 2), place("b", 1, 2), place("a", 1, 2)];
+        assert_eq!(
+            describe_placement(&places),
+            "4 rank(s) on 2 node(s): b: rank(s) 0, 2 (2 thread(s) each); a: rank(s) 1, 3 (2 thread(s) each)"
+        );
+        assert!(grouping_mismatch(&places).is_none());
+        let mut uneven = vec![place("a", 0, 1)];
+        uneven[0].threads = 1;
+        uneven.push(place("a", 1, 2));
+        assert!(describe_placement(&uneven).contains("threads [1, 2]"), "{}", describe_placement(&uneven));
+    }
+
+    #[test]
+    fn a_grouping_unlike_the_hostnames_is_named() {
+        // MPI put two ranks with different hostnames on one node (shared memory between "hosts").
+        let places = [place("h0", 0, 2), place("h1", 1, 2)];
+        let w = grouping_mismatch(&places).expect("a mismatch");
+        assert!(w.contains("h1 has rank(s) 1 but MPI gives them local ranks [1] of node sizes [2]"), "{w}");
+        assert!(w.contains("h0 has rank(s) 0 but MPI gives them local ranks [0] of node sizes [2]"), "{w}");
+        // One host's grouping right, the other's not: only the wrong one is named.
+        let places = [place("h0", 0, 1), place("h1", 0, 2), place("h1", 0, 2)];
+        let w = grouping_mismatch(&places).expect("a mismatch");
+        assert!(w.contains("h1 has rank(s) 1, 2 but MPI gives them local ranks [0, 0]"), "{w}");
+        assert!(!w.contains("h0 has"), "{w}");
+    }
 
     #[test]
     fn single_rank_collectives_are_identities() {

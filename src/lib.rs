@@ -50,6 +50,7 @@ pub fn run(cli: Cli) -> ExitCode {
         // Every rank agreed to stop at the same step: leave without MPI_Abort.
         Err(err) if err.is::<train::Interrupted>() => {
             eprintln!("{err}");
+            crate::dist::set_exit_code(crate::dist::EXIT_STOPPED);
             ExitCode::from(130)
         }
         Err(err) => {

@@ -9,6 +9,10 @@
 //!    (`--classes 64500`: Herbarium's head): sac's fused buckets against one allreduce per
 //!    parameter tensor (what the original script did), and how long the fused Adam step over the
 //!    same parameters takes on one thread and on the rank's share of the node's cores.
+//! 3. Where the ranks run and what links them: every rank's host, its rank on the node and its
+//!    thread count; the MPI library; and, measured, the latency and bandwidth from rank 0 to a
+//!    rank on its own node and to one on another node. On a cluster the second pair shows the
+//!    network the job really uses (a few Gb/s where InfiniBand was expected means TCP).
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -35,6 +39,57 @@ fn mean_loss_grad(net: &impl Module, params: &[Tensor], sync: &mut GradSync, x: 
     net.forward(x).cross_entropy_for_logits(y).backward();
     Tensor::cat(&params.iter().map(|p| p.grad().reshape([-1])).collect::<Vec<_>>(), 0)
 }
+
+/// Part 3: prints (rank 0) where the ranks run, and measures rank 0's links when `measure`.
+pub fn placement_and_links(dist: &Dist, measure: bool) {
+    let places = dist.places(dist.cores_per_rank());
+    if dist.is_root() {
+        println!("placement: {}", crate::dist::describe_placement(&places));
+        if let Some(w) = crate::dist::grouping_mismatch(&places) {
+            println!("warning: {w}");
+        }
+        let ucx: Vec<String> = ["UCX_TLS", "UCX_NET_DEVICES", "FI_PROVIDER"]
+            .iter()
+            .filter_map(|v| std::env::var(v).ok().map(|x| format!("{v}={x}")))
+            .collect();
+        println!(
+            "MPI library: {}{}",
+            dist.library().unwrap_or_else(|| "none (one process)".into()),
+            if ucx.is_empty() { String::new() } else { format!(" ({})", ucx.join(", ")) }
+        );
+    }
+    if !measure || dist.size() < 2 {
+        return;
+    }
+    let host0 = &places[0].host;
+    let near = (1..places.len()).find(|&r| places[r].host == *host0);
+    let far = (1..places.len()).find(|&r| places[r].host != *host0);
+    for peer in [near, far].into_iter().flatten() {
+        let (latency, round_trip) = if dist.rank() == 0 || dist.rank() == peer {
+            let other = if dist.rank() == 0 { peer } else { 0 };
+            (dist.ping_pong(other, 8, 200) / 2.0, dist.ping_pong(other, LINK_BYTES, 4))
+        } else {
+            (0.0, 0.0)
+        };
+        dist.barrier();
+        if dist.is_root() {
+            let gbit = 2.0 * LINK_BYTES as f64 * 8.0 / round_trip.max(1e-12) / 1e9;
+            let what = if places[peer].host == *host0 {
+                format!("same node, {host0}")
+            } else {
+                format!("{host0} <-> {}", places[peer].host)
+            };
+            println!(
+                "link rank 0 <-> rank {peer} ({what}): latency {:.1} us, bandwidth {gbit:.2} Gb/s (ping-pong of 8 B and {} MiB)",
+                latency * 1e6,
+                LINK_BYTES >> 20
+            );
+        }
+    }
+}
+
+/// The message of the bandwidth measurement: large enough that latency does not count.
+const LINK_BYTES: usize = 8 << 20;
 
 /// Part 1; returns the relative error.
 pub fn check_averaging(dist: &Dist, batch: usize) -> Result<f64> {
@@ -160,6 +215,7 @@ pub fn run(dist: &Dist, batch: usize, arch: Arch, classes: i64, reps: usize) -> 
     if !ok {
         bail!("gradient averaging is not exact on rank {} (relative error {err:.2e})", dist.rank());
     }
+    placement_and_links(dist, reps > 0);
     if reps > 0 {
         let x = time_exchange(dist, arch, classes, reps);
         if dist.is_root() {

@@ -64,3 +64,16 @@ pub fn set_threads(configured: usize, cores_per_rank: usize) -> usize {
     tch::set_num_interop_threads(1);
     n
 }
+
+/// This host's name (`gethostname`), "?" if it cannot be read.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if ok {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "?".into()
+    }
+}

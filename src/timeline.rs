@@ -144,20 +144,14 @@ pub fn take(rank: usize) -> Vec<u8> {
     set_recording(false);
     let events = std::mem::take(&mut *EVENTS.lock().unwrap_or_else(|e| e.into_inner()));
     let threads = THREADS.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let trace = RankTrace { rank, host: hostname(), threads, events, dropped: DROPPED.swap(0, Ordering::Relaxed) };
+    let trace = RankTrace {
+        rank,
+        host: crate::process::hostname(),
+        threads,
+        events,
+        dropped: DROPPED.swap(0, Ordering::Relaxed),
+    };
     serde_json::to_vec(&trace).expect("a trace serializes")
-}
-
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
-    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    if ok {
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        "?".into()
-    }
 }
 
 /// Rank 0: the gathered parts as one Chrome trace JSON document.

@@ -117,6 +117,7 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
     let cfg = &s.config;
     let t_start = Instant::now();
     let threads = crate::process::set_threads(cfg.train.threads, dist.cores_per_rank());
+    dist.log_placement(threads);
     let device = crate::process::pick_device(cfg.train.device, dist.local_rank())?;
     let arch = cfg.model.name;
     let ckpt = s.eval_checkpoint();

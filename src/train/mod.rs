@@ -52,6 +52,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     let cfg = &s.config;
     let tc = &cfg.train;
     let threads = crate::process::set_threads(tc.threads, dist.cores_per_rank());
+    dist.log_placement(threads);
     let device = crate::process::pick_device(tc.device, dist.local_rank())?;
     let stop = crate::process::stop_on_signals()?;
     let dir = s.model_dir();
