@@ -96,6 +96,11 @@ pub struct StallLimits {
     pub abort: Option<Duration>,
 }
 
+impl StallLimits {
+    /// Waits that are never reported and never end the job.
+    pub const UNWATCHED: StallLimits = StallLimits { warn: Duration::from_secs(1 << 40), abort: None };
+}
+
 impl Default for StallLimits {
     fn default() -> Self {
         StallLimits { warn: Duration::from_secs(60), abort: None }
@@ -176,7 +181,7 @@ impl Drop for Dist {
         }
         // Ranks may arrive far apart (evaluate's idle ranks wait here while rank 0 writes the
         // reports): a wait at the end is no stall, so it is not reported as one.
-        self.limits.set(StallLimits { warn: Duration::from_secs(1 << 40), abort: None });
+        self.limits.set(StallLimits::UNWATCHED);
         self.barrier();
         let rank = self.rank;
         std::thread::spawn(move || {
@@ -347,7 +352,7 @@ pub struct Place {
 }
 
 /// The ranks of each host, in order of their first rank.
-pub fn by_host(places: &[Place]) -> Vec<(&str, Vec<usize>)> {
+fn by_host(places: &[Place]) -> Vec<(&str, Vec<usize>)> {
     let mut hosts: Vec<(&str, Vec<usize>)> = Vec::new();
     for (r, p) in places.iter().enumerate() {
         match hosts.iter_mut().find(|(h, _)| *h == p.host) {
@@ -359,7 +364,7 @@ pub fn by_host(places: &[Place]) -> Vec<(&str, Vec<usize>)> {
 }
 
 /// "0-3", "0, 2": a list of ranks, runs of three or more consecutive ranks shortened.
-pub fn rank_list(ranks: &[usize]) -> String {
+fn rank_list(ranks: &[usize]) -> String {
     let mut parts = Vec::new();
     let mut i = 0;
     while i < ranks.len() {

@@ -51,7 +51,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Err(err) if err.is::<train::Interrupted>() => {
             eprintln!("{err}");
             crate::dist::set_exit_code(crate::dist::EXIT_STOPPED);
-            ExitCode::from(130)
+            ExitCode::from(crate::dist::EXIT_STOPPED as u8)
         }
         Err(err) => {
             let mut msg = format!("{err}");

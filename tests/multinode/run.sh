@@ -40,7 +40,7 @@
 set -euo pipefail
 
 hosts=2 per_host=1 cores_per_host= profile=none limit=900 keep=0
-usage() { sed -n '8,9p;19,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
+usage() { sed -n '8,9p;19,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 die() { echo "multinode: $*" >&2; exit 2; }
 while (($#)); do
   case $1 in

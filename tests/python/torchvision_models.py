@@ -8,23 +8,23 @@ False skips that slow initialisation when the weights are loaded from a file any
 import torch
 import torchvision
 
-ARCHS = ("resnet18", "resnet34", "alexnet", "vgg", "squeezenet", "densenet", "inception")
+# sac's name -> torchvision's constructor.
+CONSTRUCTORS = {
+    "resnet18": "resnet18",
+    "resnet34": "resnet34",
+    "alexnet": "alexnet",
+    "vgg": "vgg11_bn",
+    "squeezenet": "squeezenet1_0",
+    "densenet": "densenet121",
+    "inception": "inception_v3",
+}
+ARCHS = tuple(CONSTRUCTORS)
 
 
 def build(arch: str, num_classes: int, init_weights: bool = True) -> torch.nn.Module:
-    m = torchvision.models
-    if arch == "resnet18":
-        return m.resnet18(num_classes=num_classes)
-    if arch == "resnet34":
-        return m.resnet34(num_classes=num_classes)
-    if arch == "alexnet":
-        return m.alexnet(num_classes=num_classes)
-    if arch == "vgg":
-        return m.vgg11_bn(num_classes=num_classes)
-    if arch == "squeezenet":
-        return m.squeezenet1_0(num_classes=num_classes)
-    if arch == "densenet":
-        return m.densenet121(num_classes=num_classes)
+    if arch not in CONSTRUCTORS:
+        raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(ARCHS)}")
+    constructor = getattr(torchvision.models, CONSTRUCTORS[arch])
     if arch == "inception":
-        return m.inception_v3(num_classes=num_classes, aux_logits=False, init_weights=init_weights)
-    raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(ARCHS)}")
+        return constructor(num_classes=num_classes, aux_logits=False, init_weights=init_weights)
+    return constructor(num_classes=num_classes)
