@@ -478,6 +478,9 @@ pub struct TrainCfg {
     pub sampler: Sampler,
     /// Largest L2 norm of the averaged global gradient; 0: no clipping.
     pub clip_grad_norm: f64,
+    /// Start each gradient bucket's allreduce during backward, as soon as its gradients are
+    /// complete (CPU training with more than one rank); false: after backward.
+    pub overlap: bool,
     pub validate: bool,
     pub device: DeviceKind,
     pub threads: usize,
@@ -517,6 +520,7 @@ impl Default for TrainCfg {
             ema_decay: 0.0,
             sampler: Sampler::Uniform,
             clip_grad_norm: 0.0,
+            overlap: true,
             validate: true,
             device: DeviceKind::Cpu,
             threads: 0,

@@ -227,13 +227,22 @@ enum Wait {
     Patient,
     /// Every peer is known to be in the operation: test and yield.
     Eager,
+    /// Most likely every peer is in the operation already (the end of a gradient exchange that
+    /// started during backward): yield for `SUM_EAGER`, then sleep.
+    Finishing,
 }
+
+/// How long `Dist::finish_sums` yields before it sleeps between tests: a few milliseconds cover
+/// the tail of an exchange between ranks that left backward together; a longer wait is a slower
+/// peer, which gets the core.
+const SUM_EAGER: Duration = Duration::from_millis(20);
 
 impl Wait {
     fn backoff(self) -> Backoff {
         Backoff::new(match self {
             Wait::Patient => Duration::from_micros(200),
             Wait::Eager => Duration::from_secs(3600),
+            Wait::Finishing => SUM_EAGER,
         })
     }
 }
@@ -766,6 +775,60 @@ impl Dist {
         });
     }
 
+    /// Starts summing `send` over all ranks into `recv` (same length) without waiting: the sum
+    /// moves while this rank calls `progress_sums` or `finish_sums`. Every rank must start its
+    /// sums in the same order. Without MPI (or with one rank) `recv` is a copy of `send` at once.
+    ///
+    /// # Safety
+    /// `send` and `recv` must stay allocated, and nothing may write `send` or touch `recv`, until
+    /// `finish_sums` (or `progress_sums`) reports this sum complete.
+    pub unsafe fn start_sum(&self, send: &[f32], recv: &mut [f32]) -> PendingSum {
+        assert_eq!(send.len(), recv.len(), "allreduce buffers differ in length");
+        let Some(m) = self.multi() else {
+            recv.copy_from_slice(send);
+            return PendingSum { req: None };
+        };
+        // SAFETY: the caller keeps both buffers alive and unused until the request completes.
+        let (send, recv) = unsafe {
+            (
+                std::mem::transmute::<&[f32], &'static [f32]>(send),
+                std::mem::transmute::<&mut [f32], &'static mut [f32]>(recv),
+            )
+        };
+        PendingSum { req: Some(m.world.immediate_all_reduce_into(StaticScope, send, recv, SystemOperation::sum())) }
+    }
+
+    /// Lets MPI move the pending sums (one test of each; none waits). True when all are complete.
+    pub fn progress_sums(&self, sums: &mut [PendingSum]) -> bool {
+        let mut done = true;
+        for s in sums.iter_mut() {
+            if let Some(req) = s.req.take() {
+                match req.test() {
+                    Ok(_) => {}
+                    Err(req) => {
+                        s.req = Some(req);
+                        done = false;
+                    }
+                }
+            }
+        }
+        done
+    }
+
+    /// Waits until every sum in `sums` is complete, as one collective named `name` in stall
+    /// reports. Yields the core for the first `SUM_EAGER` (the rest of the sums is usually on its
+    /// way), then sleeps between tests, so a rank that waits for a slow peer does not take CPU
+    /// from it.
+    pub fn finish_sums(&self, name: &'static str, sums: &mut [PendingSum]) {
+        if sums.iter().all(|s| s.req.is_none()) {
+            return;
+        }
+        let seq = self.coll_seq.get() + 1;
+        self.coll_seq.set(seq);
+        let op = Op::Collective { name, seq };
+        self.poll(op, Wait::Finishing, || self.progress_sums(sums).then_some(()));
+    }
+
     /// Sums `buf` over all ranks with one plain blocking `MPI_Allreduce`, as the original
     /// mpi4py script did per tensor. Only the benchmark of `sac mpi-check` uses it: waiting inside
     /// it busy-polls in the MPI library.
@@ -1013,6 +1076,18 @@ impl Dist {
             meanwhile();
             None
         });
+    }
+}
+
+/// A sum over all ranks started by `Dist::start_sum`; complete once `Dist::finish_sums` returns.
+pub struct PendingSum {
+    req: Option<Request<'static, [f32], StaticScope>>,
+}
+
+impl PendingSum {
+    /// The sum has completed (or never needed MPI).
+    pub fn is_done(&self) -> bool {
+        self.req.is_none()
     }
 }
 

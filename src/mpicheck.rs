@@ -108,7 +108,7 @@ pub fn check_averaging(dist: &Dist, batch: usize) -> Result<f64> {
     let y = Tensor::randint(5, [batch as i64], (Kind::Int64, Device::Cpu));
     let mine: Vec<i64> = (dist.rank()..batch).step_by(dist.size()).map(|i| i as i64).collect();
     // As in training: the gradients live in the exchange buffer, of the summed loss of this rank's rows.
-    let mut sync = GradSync::new(&params);
+    let mut sync = GradSync::new(&params, None, false)?;
     sync.zero_grads();
     if !mine.is_empty() {
         let idx = Tensor::from_slice(&mine);
@@ -133,7 +133,8 @@ pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exch
     let params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
     let numel: usize = params.iter().map(Tensor::numel).sum();
     // Gradients as training leaves them: in the exchange buffer, here random.
-    let mut sync = GradSync::new(&params);
+    let mut sync = GradSync::new(&params, None, false).expect("no hooks to install");
+    let buckets = sync.buckets().len();
     tch::no_grad(|| {
         for p in &params {
             let _ = p.grad().normal_(0.0, 1.0);
@@ -164,7 +165,7 @@ pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exch
         dist.allreduce_sum_into(&send, &mut recv);
     }
     let raw = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
-    Exchange { fused, per_tensor, raw, tensors: params.len(), numel }
+    Exchange { fused, per_tensor, raw, tensors: params.len(), numel, buckets }
 }
 
 /// Milliseconds per step of each way of exchanging one step's gradients.
@@ -178,6 +179,8 @@ pub struct Exchange {
     pub raw: f64,
     pub tensors: usize,
     pub numel: usize,
+    /// Buckets of `GradSync`.
+    pub buckets: usize,
 }
 
 /// Milliseconds per fused Adam step over `numel` parameters, with `threads` threads.
@@ -224,7 +227,7 @@ pub fn run(dist: &Dist, batch: usize, arch: Arch, classes: i64, reps: usize) -> 
                  over {} rank(s), ms per step: fused {:.1} (allreduce alone {:.1}), one allreduce per tensor {:.1}",
                 x.tensors,
                 x.numel as f64 / 1e6,
-                x.numel.div_ceil(crate::dist::bucket_floats()),
+                x.buckets,
                 crate::dist::bucket_floats() as f64 / 1e6,
                 dist.size(),
                 x.fused,

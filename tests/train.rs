@@ -89,6 +89,46 @@ fn resuming_after_one_epoch_gives_the_same_weights_as_two_epochs_in_one_run() {
     }
 }
 
+#[test]
+fn exchange_during_backward_gives_the_weights_of_exchange_after_it_bit_for_bit() {
+    // 13 images over 3 ranks, batch 3: shards of 5, 4 and 4, so in the second step two ranks have
+    // no image (no backward: they start every bucket after the step's backward on the third).
+    let p = Project::new(2, 13, 0, 32);
+    let mut logs = Vec::new();
+    for overlap in [true, false] {
+        let ck = format!("ck-{overlap}");
+        let out = p.train_mpi(
+            3,
+            &[
+                "--epochs",
+                "2",
+                "--set",
+                &format!("paths.checkpoint_dir={ck}"),
+                "--set",
+                "train.batch_size=3",
+                "--set",
+                &format!("train.overlap={overlap}"),
+            ],
+        );
+        assert_success(&out);
+        logs.push(stderr(&out));
+    }
+    let (on, off) = (&logs[0], &logs[1]);
+    assert!(on.contains("buckets in backward order") && on.contains("(train.overlap)"), "{on}");
+    assert!(off.contains("summed after backward (train.overlap = false)"), "{off}");
+    // Rank 0 has images in both steps: its hooks start buckets during backward.
+    let line = on.lines().find(|l| l.contains("gradient buckets per step during backward")).expect("bucket line");
+    let early: f64 = line.split("started ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().parse().unwrap();
+    assert!(early >= 1.0, "{line}");
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let cmp = compare_safetensors(
+            &p.model_dir_in("ck-true", "resnet18").join(file),
+            &p.model_dir_in("ck-false", "resnet18").join(file),
+        );
+        assert!(cmp.bitwise, "{file}: overlap on vs off: {cmp:?}");
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Architectures
 // ------------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ pub(crate) struct EpochSteps {
     pub nonfinite_steps: u64,
     /// Steps whose gradient norm was clipped (`train.clip_grad_norm`).
     pub clipped_steps: u64,
+    /// Gradient buckets this rank started during backward, summed over the steps (`train.overlap`).
+    pub early_buckets: u64,
     /// Where this rank's time went.
     pub times: Times,
 }
@@ -76,11 +78,13 @@ impl<'a> Stepper<'a> {
         device: Device,
         stop: &'a AtomicBool,
         dir: &'a Path,
-    ) -> Self {
-        let sync = GradSync::new(&model.params.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());
+        order: Option<Vec<usize>>,
+    ) -> Result<Self> {
+        let params: Vec<Tensor> = model.params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let sync = GradSync::new(&params, order, tc.overlap && dist.size() > 1)?;
         let buffers: Vec<Tensor> = model.buffers.iter().map(|(_, t)| t.shallow_clone()).collect();
         let saved_buffers = buffers.iter().map(|t| t.detach().copy()).collect();
-        Stepper {
+        Ok(Stepper {
             dist,
             model,
             opt,
@@ -94,7 +98,7 @@ impl<'a> Stepper<'a> {
             dir,
             buffers,
             saved_buffers,
-        }
+        })
     }
 
     /// Runs the steps of `epoch`: one per entry of `batches` (indices into `rows`; empty when this
@@ -124,6 +128,7 @@ impl<'a> Stepper<'a> {
         let mut times = Times::default();
         let (mut loss_sum, mut seen, mut skipped, mut nonfinite_steps) = (0f64, 0f64, 0u64, 0u64);
         let mut clipped_steps = 0u64;
+        let mut early_buckets = 0u64;
         with_batches(loader, rows, batches, device, |next_batch| {
             for step in 0..steps {
                 crate::fault::point("step");
@@ -143,6 +148,7 @@ impl<'a> Stepper<'a> {
                 let mut n_local = 0usize;
                 let mut local_loss = 0f64;
                 let mut bad = false;
+                let stop = self.stop.load(Ordering::Relaxed);
                 if let Some((x, y)) = batch {
                     if tc.on_nonfinite == OnNonFinite::Skip {
                         copy_tensors(&self.saved_buffers, &self.buffers);
@@ -160,22 +166,22 @@ impl<'a> Stepper<'a> {
                         loss *= f64::NAN;
                     }
                     n_local = y.size()[0] as usize;
+                    local_loss = loss.double_value(&[]);
+                    // Forward has updated the batch-norm statistics: what every rank must learn
+                    // of this step is known before backward, whose hooks may start the exchange.
+                    bad = !local_loss.is_finite() || !buffers_finite(&self.buffers);
                     self.sync.zero_grads();
+                    self.sync.begin(self.dist, n_local, local_loss * n_local as f64, stop, bad);
                     // The summed loss: GradSync weights each rank by its image count.
                     (&loss * n_local as f64).backward();
-                    local_loss = loss.double_value(&[]);
-                    bad = !local_loss.is_finite() || !buffers_finite(&self.buffers);
+                } else {
+                    self.sync.begin(self.dist, 0, 0.0, stop, false);
                 }
                 let t2 = crate::timeline::since("compute", "forward + backward", t1, at);
                 step_times.compute = t2 - t1;
 
-                let synced = self.sync.sync(
-                    self.dist,
-                    n_local,
-                    local_loss * n_local as f64,
-                    self.stop.load(Ordering::Relaxed),
-                    bad,
-                );
+                let synced = self.sync.finish(self.dist);
+                early_buckets += synced.early as u64;
                 if synced.stop {
                     pb.abandon();
                     stopping(epoch, step, steps, state, self.dir);
@@ -244,7 +250,7 @@ impl<'a> Stepper<'a> {
         if let Some(r) = reporter {
             r.end_steps(state.steps, self.opt.lr);
         }
-        Ok(EpochSteps { loss_sum, seen, skipped, nonfinite_steps, clipped_steps, times })
+        Ok(EpochSteps { loss_sum, seen, skipped, nonfinite_steps, clipped_steps, early_buckets, times })
     }
 }
 

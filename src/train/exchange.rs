@@ -1,23 +1,41 @@
 //! The gradient exchange and the other collectives on tensors: [`GradSync`] sums every rank's
-//! gradients (and a few numbers every step needs) in one fused buffer; rank 0's weights reach
+//! gradients (and a few numbers every step needs) in one fused buffer, bucket by bucket, during
+//! backward where it can; rank 0's weights reach
 //! every rank by broadcast; batch-norm statistics are averaged.
+use std::cell::RefCell;
+use std::ops::Range;
+use std::rc::Rc;
+
+use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::dist::Dist;
+use super::hooks::GradHooks;
+use crate::dist::{Dist, PendingSum};
 
 /// Averages gradients over the ranks, weighted by each rank's image count, so the result is the
 /// gradient of the mean loss over all ranks' images together. Callers back-propagate the *summed*
-/// loss of their images (mean × count), which is that weighting. All gradients travel in one flat
-/// buffer (one allreduce per `dist::BUCKET_FLOATS` bucket), followed by four more numbers: the
-/// rank's image count, its stop request (a signal), whether its step went wrong (a non-finite
-/// loss or batch-norm statistic) and its summed loss, so every rank learns them in the same call
-/// (rank 0 reports the global loss without a collective of its own).
+/// loss of their images (mean × count), which is that weighting. All gradients live in one flat
+/// buffer, followed by four more numbers: the rank's image count, its stop request (a signal),
+/// whether its step went wrong (a non-finite loss or batch-norm statistic) and its summed loss, so
+/// every rank learns them in the same exchange (rank 0 reports the global loss without a
+/// collective of its own).
+///
+/// The buffer is summed in buckets ([`layout`]): whole parameters each, in reverse parameter order
+/// (backward produces the last layers' gradients first), one allreduce per bucket. With `overlap`
+/// a gradient hook ([`GradHooks`]) marks each parameter's gradient complete during backward, and a
+/// bucket's allreduce starts as soon as its gradients are all there (and every earlier bucket has
+/// started: the order is the same on every rank), so the exchange runs while backward computes the
+/// first layers; the hooks also move the started sums along (MPI moves a nonblocking collective only
+/// while it is called). What is left after backward is finished by [`GradSync::finish`]. Without
+/// `overlap` all buckets start after backward. The buckets and their order are the same either way,
+/// so both give the same sums, bit for bit.
 ///
 /// For parameters that are contiguous f32 CPU tensors (training on the CPU), each parameter's
 /// gradient *is* a view into the send buffer (what DDP calls gradient_as_bucket_view): backward
 /// accumulates straight into it, so nothing is copied before the allreduce, and the division by
 /// the image count is left to the optimizer (`Synced::scale`), so nothing is copied after it.
-/// Other parameters (a GPU) have their gradients copied into the buffer.
+/// Other parameters (a GPU) have their gradients copied into the buffer after backward, and no
+/// hooks (autograd runs a GPU's hooks on its own threads, not the one MPI was given).
 pub struct GradSync {
     params: Vec<Tensor>,
     numel: usize,
@@ -27,6 +45,233 @@ pub struct GradSync {
     recv: Tensor,
     /// The parameters' gradients are views into `send`.
     bound: bool,
+    /// The buckets and the sums in flight, shared with the hooks.
+    launch: Rc<RefCell<Launch>>,
+    hooks: Option<GradHooks>,
+    /// This rank's images in the current step (`begin`).
+    images: usize,
+}
+
+/// A bucket of the exchange: parameters `params` (indices, in the order backward completes
+/// them), whose gradients are the element ranges `runs` of the flat buffer (one allreduce each).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bucket {
+    pub params: Vec<usize>,
+    pub runs: Vec<Range<usize>>,
+}
+
+impl Bucket {
+    pub fn floats(&self) -> usize {
+        self.runs.iter().map(Range::len).sum()
+    }
+}
+
+/// The largest first and last bucket, in floats (1 MiB, DDP's first bucket): the first starts as
+/// soon as backward has done the last layers; the last holds the first layers, whose gradients
+/// come at the very end of backward, so its sum is the part of the exchange nothing can hide.
+pub const EDGE_BUCKET_FLOATS: usize = 1 << 18;
+
+/// The buckets for parameters of `sizes` elements (in parameter order, which is the buffer's),
+/// in the order they are summed: `order` is the order in which backward completes the parameters'
+/// gradients (every index once). Each bucket takes the next parameters of `order` up to `cap`
+/// floats (`edge` for the first one) unless one parameter alone is larger, and the last
+/// parameters of `order` that fit in `edge` floats (at least one) form a bucket of their own at
+/// the end. The first bucket also carries the `extras` floats after the gradients.
+pub fn layout(sizes: &[usize], order: &[usize], cap: usize, edge: usize, extras: usize) -> Vec<Bucket> {
+    let n = sizes.len();
+    assert_eq!(order.len(), n, "the order names every parameter once");
+    let offsets: Vec<usize> = std::iter::once(0)
+        .chain(sizes.iter().scan(0, |acc, &k| {
+            *acc += k;
+            Some(*acc)
+        }))
+        .collect();
+    let total = offsets[n];
+    let bucket = |members: &[usize], first: bool| {
+        let mut params = members.to_vec();
+        let mut sorted = params.clone();
+        sorted.sort_unstable();
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        let extra = first.then_some(total..total + extras).filter(|r| !r.is_empty());
+        for r in sorted.iter().map(|&i| offsets[i]..offsets[i + 1]).filter(|r| !r.is_empty()).chain(extra) {
+            match runs.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => runs.push(r),
+            }
+        }
+        params.shrink_to_fit();
+        Bucket { params, runs }
+    };
+    if n == 0 {
+        return vec![bucket(&[], true)];
+    }
+    // The last parameters of `order` that fit in `edge` (at least one) form the last bucket.
+    let mut tail = n - 1;
+    let mut tail_floats = sizes[order[tail]];
+    while tail > 0 && tail_floats + sizes[order[tail - 1]] <= edge {
+        tail -= 1;
+        tail_floats += sizes[order[tail]];
+    }
+    let mut buckets = Vec::new();
+    let mut start = 0;
+    while start < tail {
+        let limit = if buckets.is_empty() { edge } else { cap };
+        let mut end = start + 1;
+        let mut floats = sizes[order[start]];
+        while end < tail && floats + sizes[order[end]] <= limit {
+            floats += sizes[order[end]];
+            end += 1;
+        }
+        buckets.push(bucket(&order[start..end], buckets.is_empty()));
+        start = end;
+    }
+    buckets.push(bucket(&order[tail..], buckets.is_empty()));
+    buckets
+}
+
+/// The order in which backward completes the gradients of `params`: `backward` runs a backward
+/// pass that reaches them (e.g. of a small batch through the model) while hooks record it.
+/// Parameters it leaves without a gradient come last, in reverse parameter order. The gradients
+/// it leaves behind are the caller's to zero. The order is a property of the model's graph, the
+/// same on every rank for the same model.
+pub fn backward_order(params: &[Tensor], backward: impl FnOnce()) -> Result<Vec<usize>> {
+    let seen = Rc::new(RefCell::new(Vec::with_capacity(params.len())));
+    let log = Rc::clone(&seen);
+    let hooks = GradHooks::install(params, move |i| log.borrow_mut().push(i))?;
+    backward();
+    hooks.check();
+    drop(hooks);
+    let mut order = Vec::with_capacity(params.len());
+    let mut placed = vec![false; params.len()];
+    for &i in seen.borrow().iter() {
+        if !std::mem::replace(&mut placed[i], true) {
+            order.push(i);
+        }
+    }
+    order.extend((0..params.len()).rev().filter(|&i| !placed[i]));
+    Ok(order)
+}
+
+/// The backward order ([`backward_order`]) of the trained parameters of `model`, from one
+/// backward pass of two blank `height` × `width` images in evaluation mode (batch-norm statistics
+/// stay as they are; the gradients it leaves are zeroed before every step). Rank 0 finds it and
+/// sends it to every rank, so all make the same buckets.
+pub fn model_backward_order(
+    dist: &Dist,
+    model: &super::model::Model,
+    height: u32,
+    width: u32,
+    device: Device,
+) -> Result<Vec<usize>> {
+    let params: Vec<Tensor> = model.params.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let mut bytes = Vec::new();
+    if dist.is_root() {
+        let x = Tensor::zeros([2, 3, i64::from(height), i64::from(width)], (Kind::Float, device));
+        let order = backward_order(&params, || model.net.forward_t(&x, false).sum(Kind::Float).backward())?;
+        bytes = order.iter().flat_map(|&i| (i as u32).to_le_bytes()).collect();
+    }
+    dist.broadcast_bytes(0, &mut bytes);
+    let order: Vec<usize> =
+        bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize).collect();
+    anyhow::ensure!(
+        order.len() == params.len(),
+        "rank 0's gradient order names {} parameters, not {}",
+        order.len(),
+        params.len()
+    );
+    Ok(order)
+}
+
+/// One line for the log: the buckets and how they are exchanged.
+pub fn describe_buckets(buckets: &[Bucket], overlap: bool) -> String {
+    let mib: Vec<String> =
+        buckets.iter().map(|b| format!("{:.1}", (b.floats() * 4) as f64 / (1 << 20) as f64)).collect();
+    format!(
+        "gradient exchange: {} buckets in backward order ({} MiB), {}",
+        buckets.len(),
+        mib.join(", "),
+        if overlap {
+            "each summed as soon as backward has completed its gradients (train.overlap)"
+        } else {
+            "summed after backward (train.overlap = false)"
+        }
+    )
+}
+
+/// The bucket state a step shares with the hooks.
+struct Launch {
+    buckets: Vec<Bucket>,
+    /// Bucket of each parameter.
+    bucket_of: Vec<usize>,
+    /// Per bucket: parameters whose gradient backward has not completed yet.
+    waiting: Vec<usize>,
+    /// The next bucket to start.
+    next: usize,
+    /// Buckets that started during backward (the rest after it).
+    early: usize,
+    sums: Vec<PendingSum>,
+    /// Set between `begin` and `finish` of a step whose buckets the hooks start.
+    armed: Option<Armed>,
+}
+
+/// Where the hooks start sums: valid from `GradSync::begin` to `GradSync::finish`.
+struct Armed {
+    dist: *const Dist,
+    send: *mut f32,
+    recv: *mut f32,
+}
+
+impl Launch {
+    fn new(buckets: Vec<Bucket>, params: usize) -> Self {
+        let mut bucket_of = vec![0; params];
+        for (b, bucket) in buckets.iter().enumerate() {
+            for &i in &bucket.params {
+                bucket_of[i] = b;
+            }
+        }
+        let waiting = buckets.iter().map(|b| b.params.len()).collect();
+        Launch { buckets, bucket_of, waiting, next: 0, early: 0, sums: Vec::new(), armed: None }
+    }
+
+    fn reset(&mut self) {
+        assert!(self.sums.iter().all(PendingSum::is_done), "a sum of the last step is still in flight");
+        for (w, b) in self.waiting.iter_mut().zip(&self.buckets) {
+            *w = b.params.len();
+        }
+        self.next = 0;
+        self.early = 0;
+        self.sums.clear();
+    }
+
+    /// Starts bucket `self.next`: one sum per run.
+    fn start_next(&mut self, armed: &Armed) {
+        for run in &self.buckets[self.next].runs {
+            // SAFETY: `armed` points at the live send/recv buffers of the GradSync (p + EXTRAS
+            // floats, which every run lies in), and nothing touches this range until `finish` has
+            // completed the sum; `dist` is the caller's, alive from `begin` to `finish`.
+            unsafe {
+                let send = std::slice::from_raw_parts(armed.send.add(run.start), run.len());
+                let recv = std::slice::from_raw_parts_mut(armed.recv.add(run.start), run.len());
+                self.sums.push((*armed.dist).start_sum(send, recv));
+            }
+        }
+        self.next += 1;
+    }
+
+    /// A hook: parameter `i`'s gradient is complete. Starts the buckets now complete, in order,
+    /// and lets MPI move the sums in flight.
+    fn ready(&mut self, i: usize) {
+        let Some(armed) = self.armed.take() else { return };
+        let b = self.bucket_of[i];
+        self.waiting[b] = self.waiting[b].saturating_sub(1);
+        while self.next < self.buckets.len() && self.waiting[self.next] == 0 {
+            self.start_next(&armed);
+            self.early += 1;
+        }
+        // SAFETY: as in `start_next`.
+        unsafe { (*armed.dist).progress_sums(&mut self.sums) };
+        self.armed = Some(armed);
+    }
 }
 
 /// The outcome of one `GradSync::sync`.
@@ -44,6 +289,9 @@ pub struct Synced {
     pub non_finite: bool,
     /// The summed loss over all ranks' images (divide by `images` for the mean).
     pub loss: f64,
+    /// Buckets whose sum started during backward, of `buckets`.
+    pub early: usize,
+    pub buckets: usize,
 }
 
 /// A contiguous f32 CPU tensor as a mutable slice.
@@ -59,21 +307,45 @@ pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
 }
 
 impl GradSync {
-    /// `params`: the trained parameters, in the order the optimizer uses.
-    pub fn new(params: &[Tensor]) -> Self {
+    /// `params`: the trained parameters, in the order the optimizer uses (that of the flat
+    /// gradient). `order`: the order in which backward completes their gradients
+    /// ([`backward_order`]); `None` takes the reverse parameter order. It must be the same on
+    /// every rank. `overlap`: start buckets during backward (only for CPU f32 parameters; ignored
+    /// otherwise). Buckets hold at most `dist::bucket_floats()` floats.
+    pub fn new(params: &[Tensor], order: Option<Vec<usize>>, overlap: bool) -> Result<Self> {
         let numel: usize = params.iter().map(Tensor::numel).sum();
         let buf = || Tensor::zeros([numel as i64 + EXTRAS as i64], (Kind::Float, Device::Cpu));
+        let sizes: Vec<usize> = params.iter().map(Tensor::numel).collect();
+        let order = order.unwrap_or_else(|| (0..params.len()).rev().collect());
+        let buckets = layout(&sizes, &order, crate::dist::bucket_floats(), EDGE_BUCKET_FLOATS, EXTRAS);
         let mut sync = GradSync {
             params: params.iter().map(Tensor::shallow_clone).collect(),
             numel,
             send: buf(),
             recv: buf(),
             bound: !params.is_empty() && params.iter().all(is_cpu_f32),
+            launch: Rc::new(RefCell::new(Launch::new(buckets, params.len()))),
+            hooks: None,
+            images: 0,
         };
         if sync.bound {
             sync.bind();
+            if overlap {
+                let launch = Rc::clone(&sync.launch);
+                sync.hooks = Some(GradHooks::install(params, move |i| launch.borrow_mut().ready(i))?);
+            }
         }
-        sync
+        Ok(sync)
+    }
+
+    /// Buckets start during backward.
+    pub fn overlaps(&self) -> bool {
+        self.hooks.is_some()
+    }
+
+    /// The buckets, in the order they are summed.
+    pub fn buckets(&self) -> Vec<Bucket> {
+        self.launch.borrow().buckets.clone()
     }
 
     /// Makes every parameter's gradient a view into `send`. A gradient must exist to be re-pointed,
@@ -99,7 +371,7 @@ impl GradSync {
     pub fn zero_grads(&mut self) {
         tch::no_grad(|| {
             if self.bound {
-                let _ = self.send.zero_();
+                let _ = self.send.narrow(0, 0, self.numel as i64).zero_();
             } else {
                 for p in &self.params {
                     let mut g = p.grad();
@@ -111,16 +383,46 @@ impl GradSync {
         });
     }
 
-    /// Sums the gradients (of the summed loss `loss` over `images` images; ignored when `images`
-    /// is 0), the image counts, the stop requests, the non-finite flags and the losses over the ranks.
-    pub fn sync(&mut self, dist: &Dist, images: usize, loss: f64, stop: bool, bad: bool) -> Synced {
+    /// Opens a step, before its backward pass (if this rank has one: `images` > 0): this rank's
+    /// image count, summed loss (ignored when `images` is 0), stop request and non-finite flag.
+    /// With overlap the hooks start buckets from here on.
+    pub fn begin(&mut self, dist: &Dist, images: usize, loss: f64, stop: bool, bad: bool) {
         let p = self.numel;
-        // SAFETY: `send` and `recv` are contiguous f32 CPU tensors of p + EXTRAS elements that only
-        // this struct owns; autograd writes into `send` only during backward, not during this call.
+        // SAFETY: `send` is a contiguous f32 CPU tensor of p + EXTRAS elements that only this
+        // struct owns, and no sum is in flight (`reset` checks).
+        let mut launch = self.launch.borrow_mut();
+        launch.reset();
         let send = unsafe { f32_slice_mut(&self.send, p + EXTRAS) };
         if images == 0 {
             send[..p].fill(0.0);
-        } else if !self.bound {
+        }
+        send[p] = images as f32;
+        send[p + 1] = f32::from(u8::from(stop));
+        send[p + 2] = f32::from(u8::from(bad));
+        send[p + 3] = if images == 0 { 0.0 } else { loss as f32 };
+        self.images = images;
+        if self.hooks.is_some() && images > 0 && dist.size() > 1 {
+            launch.armed = Some(Armed {
+                dist: dist as *const Dist,
+                send: self.send.data_ptr() as *mut f32,
+                recv: self.recv.data_ptr() as *mut f32,
+            });
+        }
+    }
+
+    /// Closes the step after its backward pass: starts the buckets not started yet and waits until
+    /// every sum is complete. Returns the sums of the gradients, image counts, stop requests,
+    /// non-finite flags and losses over the ranks.
+    pub fn finish(&mut self, dist: &Dist) -> Synced {
+        if let Some(h) = &self.hooks {
+            h.check();
+        }
+        let p = self.numel;
+        let mut launch = self.launch.borrow_mut();
+        launch.armed = None;
+        if self.images > 0 && !self.bound {
+            // SAFETY: as in `begin`.
+            let send = unsafe { f32_slice_mut(&self.send, p + EXTRAS) };
             let mut off = 0;
             for t in &self.params {
                 let n = t.numel();
@@ -134,18 +436,28 @@ impl GradSync {
                 off += n;
             }
         }
-        send[p] = images as f32;
-        send[p + 1] = f32::from(u8::from(stop));
-        send[p + 2] = f32::from(u8::from(bad));
-        send[p + 3] = if images == 0 { 0.0 } else { loss as f32 };
-        let (sums, tensor) = if dist.size() == 1 {
-            (&send[..], &self.send)
+        let tensor = if dist.size() == 1 {
+            &self.send
         } else {
-            // SAFETY: as above.
-            let recv = unsafe { f32_slice_mut(&self.recv, p + EXTRAS) };
-            dist.allreduce_sum_into(send, recv);
-            (&recv[..], &self.recv)
+            if self.hooks.is_none() {
+                // No bucket started during backward: every rank arrives first (waiting ones sleep).
+                // (With hooks, a rank without images starts all buckets here while the others have
+                // started some already, so there is no barrier: the collectives must match.)
+                dist.barrier();
+            }
+            let armed = Armed {
+                dist: dist as *const Dist,
+                send: self.send.data_ptr() as *mut f32,
+                recv: self.recv.data_ptr() as *mut f32,
+            };
+            while launch.next < launch.buckets.len() {
+                launch.start_next(&armed);
+            }
+            dist.finish_sums("gradient exchange", &mut launch.sums);
+            &self.recv
         };
+        // SAFETY: every sum is complete; `tensor` is one of the two buffers of p + EXTRAS floats.
+        let sums = unsafe { f32_slice_mut(tensor, p + EXTRAS) };
         let total = sums[p];
         // The sum is the same on every rank, so every rank decides alike. One read of the buffer.
         let grad_finite = all_finite(&sums[..p]);
@@ -157,7 +469,15 @@ impl GradSync {
             stop: sums[p + 1] > 0.0,
             non_finite: sums[p + 2] > 0.0 || !grad_finite,
             loss: f64::from(sums[p + 3]),
+            early: launch.early,
+            buckets: launch.buckets.len(),
         }
+    }
+
+    /// `begin` and `finish` at once, for gradients computed before (no overlap).
+    pub fn sync(&mut self, dist: &Dist, images: usize, loss: f64, stop: bool, bad: bool) -> Synced {
+        self.begin(dist, images, loss, stop, bad);
+        self.finish(dist)
     }
 }
 
@@ -231,6 +551,101 @@ pub(crate) fn buffers_finite(buffers: &[Tensor]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)]
+    fn buckets_follow_the_backward_order_with_small_edges() {
+        // Sizes in parameter order; backward completes them last to first; cap 100, edge 10.
+        let sizes = [4, 4, 50, 60, 3, 70, 2, 5];
+        let order: Vec<usize> = (0..8).rev().collect();
+        let b = layout(&sizes, &order, 100, 10, 4);
+        let params: Vec<_> = b.iter().map(|b| b.params.clone()).collect();
+        // First bucket: the last parameters up to 10 floats (5 + 2; adding 70 would pass it);
+        // then 70 + 3 (adding 60 would pass 100); 60; 50; then the first parameters that fit in
+        // 10 floats (4 + 4) on their own at the end.
+        assert_eq!(params, vec![vec![7, 6], vec![5, 4], vec![3], vec![2], vec![1, 0]]);
+        // The first bucket carries the 4 extras after the 198 gradients, in one run.
+        assert_eq!(b[0].runs, vec![191..202]);
+        assert_eq!(b[1].runs, vec![118..191]);
+        assert_eq!(b.last().unwrap().runs, vec![0..8]);
+        let floats: usize = b.iter().map(Bucket::floats).sum();
+        assert_eq!(floats, 198 + 4);
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)]
+    fn buckets_out_of_parameter_order_sum_in_runs() {
+        // Backward completes parameter 1 (the head) first, then 4, 3, 2, 0.
+        let sizes = [8, 6, 50, 50, 50];
+        let b = layout(&sizes, &[1, 4, 3, 2, 0], 100, 60, 4);
+        let params: Vec<_> = b.iter().map(|b| b.params.clone()).collect();
+        // The last bucket: 0 and 2 (58 floats; with 3 it would pass the edge of 60).
+        assert_eq!(params, vec![vec![1, 4], vec![3], vec![2, 0]]);
+        // Parameters 1 and 4 are apart in the buffer: two runs, the extras joined to the second.
+        assert_eq!(b[0].runs, vec![8..14, 114..168]);
+        assert_eq!(b[1].runs, vec![64..114]);
+        assert_eq!(b[2].runs, vec![0..8, 14..64]);
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)]
+    fn a_parameter_larger_than_a_bucket_gets_one_of_its_own() {
+        let b = layout(&[500, 20, 300], &[2, 1, 0], 100, 10, 0);
+        let params: Vec<_> = b.iter().map(|b| b.params.clone()).collect();
+        // The first parameter alone passes the edge: it is the last bucket anyway.
+        assert_eq!(params, vec![vec![2], vec![1], vec![0]]);
+        // A model within the edge is one bucket; no parameters still make one (for the extras).
+        assert_eq!(layout(&[3, 4], &[1, 0], 100, 10, 4), vec![Bucket { params: vec![1, 0], runs: vec![0..11] }]);
+        assert_eq!(layout(&[], &[], 100, 10, 4), vec![Bucket { params: vec![], runs: vec![0..4] }]);
+    }
+
+    #[test]
+    fn the_backward_order_of_a_resnet_ends_with_its_stem_and_starts_at_its_head() {
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let net = crate::models::build(&vs.root(), crate::models::Arch::Resnet18, 10);
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let x = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let order = backward_order(&params, || {
+            net.forward_t(&x, false).sum(Kind::Float).backward();
+        })
+        .unwrap();
+        let name = |k: usize| named[order[k]].0.as_str();
+        assert!(name(0).starts_with("fc."), "{}", name(0));
+        assert!(name(order.len() - 1).starts_with("conv1") || name(order.len() - 1).starts_with("bn1"));
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..params.len()).collect::<Vec<_>>());
+    }
+
+    /// With hooks, each bucket starts the moment its last gradient is complete (one rank: the sum
+    /// is a copy); the result is the same as without.
+    #[test]
+    fn overlap_starts_buckets_during_backward_and_sums_alike() {
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let net = crate::models::build(&vs.root(), crate::models::Arch::Resnet18, 10);
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+        let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let dist = Dist::single();
+        let mut results = Vec::new();
+        for overlap in [false, true] {
+            let mut sync = GradSync::new(&params, None, overlap).unwrap();
+            assert!(sync.buckets().len() > 2, "{:?}", sync.buckets());
+            sync.zero_grads();
+            let loss = net.forward_t(&x, true).sum(Kind::Float);
+            sync.begin(&dist, 2, 1.5, false, false);
+            loss.backward();
+            let s = sync.finish(&dist);
+            assert_eq!((s.images, s.loss, s.buckets), (2.0, 1.5, sync.buckets().len()));
+            // One rank has no exchange to start: nothing starts early.
+            assert_eq!(s.early, 0);
+            results.push(s.grad.copy());
+        }
+        assert!(results[0].equal(&results[1]));
+    }
 
     #[test]
     fn all_finite_finds_nan_and_both_infinities_anywhere() {

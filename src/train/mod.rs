@@ -35,6 +35,7 @@ pub mod augment;
 pub mod ema;
 pub mod epoch;
 pub mod exchange;
+pub mod hooks;
 pub mod loader;
 pub mod metrics;
 pub mod mix;
@@ -200,7 +201,16 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         schedule.describe(),
         tc.batch_size * dist.size()
     );
-    let mut stepper = Stepper::new(dist, &model, opt, schedule, tc, device, &stop, &dir);
+    // The exchange's buckets follow the order in which backward completes the gradients.
+    let order = if dist.size() > 1 {
+        Some(exchange::model_backward_order(dist, &model, cfg.image.height, cfg.image.width, device)?)
+    } else {
+        None
+    };
+    let mut stepper = Stepper::new(dist, &model, opt, schedule, tc, device, &stop, &dir, order)?;
+    if dist.size() > 1 {
+        info!("{}", exchange::describe_buckets(&stepper.sync.buckets(), stepper.sync.overlaps()));
+    }
     stepper.ema = ema;
     stepper.mix = mix::Mix::new(&cfg.augment, k);
     if let Some(m) = &stepper.mix {
@@ -242,7 +252,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             reporter.as_mut(),
             traced_from,
         )?;
-        let EpochSteps { loss_sum, seen, skipped, nonfinite_steps, clipped_steps, times } = done;
+        let EpochSteps { loss_sum, seen, skipped, nonfinite_steps, clipped_steps, early_buckets, times } = done;
         let train_seconds = t_epoch.elapsed().as_secs_f64();
         let train_loss = dist.sum_f64(loss_sum) / seen.max(1.0);
         let skipped_all = dist.sum_f64(skipped as f64) as u64;
@@ -318,6 +328,14 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         }
         if epoch == first_epoch {
             log_cache(dist, budget, &[&train_loader, &test_loader], shard.total_train + shard.total_test);
+            if stepper.sync.overlaps() {
+                info!(
+                    "epoch {epoch}: rank 0 started {:.1} of its {} gradient buckets per step during backward (the \
+                     rest after it: the exposed exchange is the allreduce share above)",
+                    early_buckets as f64 / steps.max(1) as f64,
+                    stepper.sync.buckets().len()
+                );
+            }
         }
         if skipped_all > 0 {
             warn!("{skipped_all} image(s) could not be decoded and were skipped this epoch");
