@@ -6,7 +6,8 @@ Each subcommand prints one JSON line on stdout (rank 0 only), read by bench/run.
             PIL decode, torchvision Resize/ToTensor/Normalize, DistributedSampler, one thread
             per rank, resnet18 from scratch, Adam, one epoch over data/train.csv
   compute   the compute limit: one process, pre-loaded random tensors, forward + backward +
-            Adam step of the model, no data loading, no communication
+            Adam step of the model (--no-step: forward + backward alone), no data loading, no
+            communication
   infer     PyTorch batched inference over data/test.csv in one process (PIL + transforms),
             with sac's checkpoint loaded into the torchvision model
   decode    PIL decode + resize of JPEG files, with and without Image.draft
@@ -128,7 +129,8 @@ def compute(a):
     def step():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        opt.step()
+        if not a.no_step:
+            opt.step()
 
     for _ in range(3):
         step()
@@ -136,7 +138,7 @@ def compute(a):
     for _ in range(a.steps):
         step()
     wall = time.perf_counter() - t0
-    print(json.dumps({"what": "compute", "impl": "torch", "n": 1,
+    print(json.dumps({"what": "compute", "impl": "torch-fwd-bwd" if a.no_step else "torch", "n": 1,
                       "images_per_second": a.steps * a.batch / wall}), flush=True)
 
 
@@ -215,6 +217,7 @@ def main():
         s.add_argument("--threads", type=int, default=1)
         s.add_argument("--checkpoint", default="")
         s.add_argument("--timeout", type=int, default=300, help="seconds to wait for a peer (ddp)")
+        s.add_argument("--no-step", action="store_true", help="compute: forward + backward only, no optimizer step")
     s = sub.add_parser("decode")
     s.add_argument("--dir", required=True)
     s.add_argument("--size", type=int, default=128)

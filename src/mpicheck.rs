@@ -108,7 +108,7 @@ pub fn check_averaging(dist: &Dist, batch: usize) -> Result<f64> {
     let y = Tensor::randint(5, [batch as i64], (Kind::Int64, Device::Cpu));
     let mine: Vec<i64> = (dist.rank()..batch).step_by(dist.size()).map(|i| i as i64).collect();
     // As in training: the gradients live in the exchange buffer, of the summed loss of this rank's rows.
-    let mut sync = GradSync::new(&params, None, false)?;
+    let mut sync = GradSync::new(dist, &params, None, false)?;
     sync.zero_grads();
     if !mine.is_empty() {
         let idx = Tensor::from_slice(&mine);
@@ -133,7 +133,7 @@ pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exch
     let params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
     let numel: usize = params.iter().map(Tensor::numel).sum();
     // Gradients as training leaves them: in the exchange buffer, here random.
-    let mut sync = GradSync::new(&params, None, false).expect("no hooks to install");
+    let mut sync = GradSync::new(dist, &params, None, false).expect("no hooks to install");
     let buckets = sync.buckets().len();
     tch::no_grad(|| {
         for p in &params {

@@ -10,7 +10,7 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use super::hooks::GradHooks;
-use crate::dist::{Dist, PendingSum};
+use crate::dist::{Dist, SumEngine};
 
 /// Averages gradients over the ranks, weighted by each rank's image count, so the result is the
 /// gradient of the mean loss over all ranks' images together. Callers back-propagate the *summed*
@@ -183,15 +183,18 @@ pub fn model_backward_order(
 }
 
 /// One line for the log: the buckets and how they are exchanged.
-pub fn describe_buckets(buckets: &[Bucket], overlap: bool) -> String {
+pub fn describe_buckets(buckets: &[Bucket], overlap: bool, threaded: bool) -> String {
     let mib: Vec<String> =
         buckets.iter().map(|b| format!("{:.1}", (b.floats() * 4) as f64 / (1 << 20) as f64)).collect();
     format!(
         "gradient exchange: {} buckets in backward order ({} MiB), {}",
         buckets.len(),
         mib.join(", "),
-        if overlap {
-            "each summed as soon as backward has completed its gradients (train.overlap)"
+        if overlap && threaded {
+            "each summed as soon as backward has completed its gradients (train.overlap), moved by a progress thread"
+        } else if overlap {
+            "each summed as soon as backward has completed its gradients (train.overlap), moved by the gradient hooks \
+             (MPI does not offer MPI_THREAD_MULTIPLE for a progress thread)"
         } else {
             "summed after backward (train.overlap = false)"
         }
@@ -209,7 +212,8 @@ struct Launch {
     next: usize,
     /// Buckets that started during backward (the rest after it).
     early: usize,
-    sums: Vec<PendingSum>,
+    /// The sums in flight.
+    engine: SumEngine,
     /// Set between `begin` and `finish` of a step whose buckets the hooks start.
     armed: Option<Armed>,
 }
@@ -222,7 +226,7 @@ struct Armed {
 }
 
 impl Launch {
-    fn new(buckets: Vec<Bucket>, params: usize) -> Self {
+    fn new(buckets: Vec<Bucket>, params: usize, engine: SumEngine) -> Self {
         let mut bucket_of = vec![0; params];
         for (b, bucket) in buckets.iter().enumerate() {
             for &i in &bucket.params {
@@ -230,17 +234,15 @@ impl Launch {
             }
         }
         let waiting = buckets.iter().map(|b| b.params.len()).collect();
-        Launch { buckets, bucket_of, waiting, next: 0, early: 0, sums: Vec::new(), armed: None }
+        Launch { buckets, bucket_of, waiting, next: 0, early: 0, engine, armed: None }
     }
 
     fn reset(&mut self) {
-        assert!(self.sums.iter().all(PendingSum::is_done), "a sum of the last step is still in flight");
         for (w, b) in self.waiting.iter_mut().zip(&self.buckets) {
             *w = b.params.len();
         }
         self.next = 0;
         self.early = 0;
-        self.sums.clear();
     }
 
     /// Starts bucket `self.next`: one sum per run.
@@ -252,14 +254,14 @@ impl Launch {
             unsafe {
                 let send = std::slice::from_raw_parts(armed.send.add(run.start), run.len());
                 let recv = std::slice::from_raw_parts_mut(armed.recv.add(run.start), run.len());
-                self.sums.push((*armed.dist).start_sum(send, recv));
+                self.engine.start(&*armed.dist, send, recv);
             }
         }
         self.next += 1;
     }
 
     /// A hook: parameter `i`'s gradient is complete. Starts the buckets now complete, in order,
-    /// and lets MPI move the sums in flight.
+    /// and, without a progress thread, lets MPI move the sums in flight.
     fn ready(&mut self, i: usize) {
         let Some(armed) = self.armed.take() else { return };
         let b = self.bucket_of[i];
@@ -268,8 +270,9 @@ impl Launch {
             self.start_next(&armed);
             self.early += 1;
         }
-        // SAFETY: as in `start_next`.
-        unsafe { (*armed.dist).progress_sums(&mut self.sums) };
+        if !self.engine.threaded() {
+            self.engine.progress();
+        }
         self.armed = Some(armed);
     }
 }
@@ -312,7 +315,7 @@ impl GradSync {
     /// ([`backward_order`]); `None` takes the reverse parameter order. It must be the same on
     /// every rank. `overlap`: start buckets during backward (only for CPU f32 parameters; ignored
     /// otherwise). Buckets hold at most `dist::bucket_floats()` floats.
-    pub fn new(params: &[Tensor], order: Option<Vec<usize>>, overlap: bool) -> Result<Self> {
+    pub fn new(dist: &Dist, params: &[Tensor], order: Option<Vec<usize>>, overlap: bool) -> Result<Self> {
         let numel: usize = params.iter().map(Tensor::numel).sum();
         let buf = || Tensor::zeros([numel as i64 + EXTRAS as i64], (Kind::Float, Device::Cpu));
         let sizes: Vec<usize> = params.iter().map(Tensor::numel).collect();
@@ -324,7 +327,7 @@ impl GradSync {
             send: buf(),
             recv: buf(),
             bound: !params.is_empty() && params.iter().all(is_cpu_f32),
-            launch: Rc::new(RefCell::new(Launch::new(buckets, params.len()))),
+            launch: Rc::new(RefCell::new(Launch::new(buckets, params.len(), dist.sum_engine(overlap)))),
             hooks: None,
             images: 0,
         };
@@ -341,6 +344,11 @@ impl GradSync {
     /// Buckets start during backward.
     pub fn overlaps(&self) -> bool {
         self.hooks.is_some()
+    }
+
+    /// A progress thread moves the sums in flight.
+    pub fn threaded(&self) -> bool {
+        self.launch.borrow().engine.threaded()
     }
 
     /// The buckets, in the order they are summed.
@@ -453,7 +461,7 @@ impl GradSync {
             while launch.next < launch.buckets.len() {
                 launch.start_next(&armed);
             }
-            dist.finish_sums("gradient exchange", &mut launch.sums);
+            launch.engine.finish(dist, "gradient exchange");
             &self.recv
         };
         // SAFETY: every sum is complete; `tensor` is one of the two buffers of p + EXTRAS floats.
@@ -632,7 +640,7 @@ mod tests {
         let dist = Dist::single();
         let mut results = Vec::new();
         for overlap in [false, true] {
-            let mut sync = GradSync::new(&params, None, overlap).unwrap();
+            let mut sync = GradSync::new(&dist, &params, None, overlap).unwrap();
             assert!(sync.buckets().len() > 2, "{:?}", sync.buckets());
             sync.zero_grads();
             let loss = net.forward_t(&x, true).sum(Kind::Float);

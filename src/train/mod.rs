@@ -209,7 +209,10 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     };
     let mut stepper = Stepper::new(dist, &model, opt, schedule, tc, device, &stop, &dir, order)?;
     if dist.size() > 1 {
-        info!("{}", exchange::describe_buckets(&stepper.sync.buckets(), stepper.sync.overlaps()));
+        info!(
+            "{}",
+            exchange::describe_buckets(&stepper.sync.buckets(), stepper.sync.overlaps(), stepper.sync.threaded())
+        );
     }
     stepper.ema = ema;
     stepper.mix = mix::Mix::new(&cfg.augment, k);

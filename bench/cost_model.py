@@ -1,0 +1,151 @@
+"""The alpha-beta cost model of sac's gradient exchange, and the tables of bench/multinode.sh.
+
+A ring allreduce of n bytes over p ranks sends 2 (p-1) messages of n/p bytes from every rank, one
+after the other: T = 2 (p-1) alpha + 2 (p-1)/p * n / B, where alpha is a message's latency and B
+the link's bandwidth. sac sums its gradients in k buckets, each one allreduce: the latency term
+counts k times. alpha and B are what `sac mpi-check` measured between two hosts (ping-pong of
+8 B and of 8 MiB); the model is checked against the allreduce mpi-check timed, and against the
+exchange that sac's training leaves after backward when it does not overlap.
+
+  cost_model.py parse --profile 1g --ranks 2 < mpi-check.log      # one JSON line
+  cost_model.py table results.jsonl [--command CMD]                 # the markdown tables
+"""
+import argparse
+import json
+import re
+import statistics
+import sys
+
+# Gradient floats of the models the extrapolation covers (trained parameters, as sac counts them).
+MODELS = {
+    "resnet18, 10 classes": 11_181_642,
+    "resnet50, 10 classes": 23_528_522,
+    "resnet18, 64,500 classes": 11_176_512 + 512 * 64_500 + 64_500,
+    "resnet50, 64,500 classes": 23_508_032 + 2048 * 64_500 + 64_500,
+}
+RANKS = [8, 32, 128, 512]
+LINKS_GBPS = [10, 25, 100]
+# Latency of one message on a real cluster's TCP over Ethernet (the emulated links here have
+# only the veth path's few microseconds, no cable or switch): an assumption, stated in the table.
+ALPHA_CLUSTER_US = 25.0
+BUCKETS = 6
+
+
+def ring_seconds(floats, ranks, alpha_s, gbps, buckets):
+    n = 4.0 * floats
+    if ranks < 2:
+        return 0.0
+    return buckets * 2 * (ranks - 1) * alpha_s + 2 * (ranks - 1) / ranks * n * 8 / (gbps * 1e9)
+
+
+def parse(a):
+    text = sys.stdin.read()
+    link = None
+    for m in re.finditer(r"link rank 0 <-> rank \d+ \((\S+) <-> (\S+)\): latency ([\d.]+) us, bandwidth ([\d.]+) Gb/s", text):
+        if m.group(1) != m.group(2):
+            link = (float(m.group(3)), float(m.group(4)))
+    ex = re.search(r"gradients \(\d+ tensors, ([\d.]+) M floats, (\d+) buckets.*?fused ([\d.]+) \(allreduce alone ([\d.]+)\)", text)
+    if link is None or ex is None:
+        sys.exit("cost_model.py parse: no link between hosts or no exchange timing in mpi-check's output")
+    print(json.dumps({
+        "what": "link", "profile": a.profile, "ranks": a.ranks, "latency_us": link[0], "bandwidth_gbps": link[1],
+        "floats": float(ex.group(1)) * 1e6, "buckets": int(ex.group(2)),
+        "fused_ms": float(ex.group(3)), "allreduce_ms": float(ex.group(4)),
+    }))
+
+
+def med(values):
+    values = list(values)
+    if not values:
+        return None, None, None
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(values, digits=1):
+    m, lo, hi = med(values)
+    if m is None:
+        return "–"
+    if lo == hi:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def table(a):
+    rows = [json.loads(l) for l in open(a.results) if l.strip()]
+    links = {r["profile"]: r for r in rows if r["what"] == "link"}
+    compute = [r["images_per_second"] for r in rows if r["what"] == "compute"]
+    limit = statistics.median(compute) if compute else None
+    profiles = list(dict.fromkeys(r["profile"] for r in rows if "profile" in r and r["what"] != "link"))
+    out = []
+    w = out.append
+    if a.command:
+        w(f"Command: `{a.command}`\n")
+    ranks = next((r["ranks"] for r in rows if r["what"] == "sac"), 2)
+    w(f"Images/s over one epoch, {ranks} hosts of one core, one rank each; median (min–max) of "
+      f"{len(compute)} round(s). Compute limit (one core, forward + backward on pre-loaded tensors): "
+      f"{fmt(compute)} images/s.\n")
+    w("| link | sac, overlap | sac, after backward | PyTorch DDP | overlap ÷ DDP | overlap ÷ after | "
+      "exchange left after backward, ms/step (overlap / after) | left ÷ after | scaling efficiency (overlap) |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p in profiles:
+        def runs(pred):
+            return [r for r in rows if r.get("profile") == p and pred(r)]
+        on = runs(lambda r: r["what"] == "sac" and r["overlap"])
+        off = runs(lambda r: r["what"] == "sac" and not r["overlap"])
+        ddp = runs(lambda r: r["what"] == "train" and r.get("impl") == "ddp")
+        # Ratios per round (the runs of a round are back to back), then their median.
+        by_round = lambda rs: {r["round"]: r for r in rs}
+        on_r, off_r, ddp_r = by_round(on), by_round(off), by_round(ddp)
+        vs_ddp = [on_r[k]["images_per_second"] / ddp_r[k]["images_per_second"] for k in on_r if k in ddp_r]
+        vs_off = [on_r[k]["images_per_second"] / off_r[k]["images_per_second"] for k in on_r if k in off_r]
+        left = [on_r[k]["exposed_exchange_ms"] / off_r[k]["exposed_exchange_ms"] for k in on_r if k in off_r]
+        eff = [r["images_per_second"] / (r["ranks"] * limit) for r in on] if limit else []
+        exposed = f"{fmt([r['exposed_exchange_ms'] for r in on], 0)} / {fmt([r['exposed_exchange_ms'] for r in off], 0)}"
+        w(f"| {p} | {fmt([r['images_per_second'] for r in on])} | {fmt([r['images_per_second'] for r in off])} | "
+          f"{fmt([r['images_per_second'] for r in ddp])} | {fmt(vs_ddp, 2)}× | {fmt(vs_off, 2)}× | {exposed} | "
+          f"{fmt([100 * x for x in left], 0)} % | {fmt([100 * x for x in eff], 0)} % |")
+    w("")
+    if links:
+        w("The model against the measurements (α, B: `sac mpi-check` between the hosts; k buckets):\n")
+        w("| link | α (µs) | B (Gb/s) | floats | k | model (ms) | mpi-check allreduce (ms) | error | "
+          "sac after backward, exchange (ms/step) | error |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for p, l in links.items():
+            t = 1e3 * ring_seconds(l["floats"], l["ranks"], l["latency_us"] * 1e-6, l["bandwidth_gbps"], l["buckets"])
+            off = [r["exposed_exchange_ms"] for r in rows if r["what"] == "sac" and r.get("profile") == p and not r["overlap"]]
+            m_off = statistics.median(off) if off else None
+            err_off = f"{100 * (t - m_off) / m_off:+.0f} %" if m_off else "–"
+            w(f"| {p} | {l['latency_us']:.1f} | {l['bandwidth_gbps']:.2f} | {l['floats'] / 1e6:.1f} M | {l['buckets']} | "
+              f"{t:.0f} | {l['allreduce_ms']:.0f} | {100 * (t - l['allreduce_ms']) / l['allreduce_ms']:+.0f} % | "
+              f"{fmt(off, 0)} | {err_off} |")
+        w("")
+        # The extrapolation: the bandwidth a link delivers is the share measured here at the
+        # nearest profile (TCP's and the MPI's overheads), the latency a real cluster's.
+        eff_bw = statistics.median(l["bandwidth_gbps"] / {"1g": 1, "10g": 10}.get(p, l["bandwidth_gbps"])
+                                   for p, l in links.items())
+        w(f"Extrapolation: ring allreduce per step (ms), k = {BUCKETS} buckets, α = {ALPHA_CLUSTER_US:.0f} µs "
+          f"(TCP on a real cluster; assumed), links delivering {100 * eff_bw:.0f} % of their rate (as measured here):\n")
+        w("| gradients | floats | " + " | ".join(f"{g} Gb/s, {p} ranks" for g in LINKS_GBPS for p in RANKS) + " |")
+        w("|---|---:|" + "---:|" * (len(LINKS_GBPS) * len(RANKS)))
+        for name, floats in MODELS.items():
+            cells = [ring_seconds(floats, p, ALPHA_CLUSTER_US * 1e-6, g * eff_bw, BUCKETS) * 1e3
+                     for g in LINKS_GBPS for p in RANKS]
+            w(f"| {name} | {floats / 1e6:.1f} M | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+    print("\n".join(out))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("parse")
+    s.add_argument("--profile", required=True)
+    s.add_argument("--ranks", type=int, required=True)
+    s = sub.add_parser("table")
+    s.add_argument("results")
+    s.add_argument("--command", default="")
+    a = ap.parse_args()
+    {"parse": parse, "table": table}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
