@@ -25,7 +25,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 profiles="1g 10g" rounds=3 hosts=2 sample=0.1 smoke=0
-command_line="bench/multinode.sh $*"
+command_line=$(echo "bench/multinode.sh $*" | sed "s/ *$//")
 while (($#)); do
   case $1 in
     --profiles) profiles=${2:?}; shift 2 ;;
@@ -42,7 +42,8 @@ py=$root/.venv/bin/python
 [[ -x $py ]] || { echo "multinode.sh: $py is missing: run scripts/setup.sh" >&2; exit 2; }
 cluster=$root/tests/multinode/run.sh
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
-out=$root/bench/results/multinode-$stamp$( ((smoke)) && echo -smoke)
+out=$root/bench/results/multinode-$stamp
+if ((smoke)); then out+=-smoke; fi
 mkdir -p "$out/logs"
 results=$out/results.jsonl
 work=$(mktemp -d)

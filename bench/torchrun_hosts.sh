@@ -26,7 +26,8 @@ for ((i = 0; i < nnodes; i++)); do
   host=${lines[i]%%:*}
   slots=${lines[i]#*:}
   [[ $slots == "${lines[i]}" ]] && slots=1
-  "$enter" "$host" "cd $(printf '%q' "$root") && GLOO_SOCKET_IFNAME=eth0 OMP_NUM_THREADS=1 $torchrun" \
+  # enter runs its command with `exec` (as sshd's shell would the last one): one command, absolute paths.
+  "$enter" "$host" "env GLOO_SOCKET_IFNAME=eth0 OMP_NUM_THREADS=1 $torchrun" \
     "--nnodes $nnodes --nproc-per-node $slots --node-rank $i --master-addr $master --master-port 29511 $script" &
   pids+=($!)
 done
