@@ -461,7 +461,7 @@ impl GradSync {
             while launch.next < launch.buckets.len() {
                 launch.start_next(&armed);
             }
-            launch.engine.finish(dist, "gradient exchange");
+            launch.engine.finish(dist, "gradient allreduce");
             &self.recv
         };
         // SAFETY: every sum is complete; `tensor` is one of the two buffers of p + EXTRAS floats.
