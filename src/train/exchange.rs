@@ -391,13 +391,22 @@ impl GradSync {
         });
     }
 
+    /// Where this step's sums start: `dist` and the two buffers.
+    fn armed(&self, dist: &Dist) -> Armed {
+        Armed {
+            dist: dist as *const Dist,
+            send: self.send.data_ptr() as *mut f32,
+            recv: self.recv.data_ptr() as *mut f32,
+        }
+    }
+
     /// Opens a step, before its backward pass (if this rank has one: `images` > 0): this rank's
     /// image count, summed loss (ignored when `images` is 0), stop request and non-finite flag.
     /// With overlap the hooks start buckets from here on.
     pub fn begin(&mut self, dist: &Dist, images: usize, loss: f64, stop: bool, bad: bool) {
         let p = self.numel;
         // SAFETY: `send` is a contiguous f32 CPU tensor of p + EXTRAS elements that only this
-        // struct owns, and no sum is in flight (`reset` checks).
+        // struct owns, and no sum is in flight (the last `finish` completed them all).
         let mut launch = self.launch.borrow_mut();
         launch.reset();
         let send = unsafe { f32_slice_mut(&self.send, p + EXTRAS) };
@@ -410,11 +419,7 @@ impl GradSync {
         send[p + 3] = if images == 0 { 0.0 } else { loss as f32 };
         self.images = images;
         if self.hooks.is_some() && images > 0 && dist.size() > 1 {
-            launch.armed = Some(Armed {
-                dist: dist as *const Dist,
-                send: self.send.data_ptr() as *mut f32,
-                recv: self.recv.data_ptr() as *mut f32,
-            });
+            launch.armed = Some(self.armed(dist));
         }
     }
 
@@ -453,11 +458,7 @@ impl GradSync {
                 // started some already, so there is no barrier: the collectives must match.)
                 dist.barrier();
             }
-            let armed = Armed {
-                dist: dist as *const Dist,
-                send: self.send.data_ptr() as *mut f32,
-                recv: self.recv.data_ptr() as *mut f32,
-            };
+            let armed = self.armed(dist);
             while launch.next < launch.buckets.len() {
                 launch.start_next(&armed);
             }
@@ -607,19 +608,21 @@ mod tests {
         assert_eq!(layout(&[], &[], 100, 10, 4), vec![Bucket { params: vec![], runs: vec![0..4] }]);
     }
 
+    /// resnet18 for 10 classes, its trained parameters in name order as training keeps them.
+    fn resnet18() -> crate::train::model::Model {
+        crate::train::model::Model::new(crate::models::Arch::Resnet18, 10, Device::Cpu, false)
+    }
+
     #[test]
     fn the_backward_order_of_a_resnet_ends_with_its_stem_and_starts_at_its_head() {
-        let vs = tch::nn::VarStore::new(Device::Cpu);
-        let net = crate::models::build(&vs.root(), crate::models::Arch::Resnet18, 10);
-        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let model = resnet18();
+        let params: Vec<Tensor> = model.params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let x = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu));
         let order = backward_order(&params, || {
-            net.forward_t(&x, false).sum(Kind::Float).backward();
+            model.net.forward_t(&x, false).sum(Kind::Float).backward();
         })
         .unwrap();
-        let name = |k: usize| named[order[k]].0.as_str();
+        let name = |k: usize| model.params[order[k]].0.as_str();
         assert!(name(0).starts_with("fc."), "{}", name(0));
         assert!(name(order.len() - 1).starts_with("conv1") || name(order.len() - 1).starts_with("bn1"));
         let mut sorted = order.clone();
@@ -631,11 +634,8 @@ mod tests {
     /// is a copy); the result is the same as without.
     #[test]
     fn overlap_starts_buckets_during_backward_and_sums_alike() {
-        let vs = tch::nn::VarStore::new(Device::Cpu);
-        let net = crate::models::build(&vs.root(), crate::models::Arch::Resnet18, 10);
-        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+        let model = resnet18();
+        let params: Vec<Tensor> = model.params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
         let dist = Dist::single();
         let mut results = Vec::new();
@@ -643,7 +643,7 @@ mod tests {
             let mut sync = GradSync::new(&dist, &params, None, overlap).unwrap();
             assert!(sync.buckets().len() > 2, "{:?}", sync.buckets());
             sync.zero_grads();
-            let loss = net.forward_t(&x, true).sum(Kind::Float);
+            let loss = model.net.forward_t(&x, true).sum(Kind::Float);
             sync.begin(&dist, 2, 1.5, false, false);
             loss.backward();
             let s = sync.finish(&dist);
