@@ -5,6 +5,7 @@ Each subcommand prints one JSON line on stdout (rank 0 only), read by bench/run.
   ddp       PyTorch DistributedDataParallel training (gloo, CPU), launched by torchrun:
             PIL decode, torchvision Resize/ToTensor/Normalize, DistributedSampler, one thread
             per rank, resnet18 from scratch, Adam, one epoch over data/train.csv
+            (--compress bf16: gradients exchanged as bfloat16 by DDP's bf16_compress_hook)
   compute   the compute limit: one process, pre-loaded random tensors, forward + backward +
             Adam step of the model (--no-step: forward + backward alone), no data loading, no
             communication
@@ -81,6 +82,9 @@ def ddp(a):
     sampler.set_epoch(0)
     loader = DataLoader(ds, batch_size=a.batch, sampler=sampler, num_workers=0)
     model = DistributedDataParallel(torchvision.models.resnet18(num_classes=classes(a.data)))
+    if a.compress == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     dist.barrier()
     t0 = time.perf_counter()
@@ -101,7 +105,7 @@ def ddp(a):
     if rank == 0:
         images = total.item()
         print(json.dumps({
-            "what": "train", "impl": "ddp", "n": world, "images": images,
+            "what": "train", "impl": "ddp", "n": world, "images": images, "compress": a.compress,
             "images_per_second": images / wall, "seconds": wall,
             "peak_rss_mib": [r for r, _ in per_rank],
             "cpu_seconds_per_image": sum(c for _, c in per_rank) / images,
@@ -218,6 +222,8 @@ def main():
         s.add_argument("--checkpoint", default="")
         s.add_argument("--timeout", type=int, default=300, help="seconds to wait for a peer (ddp)")
         s.add_argument("--no-step", action="store_true", help="compute: forward + backward only, no optimizer step")
+        s.add_argument("--compress", choices=["none", "bf16"], default="none",
+                       help="ddp: exchange gradients as they are or as bfloat16 (bf16_compress_hook)")
     s = sub.add_parser("decode")
     s.add_argument("--dir", required=True)
     s.add_argument("--size", type=int, default=128)

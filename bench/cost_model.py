@@ -102,9 +102,9 @@ def table(a):
     for p in profiles:
         def runs(pred):
             return [r for r in rows if r.get("profile") == p and pred(r)]
-        on = runs(lambda r: r["what"] == "sac" and r["overlap"])
-        off = runs(lambda r: r["what"] == "sac" and not r["overlap"])
-        ddp = runs(lambda r: r["what"] == "train" and r.get("impl") == "ddp")
+        on = runs(lambda r: r["what"] == "sac" and r["overlap"] and r.get("exchange", "f32") == "f32")
+        off = runs(lambda r: r["what"] == "sac" and not r["overlap"] and r.get("exchange", "f32") == "f32")
+        ddp = runs(lambda r: r["what"] == "train" and r.get("impl") == "ddp" and r.get("compress", "none") == "none")
         # Ratios per round (the runs of a round are back to back), then their median.
         by_round = lambda rs: {r["round"]: r for r in rs}
         on_r, off_r, ddp_r = by_round(on), by_round(off), by_round(ddp)
@@ -117,6 +117,29 @@ def table(a):
           f"{fmt([r['images_per_second'] for r in ddp])} | {fmt(vs_ddp, 2)}× | {fmt(vs_off, 2)}× | {exposed} | "
           f"{fmt([100 * x for x in left], 0)} % | {fmt([100 * x for x in eff], 0)} % |")
     w("")
+    half_profiles = [p for p in profiles if any(r["what"] == "sac" and r.get("profile") == p
+                                                and r.get("exchange") == "bf16" for r in rows)]
+    if half_profiles:
+        w("Gradients exchanged as bfloat16 (sac: `train.exchange = \"bf16\"`, with overlap; DDP: "
+          "its `bf16_compress_hook`), in the same rounds:\n")
+        w("| link | sac, overlap, bf16 | PyTorch DDP, bf16 | sac bf16 ÷ DDP bf16 | sac bf16 ÷ DDP f32 | "
+          "sac bf16 ÷ sac f32 (overlap) | exchange left after backward, ms/step (bf16 / f32 after) | left ÷ f32 after |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for p in half_profiles:
+            def runs(pred):
+                return {r["round"]: r for r in rows if r.get("profile") == p and pred(r)}
+            half = runs(lambda r: r["what"] == "sac" and r["overlap"] and r.get("exchange") == "bf16")
+            on = runs(lambda r: r["what"] == "sac" and r["overlap"] and r.get("exchange", "f32") == "f32")
+            off = runs(lambda r: r["what"] == "sac" and not r["overlap"] and r.get("exchange", "f32") == "f32")
+            ddp = runs(lambda r: r["what"] == "train" and r.get("impl") == "ddp" and r.get("compress", "none") == "none")
+            dhalf = runs(lambda r: r["what"] == "train" and r.get("impl") == "ddp" and r.get("compress") == "bf16")
+            ips = lambda d: [r["images_per_second"] for r in d.values()]
+            ratio = lambda a, b: [a[k]["images_per_second"] / b[k]["images_per_second"] for k in a if k in b]
+            left = [half[k]["exposed_exchange_ms"] / off[k]["exposed_exchange_ms"] for k in half if k in off]
+            w(f"| {p} | {fmt(ips(half))} | {fmt(ips(dhalf))} | {fmt(ratio(half, dhalf), 2)}× | {fmt(ratio(half, ddp), 2)}× | "
+              f"{fmt(ratio(half, on), 2)}× | {fmt([r['exposed_exchange_ms'] for r in half.values()], 0)} / "
+              f"{fmt([r['exposed_exchange_ms'] for r in off.values()], 0)} | {fmt([100 * x for x in left], 0)} % |")
+        w("")
     if links:
         w("The model against the measurements (α, B: `sac mpi-check` between the hosts; k buckets; "
           f"host limit H = {max(l['bandwidth_gbps'] for l in links.values()):.2f} Gb/s):\n")

@@ -8,6 +8,8 @@
 #   sac, after     the same with train.overlap = false (the exchange after backward)
 #   DDP            bench/torchrun_hosts.sh: torchrun on every host, bench/baselines.py ddp (gloo over
 #                  eth0, DistributedSampler, PIL + torchvision transforms, Adam)
+#   and for each further format of --exchange (bf16): sac with overlap and train.exchange = bf16,
+#   and DDP with the same format (its bf16_compress_hook)
 #
 # and, on one core with nothing else running, the compute limit: forward + backward alone on
 # pre-loaded tensors (bench/baselines.py compute --no-step). Per profile also `sac mpi-check`
@@ -15,8 +17,8 @@
 # and the measured exchange of resnet18's gradients. The runs of a round are interleaved, so
 # machine drift hits all alike; the table gives medians (min-max) over the rounds.
 #
-#   bench/multinode.sh                       # profiles 1g 10g, 3 rounds (about 25 min on 2 cores)
-#   bench/multinode.sh --profiles "1g" --rounds 1
+#   bench/multinode.sh                       # profiles 1g 10g, f32 and bf16, 3 rounds (~45 min, 2 cores)
+#   bench/multinode.sh --profiles "1g" --rounds 1 --exchange f32
 #   bench/multinode.sh --smoke               # plumbing: a 300-image sample, profile 1g, 1 round
 #
 # Writes bench/results/multinode-<timestamp>/{results.jsonl,table.md,logs/}. Needs root (the
@@ -24,14 +26,15 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-profiles="1g 10g" rounds=3 hosts=2 sample=0.1 smoke=0
+profiles="1g 10g" rounds=3 hosts=2 sample=0.1 smoke=0 exchange="f32 bf16"
 command_line=$(echo "bench/multinode.sh $*" | sed "s/ *$//")
 while (($#)); do
   case $1 in
     --profiles) profiles=${2:?}; shift 2 ;;
     --rounds) rounds=${2:?}; shift 2 ;;
     --hosts) hosts=${2:?}; shift 2 ;;
-    --smoke) smoke=1 profiles=1g rounds=1 sample=300; shift ;;
+    --exchange) exchange=${2:?}; shift 2 ;;
+    --smoke) smoke=1 profiles=1g rounds=1 sample=300 exchange=f32; shift ;;
     -h | --help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "multinode.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -58,31 +61,33 @@ log "data: $(($(wc -l <"$data/train.csv") - 1)) training images in $data; $hosts
 
 record() { echo "$1" >>"$results"; }
 
-run_sac() { # run_sac PROFILE OVERLAP ROUND
-  local p=$1 ov=$2 r=$3 name="sac-$p-$([[ $2 == true ]] && echo overlap || echo after)-r$3"
+run_sac() { # run_sac PROFILE OVERLAP ROUND [EXCHANGE]
+  local p=$1 ov=$2 r=$3 ex=${4:-f32}
+  local name="sac-$p-$([[ $2 == true ]] && echo overlap || echo after)$([[ $ex == f32 ]] || echo "-$ex")-r$3"
   local ck=$work/ck-$name
   "$cluster" --hosts "$hosts" --profile "$p" --timeout 1200 -- \
     mpiexec -f HOSTFILE -n "$hosts" -ppn 1 "$sac" -c "$work/config.toml" train --epochs 1 \
     --set train.validate=false --set train.log_every=0 --set train.overlap="$ov" \
-    --set "paths.checkpoint_dir=$ck" >"$out/logs/$name.log" 2>&1 ||
+    --set "train.exchange=\"$ex\"" --set "paths.checkpoint_dir=$ck" >"$out/logs/$name.log" 2>&1 ||
     { log "$name failed: see $out/logs/$name.log"; tail -5 "$out/logs/$name.log" >&2; exit 1; }
-  "$py" - "$ck/resnet18/metrics.jsonl" "$p" "$ov" "$r" "$hosts" >>"$results" <<'PYEOF'
+  "$py" - "$ck/resnet18/metrics.jsonl" "$p" "$ov" "$r" "$hosts" "$ex" >>"$results" <<'PYEOF'
 import json, sys
-path, profile, overlap, rnd, hosts = sys.argv[1:]
+path, profile, overlap, rnd, hosts, exchange = sys.argv[1:]
 ep = [json.loads(l) for l in open(path) if '"kind":"epoch"' in l][-1]
 steps = ep["global_step"]
-print(json.dumps({"what": "sac", "overlap": overlap == "true", "profile": profile, "round": int(rnd),
+print(json.dumps({"what": "sac", "overlap": overlap == "true", "exchange": exchange, "profile": profile, "round": int(rnd),
                   "ranks": int(hosts), "images_per_second": ep["images_per_second"], "seconds": ep["seconds"],
                   "steps": steps, "exposed_exchange_ms": 1e3 * ep["exchange"] * ep["seconds"] / steps,
                   "compute_ms": 1e3 * ep["compute"] * ep["seconds"] / steps}))
 PYEOF
 }
 
-run_ddp() { # run_ddp PROFILE ROUND
-  local p=$1 r=$2 name="ddp-$1-r$2"
+run_ddp() { # run_ddp PROFILE ROUND [EXCHANGE]
+  local p=$1 r=$2 ex=${3:-f32}
+  local name="ddp-$1$([[ $ex == f32 ]] || echo "-$ex")-r$2"
   "$cluster" --hosts "$hosts" --profile "$p" --timeout 1200 -- \
     "$root/bench/torchrun_hosts.sh" HOSTFILE -- "$root/bench/baselines.py" ddp --data "$data" --epochs 1 \
-    --timeout 600 >"$out/logs/$name.log" 2>&1 ||
+    --compress "$([[ $ex == f32 ]] && echo none || echo "$ex")" --timeout 600 >"$out/logs/$name.log" 2>&1 ||
     { log "$name failed: see $out/logs/$name.log"; tail -5 "$out/logs/$name.log" >&2; exit 1; }
   local line
   line=$(grep '^{' "$out/logs/$name.log" | tail -1)
@@ -116,6 +121,12 @@ for ((r = 1; r <= rounds; r++)); do
     run_sac "$p" true "$r"
     run_sac "$p" false "$r"
     run_ddp "$p" "$r"
+    for ex in $exchange; do
+      [[ $ex == f32 ]] && continue
+      log "round $r/$rounds, $p: sac (overlap, $ex), DDP ($ex)"
+      run_sac "$p" true "$r" "$ex"
+      run_ddp "$p" "$r" "$ex"
+    done
   done
 done
 "$py" bench/cost_model.py table "$results" --command "$command_line" | tee "$out/table.md"

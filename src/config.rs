@@ -323,6 +323,26 @@ impl Sampler {
     }
 }
 
+/// The number format of the gradient exchange (`train.exchange`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Exchange {
+    /// Gradients summed as they are (f32): the result does not depend on the rank count's rounding.
+    F32,
+    /// Gradients sent as bfloat16 (half the bytes), each pair of values summed in f32 and rounded
+    /// to bfloat16 once; the image counts, flags and loss that travel with them stay f32.
+    Bf16,
+}
+
+impl Exchange {
+    pub fn name(self) -> &'static str {
+        match self {
+            Exchange::F32 => "f32",
+            Exchange::Bf16 => "bf16",
+        }
+    }
+}
+
 /// Whether `lr` is for a global batch of 256 and scales with the global batch (the rank count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -481,6 +501,8 @@ pub struct TrainCfg {
     /// Start each gradient bucket's allreduce during backward, as soon as its gradients are
     /// complete (CPU training with more than one rank); false: after backward.
     pub overlap: bool,
+    /// The number format gradients cross the network in (more than one rank).
+    pub exchange: Exchange,
     pub validate: bool,
     pub device: DeviceKind,
     pub threads: usize,
@@ -521,6 +543,7 @@ impl Default for TrainCfg {
             sampler: Sampler::Uniform,
             clip_grad_norm: 0.0,
             overlap: true,
+            exchange: Exchange::F32,
             validate: true,
             device: DeviceKind::Cpu,
             threads: 0,

@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mpi::collective::SystemOperation;
+use mpi::collective::{SystemOperation, UnsafeUserOperation};
 use mpi::environment::{Threading, Universe};
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source, Status};
 use mpi::request::{Request, Scope, StaticScope};
@@ -149,6 +149,8 @@ struct Mpi {
     pending: RefCell<Vec<Request<'static, [u8]>>>,
     /// Numbers this rank's stall queries, so late answers to an old one are told apart.
     query_id: Cell<u64>,
+    /// The bfloat16 sum of the gradient exchange (`train.exchange = "bf16"`, `crate::bf16`).
+    bf16_sum: UnsafeUserOperation,
     // Last field: dropped last, which finalizes MPI.
     _universe: Universe,
 }
@@ -449,7 +451,10 @@ impl Dist {
         let (local_rank, local_size) = (node.rank() as usize, node.size() as usize);
         RANK.store(rank, Ordering::SeqCst);
         MULTI.store(size > 1, Ordering::SeqCst);
-        let mpi = Mpi { world, pending: RefCell::new(Vec::new()), query_id: Cell::new(0), _universe: universe };
+        // SAFETY: `mpi_sum` reads and writes exactly the `len` 16-bit elements MPI passes.
+        let bf16_sum = unsafe { UnsafeUserOperation::commutative(crate::bf16::mpi_sum) };
+        let mpi =
+            Mpi { world, pending: RefCell::new(Vec::new()), query_id: Cell::new(0), bf16_sum, _universe: universe };
         Ok(Dist {
             rank,
             size,
@@ -1136,6 +1141,35 @@ impl SumEngine {
         let mut r = self.shared.requests.lock().expect("sum requests");
         let req = m.world.immediate_all_reduce_into(StaticScope, send, recv, SystemOperation::sum());
         // SAFETY: completed by `finish` (or `test`) while the buffers live, as the caller promised.
+        let (raw, _, _) = unsafe { req.into_raw() };
+        r.pending.push(raw);
+        drop(r);
+        self.shared.wake.notify_one();
+    }
+
+    /// Starts summing the bfloat16 values `send` (bits, `crate::bf16`) over all ranks into `recv`,
+    /// each pair added in f32 and rounded once. As `start` otherwise.
+    ///
+    /// # Safety
+    /// As for `start`.
+    pub unsafe fn start_bf16(&self, dist: &Dist, send: &[u16], recv: &mut [u16]) {
+        assert_eq!(send.len(), recv.len(), "allreduce buffers differ in length");
+        let Some(m) = dist.multi().filter(|_| self.mpi) else {
+            recv.copy_from_slice(send);
+            return;
+        };
+        // SAFETY: as in `start`.
+        let (send, recv) = unsafe {
+            (
+                std::mem::transmute::<&[u16], &'static [u16]>(send),
+                std::mem::transmute::<&mut [u16], &'static mut [u16]>(recv),
+            )
+        };
+        let mut r = self.shared.requests.lock().expect("sum requests");
+        // SAFETY: the operation lives in `Mpi`, which outlives every sum (MPI is finalized last).
+        let op = unsafe { &*std::ptr::addr_of!(m.bf16_sum) };
+        let req = m.world.immediate_all_reduce_into(StaticScope, send, recv, op);
+        // SAFETY: as in `start`. The operation lives in `Mpi` until MPI is finalized.
         let (raw, _, _) = unsafe { req.into_raw() };
         r.pending.push(raw);
         drop(r);

@@ -3,6 +3,7 @@
 //! `run` is the whole program behind the thin `main`: it starts MPI (or a one-rank world), loads the
 //! settings, installs logging and dispatches to the subcommand. An error on any rank is logged with
 //! its rank and ends the whole job (MPI_Abort), so no rank is left waiting in a collective.
+pub mod bf16;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -4,10 +4,12 @@
 //!    when the batch does not divide), the gradients are averaged with the same `GradSync` that
 //!    training uses, and the result must equal the gradient of the whole batch in one process
 //!    (relative error ≤ 1e-5). The model has no batch norm or dropout, which would make the two
-//!    differ by design.
+//!    differ by design. The same with the gradients sent as bfloat16 (`train.exchange = "bf16"`):
+//!    its error is that of 8 significant bits, within `BF16_TOLERANCE`.
 //! 2. How long one step's gradient exchange takes for a real model with a chosen class count
 //!    (`--classes 64500`: Herbarium's head): sac's fused buckets against one allreduce per
-//!    parameter tensor (what the original script did), and how long the fused Adam step over the
+//!    parameter tensor (what the original script did), sac's buckets sent as bfloat16, and how
+//!    long the fused Adam step over the
 //!    same parameters takes on one thread and on the rank's share of the node's cores.
 //! 3. Where the ranks run and what links them: every rank's host, its rank on the node and its
 //!    thread count; the MPI library; and, measured, the latency and bandwidth from rank 0 to a
@@ -26,6 +28,10 @@ use crate::train::exchange::GradSync;
 
 /// Relative error allowed between the averaged and the single-process gradient.
 pub const TOLERANCE: f64 = 1e-5;
+
+/// The same for the bfloat16 exchange: each rank's gradient and each partial sum is rounded to 8
+/// significant bits (≤ 2⁻⁸ of itself), so the error is a few 2⁻⁸ of the ranks' gradients.
+pub const BF16_TOLERANCE: f64 = 2e-2;
 
 /// Max |a - b| / max |b| over two flat gradients.
 fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
@@ -91,8 +97,8 @@ pub fn placement_and_links(dist: &Dist, measure: bool) {
 /// The message of the bandwidth measurement: large enough that latency does not count.
 const LINK_BYTES: usize = 8 << 20;
 
-/// Part 1; returns the relative error.
-pub fn check_averaging(dist: &Dist, batch: usize) -> Result<f64> {
+/// Part 1; returns the relative error of averaging with the exchange `format`.
+pub fn check_averaging(dist: &Dist, batch: usize, format: crate::config::Exchange) -> Result<f64> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let root = vs.root();
@@ -108,7 +114,7 @@ pub fn check_averaging(dist: &Dist, batch: usize) -> Result<f64> {
     let y = Tensor::randint(5, [batch as i64], (Kind::Int64, Device::Cpu));
     let mine: Vec<i64> = (dist.rank()..batch).step_by(dist.size()).map(|i| i as i64).collect();
     // As in training: the gradients live in the exchange buffer, of the summed loss of this rank's rows.
-    let mut sync = GradSync::new(dist, &params, None, false)?;
+    let mut sync = GradSync::new(dist, &params, None, false, format)?;
     sync.zero_grads();
     if !mine.is_empty() {
         let idx = Tensor::from_slice(&mine);
@@ -133,7 +139,8 @@ pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exch
     let params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
     let numel: usize = params.iter().map(Tensor::numel).sum();
     // Gradients as training leaves them: in the exchange buffer, here random.
-    let mut sync = GradSync::new(dist, &params, None, false).expect("no hooks to install");
+    let mut sync =
+        GradSync::new(dist, &params, None, false, crate::config::Exchange::F32).expect("no hooks to install");
     let buckets = sync.buckets().len();
     tch::no_grad(|| {
         for p in &params {
@@ -146,6 +153,21 @@ pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exch
         let _ = sync.sync(dist, 64, 0.0, false, false);
     }
     let fused = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    drop(sync);
+    let mut half =
+        GradSync::new(dist, &params, None, false, crate::config::Exchange::Bf16).expect("no hooks to install");
+    tch::no_grad(|| {
+        for p in &params {
+            let _ = p.grad().normal_(0.0, 1.0);
+        }
+    });
+    dist.barrier();
+    let t = Instant::now();
+    for _ in 0..reps {
+        let _ = half.sync(dist, 64, 0.0, false, false);
+    }
+    let fused_bf16 = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    drop(half);
     let mut scratch = Vec::new();
     let mut bufs: Vec<Vec<f32>> =
         params.iter().map(|p| Vec::<f32>::try_from(&p.grad().reshape([-1])).expect("float")).collect();
@@ -165,7 +187,7 @@ pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exch
         dist.allreduce_sum_into(&send, &mut recv);
     }
     let raw = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
-    Exchange { fused, per_tensor, raw, tensors: params.len(), numel, buckets }
+    Exchange { fused, fused_bf16, per_tensor, raw, tensors: params.len(), numel, buckets }
 }
 
 /// Milliseconds per step of each way of exchanging one step's gradients.
@@ -173,6 +195,8 @@ pub struct Exchange {
     /// `GradSync::sync` as training calls it: the bucketed allreduce of the gradients, which
     /// live in its send buffer, with the image count and stop flag.
     pub fused: f64,
+    /// The same with the gradients sent as bfloat16 (rounding and conversion back included).
+    pub fused_bf16: f64,
     /// One blocking allreduce per parameter tensor (the original script's design).
     pub per_tensor: f64,
     /// The bucketed allreduce alone, on the same number of floats.
@@ -206,7 +230,7 @@ pub fn time_optimizer(numel: usize, threads: usize, reps: usize) -> f64 {
 /// The subcommand.
 pub fn run(dist: &Dist, batch: usize, arch: Arch, classes: i64, reps: usize) -> Result<()> {
     tch::set_num_threads(1);
-    let err = check_averaging(dist, batch)?;
+    let err = check_averaging(dist, batch, crate::config::Exchange::F32)?;
     let ok = dist.all_ok(err <= TOLERANCE);
     if dist.is_root() {
         println!(
@@ -218,13 +242,27 @@ pub fn run(dist: &Dist, batch: usize, arch: Arch, classes: i64, reps: usize) -> 
     if !ok {
         bail!("gradient averaging is not exact on rank {} (relative error {err:.2e})", dist.rank());
     }
+    if dist.size() > 1 {
+        let err = check_averaging(dist, batch, crate::config::Exchange::Bf16)?;
+        let ok = dist.all_ok(err <= BF16_TOLERANCE);
+        if dist.is_root() {
+            println!(
+                "the same sent as bfloat16 (train.exchange = \"bf16\"): relative error {err:.2e} (limit {BF16_TOLERANCE:.0e}): {}",
+                if ok { "as expected of 8 significant bits" } else { "WRONG" }
+            );
+        }
+        if !ok {
+            bail!("the bfloat16 gradient exchange is wrong on rank {} (relative error {err:.2e})", dist.rank());
+        }
+    }
     placement_and_links(dist, reps > 0);
     if reps > 0 {
         let x = time_exchange(dist, arch, classes, reps);
         if dist.is_root() {
             println!(
                 "{arch} with {classes} classes: gradients ({} tensors, {:.1} M floats, {} buckets of at most {:.1} M) \
-                 over {} rank(s), ms per step: fused {:.1} (allreduce alone {:.1}), one allreduce per tensor {:.1}",
+                 over {} rank(s), ms per step: fused {:.1} (allreduce alone {:.1}), one allreduce per tensor {:.1}, \
+                 fused as bfloat16 {:.1}",
                 x.tensors,
                 x.numel as f64 / 1e6,
                 x.buckets,
@@ -232,7 +270,8 @@ pub fn run(dist: &Dist, batch: usize, arch: Arch, classes: i64, reps: usize) -> 
                 dist.size(),
                 x.fused,
                 x.raw,
-                x.per_tensor
+                x.per_tensor,
+                x.fused_bf16
             );
         }
         // Every rank steps its optimizer at once, as in training.

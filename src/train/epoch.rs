@@ -81,7 +81,7 @@ impl<'a> Stepper<'a> {
         order: Option<Vec<usize>>,
     ) -> Result<Self> {
         let params: Vec<Tensor> = model.params.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let sync = GradSync::new(dist, &params, order, tc.overlap && dist.size() > 1)?;
+        let sync = GradSync::new(dist, &params, order, tc.overlap && dist.size() > 1, tc.exchange)?;
         let buffers: Vec<Tensor> = model.buffers.iter().map(|(_, t)| t.shallow_clone()).collect();
         let saved_buffers = buffers.iter().map(|t| t.detach().copy()).collect();
         Ok(Stepper {

@@ -10,6 +10,7 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use super::hooks::GradHooks;
+use crate::config::Exchange;
 use crate::dist::{Dist, SumEngine};
 
 /// Averages gradients over the ranks, weighted by each rank's image count, so the result is the
@@ -29,6 +30,11 @@ use crate::dist::{Dist, SumEngine};
 /// while it is called). What is left after backward is finished by [`GradSync::finish`]. Without
 /// `overlap` all buckets start after backward. The buckets and their order are the same either way,
 /// so both give the same sums, bit for bit.
+///
+/// With `exchange = bf16` (more than one rank) each bucket's gradients are rounded to bfloat16 when
+/// it starts and sent as such (half the bytes), summed pair by pair in f32 (`crate::bf16`), and
+/// the sums turned back into f32 in `recv` when every bucket is done; the four numbers after the
+/// gradients are summed as f32 beside them. Overlap or not, the rounding and the sums are the same.
 ///
 /// For parameters that are contiguous f32 CPU tensors (training on the CPU), each parameter's
 /// gradient *is* a view into the send buffer (what DDP calls gradient_as_bucket_view): backward
@@ -50,6 +56,8 @@ pub struct GradSync {
     hooks: Option<GradHooks>,
     /// This rank's images in the current step (`begin`).
     images: usize,
+    /// The gradients as bfloat16 on their way (`exchange = bf16`): sent and summed.
+    half: Option<(Vec<u16>, Vec<u16>)>,
 }
 
 /// A bucket of the exchange: parameters `params` (indices, in the order backward completes
@@ -223,6 +231,10 @@ struct Armed {
     dist: *const Dist,
     send: *mut f32,
     recv: *mut f32,
+    /// bfloat16 buffers of the first `numel` floats (the gradients), or null: all sums in f32.
+    send16: *mut u16,
+    recv16: *mut u16,
+    numel: usize,
 }
 
 impl Launch {
@@ -245,16 +257,31 @@ impl Launch {
         self.early = 0;
     }
 
-    /// Starts bucket `self.next`: one sum per run.
+    /// Starts bucket `self.next`: one sum per run (in bfloat16, two for a run that holds both
+    /// gradients and the f32 numbers after them).
     fn start_next(&mut self, armed: &Armed) {
         for run in &self.buckets[self.next].runs {
+            // The part of the run summed as bfloat16: gradients, when there are bfloat16 buffers.
+            let cut = if armed.send16.is_null() { run.start } else { run.end.min(armed.numel).max(run.start) };
             // SAFETY: `armed` points at the live send/recv buffers of the GradSync (p + EXTRAS
-            // floats, which every run lies in), and nothing touches this range until `finish` has
-            // completed the sum; `dist` is the caller's, alive from `begin` to `finish`.
+            // floats, which every run lies in, and, if not null, p bfloat16 values each), and
+            // nothing touches this range until `finish` has completed the sum; `dist` is the
+            // caller's, alive from `begin` to `finish`.
             unsafe {
-                let send = std::slice::from_raw_parts(armed.send.add(run.start), run.len());
-                let recv = std::slice::from_raw_parts_mut(armed.recv.add(run.start), run.len());
-                self.engine.start(&*armed.dist, send, recv);
+                let dist = &*armed.dist;
+                if cut > run.start {
+                    let n = cut - run.start;
+                    let grads = std::slice::from_raw_parts(armed.send.add(run.start), n);
+                    let send = std::slice::from_raw_parts_mut(armed.send16.add(run.start), n);
+                    crate::bf16::encode(grads, send);
+                    let recv = std::slice::from_raw_parts_mut(armed.recv16.add(run.start), n);
+                    self.engine.start_bf16(dist, send, recv);
+                }
+                if run.end > cut {
+                    let send = std::slice::from_raw_parts(armed.send.add(cut), run.end - cut);
+                    let recv = std::slice::from_raw_parts_mut(armed.recv.add(cut), run.end - cut);
+                    self.engine.start(dist, send, recv);
+                }
             }
         }
         self.next += 1;
@@ -314,8 +341,15 @@ impl GradSync {
     /// gradient). `order`: the order in which backward completes their gradients
     /// ([`backward_order`]); `None` takes the reverse parameter order. It must be the same on
     /// every rank. `overlap`: start buckets during backward (only for CPU f32 parameters; ignored
-    /// otherwise). Buckets hold at most `dist::bucket_floats()` floats.
-    pub fn new(dist: &Dist, params: &[Tensor], order: Option<Vec<usize>>, overlap: bool) -> Result<Self> {
+    /// otherwise). Buckets hold at most `dist::bucket_floats()` floats. `exchange`: the gradients'
+    /// format on the wire (one rank sends nothing, so it keeps f32).
+    pub fn new(
+        dist: &Dist,
+        params: &[Tensor],
+        order: Option<Vec<usize>>,
+        overlap: bool,
+        exchange: Exchange,
+    ) -> Result<Self> {
         let numel: usize = params.iter().map(Tensor::numel).sum();
         let buf = || Tensor::zeros([numel as i64 + EXTRAS as i64], (Kind::Float, Device::Cpu));
         let sizes: Vec<usize> = params.iter().map(Tensor::numel).collect();
@@ -330,6 +364,7 @@ impl GradSync {
             launch: Rc::new(RefCell::new(Launch::new(buckets, params.len(), dist.sum_engine(overlap)))),
             hooks: None,
             images: 0,
+            half: (exchange == Exchange::Bf16 && dist.size() > 1).then(|| (vec![0u16; numel], vec![0u16; numel])),
         };
         if sync.bound {
             sync.bind();
@@ -391,12 +426,24 @@ impl GradSync {
         });
     }
 
-    /// Where this step's sums start: `dist` and the two buffers.
-    fn armed(&self, dist: &Dist) -> Armed {
+    /// The gradients cross the network as bfloat16.
+    pub fn bf16(&self) -> bool {
+        self.half.is_some()
+    }
+
+    /// Where this step's sums start: `dist` and the buffers.
+    fn armed(&mut self, dist: &Dist) -> Armed {
+        let (send16, recv16) = match &mut self.half {
+            Some((s, r)) => (s.as_mut_ptr(), r.as_mut_ptr()),
+            None => (std::ptr::null_mut(), std::ptr::null_mut()),
+        };
         Armed {
             dist: dist as *const Dist,
             send: self.send.data_ptr() as *mut f32,
             recv: self.recv.data_ptr() as *mut f32,
+            send16,
+            recv16,
+            numel: self.numel,
         }
     }
 
@@ -418,8 +465,10 @@ impl GradSync {
         send[p + 2] = f32::from(u8::from(bad));
         send[p + 3] = if images == 0 { 0.0 } else { loss as f32 };
         self.images = images;
+        drop(launch);
         if self.hooks.is_some() && images > 0 && dist.size() > 1 {
-            launch.armed = Some(self.armed(dist));
+            let armed = self.armed(dist);
+            self.launch.borrow_mut().armed = Some(armed);
         }
     }
 
@@ -431,6 +480,7 @@ impl GradSync {
             h.check();
         }
         let p = self.numel;
+        let armed = self.armed(dist);
         let mut launch = self.launch.borrow_mut();
         launch.armed = None;
         if self.images > 0 && !self.bound {
@@ -458,11 +508,14 @@ impl GradSync {
                 // started some already, so there is no barrier: the collectives must match.)
                 dist.barrier();
             }
-            let armed = self.armed(dist);
             while launch.next < launch.buckets.len() {
                 launch.start_next(&armed);
             }
             launch.engine.finish(dist, "gradient allreduce");
+            if let Some((_, recv16)) = &self.half {
+                // SAFETY: every sum is complete; `recv` holds p + EXTRAS floats.
+                crate::bf16::decode(recv16, &mut unsafe { f32_slice_mut(&self.recv, p + EXTRAS) }[..p]);
+            }
             &self.recv
         };
         // SAFETY: every sum is complete; `tensor` is one of the two buffers of p + EXTRAS floats.
@@ -640,7 +693,7 @@ mod tests {
         let dist = Dist::single();
         let mut results = Vec::new();
         for overlap in [false, true] {
-            let mut sync = GradSync::new(&dist, &params, None, overlap).unwrap();
+            let mut sync = GradSync::new(&dist, &params, None, overlap, Exchange::Bf16).unwrap();
             assert!(sync.buckets().len() > 2, "{:?}", sync.buckets());
             sync.zero_grads();
             let loss = model.net.forward_t(&x, true).sum(Kind::Float);

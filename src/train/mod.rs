@@ -210,8 +210,13 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     let mut stepper = Stepper::new(dist, &model, opt, schedule, tc, device, &stop, &dir, order)?;
     if dist.size() > 1 {
         info!(
-            "{}",
-            exchange::describe_buckets(&stepper.sync.buckets(), stepper.sync.overlaps(), stepper.sync.threaded())
+            "{}{}",
+            exchange::describe_buckets(&stepper.sync.buckets(), stepper.sync.overlaps(), stepper.sync.threaded()),
+            if stepper.sync.bf16() {
+                "; gradients sent as bfloat16, summed in f32 pair by pair (train.exchange = \"bf16\")"
+            } else {
+                ""
+            }
         );
     }
     stepper.ema = ema;
