@@ -1,7 +1,8 @@
 //! bfloat16 for the gradient exchange (`train.exchange = "bf16"`): the upper 16 bits of an f32
 //! (sign, the same 8 exponent bits, 7 of the 23 mantissa bits), so the conversion keeps the range
-//! of f32 and loses only precision (a relative error of at most 2⁻⁸: 8 significant bits). Conversion rounds to the
-//! nearest value, ties to even, as torch's `to(torch.bfloat16)` does; a NaN stays a NaN.
+//! of f32 and loses only precision (a relative error of at most 2⁻⁸: 8 significant bits).
+//! Conversion rounds to the nearest value, ties to even, as torch's `to(torch.bfloat16)` does; a
+//! NaN stays a NaN.
 //!
 //! [`mpi_sum`] is the MPI reduction: each pair of bfloat16 values is summed in f32 and rounded
 //! once, so a sum over p ranks is rounded p − 1 times (as a bfloat16 allreduce in NCCL or gloo).

@@ -334,15 +334,6 @@ pub enum Exchange {
     Bf16,
 }
 
-impl Exchange {
-    pub fn name(self) -> &'static str {
-        match self {
-            Exchange::F32 => "f32",
-            Exchange::Bf16 => "bf16",
-        }
-    }
-}
-
 /// Whether `lr` is for a global batch of 256 and scales with the global batch (the rank count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

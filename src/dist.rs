@@ -1126,25 +1126,8 @@ impl SumEngine {
     /// `send` and `recv` must stay allocated, and nothing may write `send` or touch `recv`, until
     /// `finish` has returned.
     pub unsafe fn start(&self, dist: &Dist, send: &[f32], recv: &mut [f32]) {
-        assert_eq!(send.len(), recv.len(), "allreduce buffers differ in length");
-        let Some(m) = dist.multi().filter(|_| self.mpi) else {
-            recv.copy_from_slice(send);
-            return;
-        };
-        // SAFETY: the caller keeps both buffers alive and unused until the request completes.
-        let (send, recv) = unsafe {
-            (
-                std::mem::transmute::<&[f32], &'static [f32]>(send),
-                std::mem::transmute::<&mut [f32], &'static mut [f32]>(recv),
-            )
-        };
-        let mut r = self.shared.requests.lock().expect("sum requests");
-        let req = m.world.immediate_all_reduce_into(StaticScope, send, recv, SystemOperation::sum());
-        // SAFETY: completed by `finish` (or `test`) while the buffers live, as the caller promised.
-        let (raw, _, _) = unsafe { req.into_raw() };
-        r.pending.push(raw);
-        drop(r);
-        self.shared.wake.notify_one();
+        // SAFETY: as the caller promised.
+        unsafe { self.start_with(dist, send, recv, |_| SystemOperation::sum()) }
     }
 
     /// Starts summing the bfloat16 values `send` (bits, `crate::bf16`) over all ranks into `recv`,
@@ -1153,23 +1136,34 @@ impl SumEngine {
     /// # Safety
     /// As for `start`.
     pub unsafe fn start_bf16(&self, dist: &Dist, send: &[u16], recv: &mut [u16]) {
+        // SAFETY: as the caller promised. The operation lives in `Mpi`, which outlives every sum
+        // (MPI is finalized last).
+        unsafe { self.start_with(dist, send, recv, |m| &*std::ptr::addr_of!(m.bf16_sum)) }
+    }
+
+    /// `start` and `start_bf16`: the reduction `op` of `m` over `send` into `recv`.
+    ///
+    /// # Safety
+    /// As for `start`; `op`'s operation must outlive the sum.
+    unsafe fn start_with<T: Equivalence + Copy + 'static, O: mpi::collective::Operation + 'static>(
+        &self,
+        dist: &Dist,
+        send: &[T],
+        recv: &mut [T],
+        op: impl FnOnce(&Mpi) -> O,
+    ) {
         assert_eq!(send.len(), recv.len(), "allreduce buffers differ in length");
         let Some(m) = dist.multi().filter(|_| self.mpi) else {
             recv.copy_from_slice(send);
             return;
         };
-        // SAFETY: as in `start`.
+        // SAFETY: the caller keeps both buffers alive and unused until the request completes.
         let (send, recv) = unsafe {
-            (
-                std::mem::transmute::<&[u16], &'static [u16]>(send),
-                std::mem::transmute::<&mut [u16], &'static mut [u16]>(recv),
-            )
+            (std::mem::transmute::<&[T], &'static [T]>(send), std::mem::transmute::<&mut [T], &'static mut [T]>(recv))
         };
         let mut r = self.shared.requests.lock().expect("sum requests");
-        // SAFETY: the operation lives in `Mpi`, which outlives every sum (MPI is finalized last).
-        let op = unsafe { &*std::ptr::addr_of!(m.bf16_sum) };
-        let req = m.world.immediate_all_reduce_into(StaticScope, send, recv, op);
-        // SAFETY: as in `start`. The operation lives in `Mpi` until MPI is finalized.
+        let req = m.world.immediate_all_reduce_into(StaticScope, send, recv, op(m));
+        // SAFETY: completed by `finish` (or `test`) while the buffers live, as the caller promised.
         let (raw, _, _) = unsafe { req.into_raw() };
         r.pending.push(raw);
         drop(r);

@@ -9,8 +9,8 @@
 //! 2. How long one step's gradient exchange takes for a real model with a chosen class count
 //!    (`--classes 64500`: Herbarium's head): sac's fused buckets against one allreduce per
 //!    parameter tensor (what the original script did), sac's buckets sent as bfloat16, and how
-//!    long the fused Adam step over the
-//!    same parameters takes on one thread and on the rank's share of the node's cores.
+//!    long the fused Adam step over the same parameters takes on one thread and on the rank's
+//!    share of the node's cores.
 //! 3. Where the ranks run and what links them: every rank's host, its rank on the node and its
 //!    thread count; the MPI library; and, measured, the latency and bandwidth from rank 0 to a
 //!    rank on its own node and to one on another node. On a cluster the second pair shows the
@@ -138,36 +138,24 @@ pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exch
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
     let numel: usize = params.iter().map(Tensor::numel).sum();
-    // Gradients as training leaves them: in the exchange buffer, here random.
-    let mut sync =
-        GradSync::new(dist, &params, None, false, crate::config::Exchange::F32).expect("no hooks to install");
-    let buckets = sync.buckets().len();
-    tch::no_grad(|| {
-        for p in &params {
-            let _ = p.grad().normal_(0.0, 1.0);
+    // `GradSync::sync` as training calls it, with the gradients in `format`: (ms per step, buckets).
+    let time_sync = |format: crate::config::Exchange| {
+        // Gradients as training leaves them: in the exchange buffer, here random.
+        let mut sync = GradSync::new(dist, &params, None, false, format).expect("no hooks to install");
+        tch::no_grad(|| {
+            for p in &params {
+                let _ = p.grad().normal_(0.0, 1.0);
+            }
+        });
+        dist.barrier();
+        let t = Instant::now();
+        for _ in 0..reps {
+            let _ = sync.sync(dist, 64, 0.0, false, false);
         }
-    });
-    dist.barrier();
-    let t = Instant::now();
-    for _ in 0..reps {
-        let _ = sync.sync(dist, 64, 0.0, false, false);
-    }
-    let fused = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
-    drop(sync);
-    let mut half =
-        GradSync::new(dist, &params, None, false, crate::config::Exchange::Bf16).expect("no hooks to install");
-    tch::no_grad(|| {
-        for p in &params {
-            let _ = p.grad().normal_(0.0, 1.0);
-        }
-    });
-    dist.barrier();
-    let t = Instant::now();
-    for _ in 0..reps {
-        let _ = half.sync(dist, 64, 0.0, false, false);
-    }
-    let fused_bf16 = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
-    drop(half);
+        (t.elapsed().as_secs_f64() * 1e3 / reps as f64, sync.buckets().len())
+    };
+    let (fused, buckets) = time_sync(crate::config::Exchange::F32);
+    let (fused_bf16, _) = time_sync(crate::config::Exchange::Bf16);
     let mut scratch = Vec::new();
     let mut bufs: Vec<Vec<f32>> =
         params.iter().map(|p| Vec::<f32>::try_from(&p.grad().reshape([-1])).expect("float")).collect();
