@@ -78,6 +78,7 @@ steps = ep["global_step"]
 print(json.dumps({"what": "sac", "overlap": overlap == "true", "exchange": exchange, "profile": profile, "round": int(rnd),
                   "ranks": int(hosts), "images_per_second": ep["images_per_second"], "seconds": ep["seconds"],
                   "steps": steps, "exposed_exchange_ms": 1e3 * ep["exchange"] * ep["seconds"] / steps,
+                  "exchange_wait_ms": 1e3 * ep.get("exchange_wait", 0.0) * ep["seconds"] / steps,
                   "compute_ms": 1e3 * ep["compute"] * ep["seconds"] / steps}))
 PYEOF
 }

@@ -93,6 +93,11 @@ fn assert_stream_matches_state(lines: &[Value], state: &Value) -> usize {
                 }
                 let loss = l["loss"].as_f64().unwrap_or(f64::NAN);
                 assert!(loss.is_finite() && loss > 0.0, "loss of {l}");
+                let wait = l["exchange_wait"].as_f64().unwrap_or_else(|| panic!("exchange_wait of {l}"));
+                assert!(
+                    (0.0..=l["exchange"].as_f64().unwrap()).contains(&wait),
+                    "waiting is part of the exchange: {l}"
+                );
                 let shares: f64 =
                     ["data", "compute", "exchange", "optimizer"].iter().map(|k| l[k].as_f64().unwrap()).sum();
                 assert!((shares - 1.0).abs() < 1e-6, "time shares sum to {shares}: {l}");
@@ -244,6 +249,32 @@ fn rank_0_waiting_for_a_slow_peer_says_so_naming_the_rank() {
         .unwrap_or_else(|| panic!("no line about the wait:\n{err}"));
     assert!(line.contains("rank 0 has waited") && line.contains("allreduce"), "{line}");
     assert!(line.contains("not arrived: rank 1"), "{line}");
+}
+
+#[test]
+fn the_exchange_after_backward_tells_the_wait_for_a_slow_rank_from_the_transfer() {
+    let p = project();
+    let mut args = RUN.to_vec();
+    // Rank 1 sleeps 4 s at its 5th step; rank 0 waits for it to arrive at the exchange.
+    args.extend(["--epochs", "1", "--set", "train.validate=false", "--set", "train.overlap=false"]);
+    let out = run_mpi_env(p.path(), 2, &strs(&p.args(&args)), &[("SAC_FAULT", "step:pause@1#5")], RUN_TIMEOUT);
+    p.assert_no_rank_left();
+    assert_success(&out);
+    let err = stderr(&out);
+    let line =
+        err.lines().find(|l| l.contains("epoch 1/1: train loss")).unwrap_or_else(|| panic!("no epoch line:\n{err}"));
+    assert!(line.contains("(of it waiting for ranks "), "{line}");
+    let stream = metrics(&p.model_dir("resnet18"));
+    let epoch = stream.iter().find(|l| l["kind"] == "epoch").expect("an epoch record");
+    let (seconds, exchange, wait) = (
+        epoch["seconds"].as_f64().unwrap(),
+        epoch["exchange"].as_f64().unwrap(),
+        epoch["exchange_wait"].as_f64().unwrap(),
+    );
+    // The 4 s of the pause are rank 0's wait (time shares are of the epoch's steps, about its
+    // seconds), and waiting is a part of the exchange.
+    assert!(wait * seconds > 3.0, "rank 0 waited {:.2} s of {seconds:.1} s: {epoch}", wait * seconds);
+    assert!(wait <= exchange, "{epoch}");
 }
 
 #[test]

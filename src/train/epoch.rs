@@ -181,6 +181,7 @@ impl<'a> Stepper<'a> {
                 step_times.compute = t2 - t1;
 
                 let synced = self.sync.finish(self.dist);
+                step_times.wait = synced.wait;
                 early_buckets += synced.early as u64;
                 if synced.stop {
                     pb.abandon();

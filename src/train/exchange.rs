@@ -319,6 +319,9 @@ pub struct Synced {
     pub non_finite: bool,
     /// The summed loss over all ranks' images (divide by `images` for the mean).
     pub loss: f64,
+    /// Of the exchange's time, how long this rank waited for the others to arrive (the exchange
+    /// after backward only: with overlap no rank waits apart from the sums themselves).
+    pub wait: std::time::Duration,
     /// Buckets whose sum started during backward, of `buckets`.
     pub early: usize,
     pub buckets: usize,
@@ -499,6 +502,7 @@ impl GradSync {
                 off += n;
             }
         }
+        let mut wait = std::time::Duration::ZERO;
         let tensor = if dist.size() == 1 {
             &self.send
         } else {
@@ -506,7 +510,9 @@ impl GradSync {
                 // No bucket started during backward: every rank arrives first (waiting ones sleep).
                 // (With hooks, a rank without images starts all buckets here while the others have
                 // started some already, so there is no barrier: the collectives must match.)
+                let t = std::time::Instant::now();
                 dist.barrier();
+                wait = t.elapsed();
             }
             while launch.next < launch.buckets.len() {
                 launch.start_next(&armed);
@@ -531,6 +537,7 @@ impl GradSync {
             stop: sums[p + 1] > 0.0,
             non_finite: sums[p + 2] > 0.0 || !grad_finite,
             loss: f64::from(sums[p + 3]),
+            wait,
             early: launch.early,
             buckets: launch.buckets.len(),
         }

@@ -23,6 +23,11 @@ pub struct Shares {
     pub data: f64,
     pub compute: f64,
     pub exchange: f64,
+    /// The part of `exchange` rank 0 spent waiting for the other ranks to arrive (slower ranks,
+    /// uneven shards); the rest moved the sums. Measured with the exchange after backward only
+    /// (`train.overlap = false`): 0 with overlap. Absent in files of older versions.
+    #[serde(default)]
+    pub exchange_wait: f64,
     pub optimizer: f64,
 }
 
@@ -191,7 +196,7 @@ mod tests {
             elapsed: 3.0,
             eta_epoch: 1.0,
             eta_run: 9.0,
-            shares: Shares { data: 0.1, compute: 0.7, exchange: 0.15, optimizer: 0.05 },
+            shares: Shares { data: 0.1, compute: 0.7, exchange: 0.15, exchange_wait: 0.05, optimizer: 0.05 },
         })
     }
 

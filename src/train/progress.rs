@@ -15,6 +15,8 @@ pub struct Times {
     pub data: Duration,
     pub compute: Duration,
     pub comm: Duration,
+    /// The part of `comm` spent waiting for the other ranks to arrive.
+    pub wait: Duration,
     pub optim: Duration,
 }
 
@@ -22,21 +24,34 @@ impl Times {
     pub fn shares(&self) -> Shares {
         let total = (self.data + self.compute + self.comm + self.optim).as_secs_f64().max(1e-9);
         let f = |d: Duration| d.as_secs_f64() / total;
-        Shares { data: f(self.data), compute: f(self.compute), exchange: f(self.comm), optimizer: f(self.optim) }
+        Shares {
+            data: f(self.data),
+            compute: f(self.compute),
+            exchange: f(self.comm),
+            exchange_wait: f(self.wait),
+            optimizer: f(self.optim),
+        }
     }
 
     pub fn add(&mut self, o: &Times) {
         self.data += o.data;
         self.compute += o.compute;
         self.comm += o.comm;
+        self.wait += o.wait;
         self.optim += o.optim;
     }
 }
 
-/// `data 1 %, compute 80 %, allreduce 14 %, optimizer 5 %`
+/// `data 1 %, compute 80 %, allreduce 14 %, optimizer 5 %`, and when ranks waited for each other
+/// before the exchange (0.5 % or more): `allreduce 14 % (of it waiting for ranks 6 %)`.
 pub fn shares_text(s: &Shares) -> String {
+    let wait = if s.exchange_wait >= 0.005 {
+        format!(" (of it waiting for ranks {:.0} %)", 100.0 * s.exchange_wait)
+    } else {
+        String::new()
+    };
     format!(
-        "data {:.0} %, compute {:.0} %, allreduce {:.0} %, optimizer {:.0} %",
+        "data {:.0} %, compute {:.0} %, allreduce {:.0} %{wait}, optimizer {:.0} %",
         100.0 * s.data,
         100.0 * s.compute,
         100.0 * s.exchange,
