@@ -102,7 +102,7 @@ def table(a):
     for p in profiles:
         def runs(pred):
             return [r for r in rows if r.get("profile") == p and pred(r)]
-        on = runs(lambda r: r["what"] == "sac" and r["overlap"] and r.get("exchange", "f32") == "f32")
+        on = runs(lambda r: r["what"] == "sac" and r["overlap"] and not r.get("auto") and r.get("exchange", "f32") == "f32")
         off = runs(lambda r: r["what"] == "sac" and not r["overlap"] and r.get("exchange", "f32") == "f32")
         ddp = runs(lambda r: r["what"] == "train" and r.get("impl") == "ddp" and r.get("compress", "none") == "none")
         # Ratios per round (the runs of a round are back to back), then their median.
@@ -117,6 +117,24 @@ def table(a):
           f"{fmt([r['images_per_second'] for r in ddp])} | {fmt(vs_ddp, 2)}× | {fmt(vs_off, 2)}× | {exposed} | "
           f"{fmt([100 * x for x in left], 0)} % | {fmt([100 * x for x in eff], 0)} % |")
     w("")
+    auto_profiles = [p for p in profiles if any(r["what"] == "sac" and r.get("auto") and r.get("profile") == p for r in rows)]
+    if auto_profiles:
+        w("`train.overlap = \"auto\"` in the same rounds (its epoch includes the trial: steps 3–10 of 22 take turns):\n")
+        w("| link | sac, auto | way chosen per round | auto ÷ DDP | auto ÷ faster of overlap and after |")
+        w("|---|---:|---|---:|---:|")
+        for p in auto_profiles:
+            by_round = lambda pred: {r["round"]: r for r in rows if r.get("profile") == p and pred(r)}
+            auto = by_round(lambda r: r["what"] == "sac" and r.get("auto"))
+            on = by_round(lambda r: r["what"] == "sac" and r["overlap"] and not r.get("auto") and r.get("exchange", "f32") == "f32")
+            off = by_round(lambda r: r["what"] == "sac" and not r["overlap"] and r.get("exchange", "f32") == "f32")
+            ddp = by_round(lambda r: r["what"] == "train" and r.get("impl") == "ddp" and r.get("compress", "none") == "none")
+            ips = lambda d, k: d[k]["images_per_second"]
+            vs_ddp = [ips(auto, k) / ips(ddp, k) for k in auto if k in ddp]
+            vs_best = [ips(auto, k) / max(ips(on, k), ips(off, k)) for k in auto if k in on and k in off]
+            chose = ", ".join(str(auto[k].get("chose")) for k in sorted(auto))
+            w(f"| {p} | {fmt([r['images_per_second'] for r in auto.values()])} | {chose} | {fmt(vs_ddp, 2)}× | "
+              f"{fmt(vs_best, 2)}× |")
+        w("")
     half_profiles = [p for p in profiles if any(r["what"] == "sac" and r.get("profile") == p
                                                 and r.get("exchange") == "bf16" for r in rows)]
     if half_profiles:
@@ -129,7 +147,7 @@ def table(a):
             def runs(pred):
                 return {r["round"]: r for r in rows if r.get("profile") == p and pred(r)}
             half = runs(lambda r: r["what"] == "sac" and r["overlap"] and r.get("exchange") == "bf16")
-            on = runs(lambda r: r["what"] == "sac" and r["overlap"] and r.get("exchange", "f32") == "f32")
+            on = runs(lambda r: r["what"] == "sac" and r["overlap"] and not r.get("auto") and r.get("exchange", "f32") == "f32")
             off = runs(lambda r: r["what"] == "sac" and not r["overlap"] and r.get("exchange", "f32") == "f32")
             ddp = runs(lambda r: r["what"] == "train" and r.get("impl") == "ddp" and r.get("compress", "none") == "none")
             dhalf = runs(lambda r: r["what"] == "train" and r.get("impl") == "ddp" and r.get("compress") == "bf16")

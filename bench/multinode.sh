@@ -8,6 +8,8 @@
 #   sac, after     the same with train.overlap = false (the exchange after backward)
 #   DDP            bench/torchrun_hosts.sh: torchrun on every host, bench/baselines.py ddp (gloo over
 #                  eth0, DistributedSampler, PIL + torchvision transforms, Adam)
+#   sac, auto      train.overlap = "auto": steps 3-10 try both ways, the rest go the faster one
+#                  (the epoch's images/s include the trial; --no-auto leaves it out)
 #   and for each further format of --exchange (bf16): sac with overlap and train.exchange = bf16,
 #   and DDP with the same format (its bf16_compress_hook)
 #
@@ -26,7 +28,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-profiles="1g 10g" rounds=3 hosts=2 sample=0.1 smoke=0 exchange="f32 bf16"
+profiles="1g 10g" rounds=3 hosts=2 sample=0.1 smoke=0 exchange="f32 bf16" auto=1
 command_line=$(echo "bench/multinode.sh $*" | sed "s/ *$//")
 while (($#)); do
   case $1 in
@@ -34,8 +36,9 @@ while (($#)); do
     --rounds) rounds=${2:?}; shift 2 ;;
     --hosts) hosts=${2:?}; shift 2 ;;
     --exchange) exchange=${2:?}; shift 2 ;;
-    --smoke) smoke=1 profiles=1g rounds=1 sample=300 exchange=f32; shift ;;
-    -h | --help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --no-auto) auto=0; shift ;;
+    --smoke) smoke=1 profiles=1g rounds=1 sample=300 exchange=f32 auto=0; shift ;;
+    -h | --help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "multinode.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -61,21 +64,28 @@ log "data: $(($(wc -l <"$data/train.csv") - 1)) training images in $data; $hosts
 
 record() { echo "$1" >>"$results"; }
 
-run_sac() { # run_sac PROFILE OVERLAP ROUND [EXCHANGE]
+run_sac() { # run_sac PROFILE OVERLAP ROUND [EXCHANGE]; OVERLAP: true, false or auto
   local p=$1 ov=$2 r=$3 ex=${4:-f32}
-  local name="sac-$p-$([[ $2 == true ]] && echo overlap || echo after)$([[ $ex == f32 ]] || echo "-$ex")-r$3"
+  local way
+  case $ov in true) way=overlap ;; false) way=after ;; *) way=auto ov='"auto"' ;; esac
+  local name="sac-$p-$way$([[ $ex == f32 ]] || echo "-$ex")-r$3"
   local ck=$work/ck-$name
   "$cluster" --hosts "$hosts" --profile "$p" --timeout 1200 -- \
     mpiexec -f HOSTFILE -n "$hosts" -ppn 1 "$sac" -c "$work/config.toml" train --epochs 1 \
-    --set train.validate=false --set train.log_every=0 --set train.overlap="$ov" \
+    --set train.validate=false --set train.log_every=0 --set "train.overlap=$ov" \
     --set "train.exchange=\"$ex\"" --set "paths.checkpoint_dir=$ck" >"$out/logs/$name.log" 2>&1 ||
     { log "$name failed: see $out/logs/$name.log"; tail -5 "$out/logs/$name.log" >&2; exit 1; }
-  "$py" - "$ck/resnet18/metrics.jsonl" "$p" "$ov" "$r" "$hosts" "$ex" >>"$results" <<'PYEOF'
+  "$py" - "$ck/resnet18/metrics.jsonl" "$p" "$way" "$r" "$hosts" "$ex" "$out/logs/$name.log" >>"$results" <<'PYEOF'
 import json, sys
-path, profile, overlap, rnd, hosts, exchange = sys.argv[1:]
+path, profile, way, rnd, hosts, exchange, log = sys.argv[1:]
 ep = [json.loads(l) for l in open(path) if '"kind":"epoch"' in l][-1]
 steps = ep["global_step"]
-print(json.dumps({"what": "sac", "overlap": overlap == "true", "exchange": exchange, "profile": profile, "round": int(rnd),
+extra = {}
+if way == "auto":
+    # The way rank 0 chose after its trial (steps 3-10), from its log line.
+    line = next((l for l in open(log) if "the exchange runs" in l), "")
+    extra = {"auto": True, "chose": "overlap" if "runs with overlap" in line else "after" if "runs after backward" in line else None}
+print(json.dumps({"what": "sac", "overlap": way != "after", **extra, "exchange": exchange, "profile": profile, "round": int(rnd),
                   "ranks": int(hosts), "images_per_second": ep["images_per_second"], "seconds": ep["seconds"],
                   "steps": steps, "exposed_exchange_ms": 1e3 * ep["exchange"] * ep["seconds"] / steps,
                   "exchange_wait_ms": 1e3 * ep.get("exchange_wait", 0.0) * ep["seconds"] / steps,
@@ -122,6 +132,7 @@ for ((r = 1; r <= rounds; r++)); do
     run_sac "$p" true "$r"
     run_sac "$p" false "$r"
     run_ddp "$p" "$r"
+    if ((auto)); then run_sac "$p" auto "$r"; fi
     for ex in $exchange; do
       [[ $ex == f32 ]] && continue
       log "round $r/$rounds, $p: sac (overlap, $ex), DDP ($ex)"

@@ -334,6 +334,62 @@ pub enum Exchange {
     Bf16,
 }
 
+/// `[train] overlap`: when each gradient bucket's allreduce starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overlap {
+    /// `true`: during backward, as soon as the bucket's gradients are complete.
+    On,
+    /// `false`: after backward.
+    Off,
+    /// `"auto"`: time both over the first steps and keep the faster (`train::auto_overlap`).
+    Auto,
+}
+
+impl Overlap {
+    /// Buckets may start during backward (`true` or `"auto"`).
+    pub fn hooks(self) -> bool {
+        self != Overlap::Off
+    }
+}
+
+impl fmt::Display for Overlap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Overlap::On => "true",
+            Overlap::Off => "false",
+            Overlap::Auto => "\"auto\"",
+        })
+    }
+}
+
+impl Serialize for Overlap {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Overlap::On => s.serialize_bool(true),
+            Overlap::Off => s.serialize_bool(false),
+            Overlap::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Overlap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Str(String),
+        }
+        let msg = "expected true, false or \"auto\"";
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(msg))? {
+            Raw::Bool(true) => Ok(Overlap::On),
+            Raw::Bool(false) => Ok(Overlap::Off),
+            Raw::Str(s) if s.trim().eq_ignore_ascii_case("auto") => Ok(Overlap::Auto),
+            Raw::Str(s) => Err(serde::de::Error::custom(format!("`{s}`: {msg}"))),
+        }
+    }
+}
+
 /// Whether `lr` is for a global batch of 256 and scales with the global batch (the rank count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -490,8 +546,9 @@ pub struct TrainCfg {
     /// Largest L2 norm of the averaged global gradient; 0: no clipping.
     pub clip_grad_norm: f64,
     /// Start each gradient bucket's allreduce during backward, as soon as its gradients are
-    /// complete (CPU training with more than one rank); false: after backward.
-    pub overlap: bool,
+    /// complete (CPU training with more than one rank); false: after backward; "auto": the faster
+    /// of the two, timed over the first steps.
+    pub overlap: Overlap,
     /// The number format gradients cross the network in (more than one rank).
     pub exchange: Exchange,
     pub validate: bool,
@@ -533,7 +590,7 @@ impl Default for TrainCfg {
             ema_decay: 0.0,
             sampler: Sampler::Uniform,
             clip_grad_norm: 0.0,
-            overlap: true,
+            overlap: Overlap::On,
             exchange: Exchange::F32,
             validate: true,
             device: DeviceKind::Cpu,
@@ -981,6 +1038,21 @@ mod tests {
         let msg = format!("{err:#}");
         assert!(msg.contains("learning_rate"), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn overlap_is_true_false_or_auto_in_the_file_and_in_sets() {
+        for (text, want) in
+            [("true", Overlap::On), ("false", Overlap::Off), ("\"auto\"", Overlap::Auto), ("\"AUTO\"", Overlap::Auto)]
+        {
+            let c = parse_with_sets(&format!("[train]\noverlap = {text}\n"), &[]).unwrap();
+            assert_eq!(c.train.overlap, want, "{text}");
+            let c = parse_with_sets("", &[format!("train.overlap={text}")]).unwrap();
+            assert_eq!(c.train.overlap, want, "--set {text}");
+        }
+        let msg = format!("{:#}", parse_with_sets("[train]\noverlap = \"yes\"\n", &[]).unwrap_err());
+        assert!(msg.contains("overlap") && msg.contains("\"auto\"") && msg.contains("yes"), "{msg}");
+        assert!(Overlap::Auto.hooks() && Overlap::On.hooks() && !Overlap::Off.hooks());
     }
 
     #[test]

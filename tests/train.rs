@@ -99,18 +99,20 @@ fn resuming_after_one_epoch_gives_the_same_weights_as_two_epochs_in_one_run() {
 }
 
 #[test]
-fn exchange_during_backward_gives_the_weights_of_exchange_after_it_bit_for_bit() {
-    // 13 images over 3 ranks, batch 3: shards of 5, 4 and 4, so in the second step two ranks have
-    // no image (no backward: they start every bucket after the step's backward on the third).
+fn exchange_during_backward_gives_the_weights_of_exchange_after_it_bit_for_bit_and_auto_picks_one() {
+    // 13 images over 3 ranks, batch 3: shards of 5, 4 and 4, so in the second step of each epoch
+    // two ranks have no image (no backward: they start every bucket after the step's backward on
+    // the third). 6 epochs: 12 steps, of which "auto" tries both ways in steps 3-10, and the
+    // steps after it go the way rank 0 chose.
     let p = Project::new(2, 13, 0, 32);
     let mut logs = Vec::new();
-    for overlap in [true, false] {
-        let ck = format!("ck-{overlap}");
+    for overlap in ["true", "false", "\"auto\""] {
+        let ck = format!("ck-{}", overlap.trim_matches('"'));
         let out = p.train_mpi(
             3,
             &[
                 "--epochs",
-                "2",
+                "6",
                 "--set",
                 &format!("paths.checkpoint_dir={ck}"),
                 "--set",
@@ -122,19 +124,27 @@ fn exchange_during_backward_gives_the_weights_of_exchange_after_it_bit_for_bit()
         assert_success(&out);
         logs.push(stderr(&out));
     }
-    let (on, off) = (&logs[0], &logs[1]);
+    let (on, off, auto) = (&logs[0], &logs[1], &logs[2]);
     assert!(on.contains("buckets in backward order") && on.contains("(train.overlap)"), "{on}");
     assert!(off.contains("summed after backward (train.overlap = false)"), "{off}");
+    assert!(auto.contains("train.overlap = \"auto\": steps 3-10 take turns"), "{auto}");
+    let chose = auto.lines().find(|l| l.contains("the exchange runs")).unwrap_or_else(|| panic!("no choice:\n{auto}"));
+    assert!(chose.contains("medians of 4 steps each"), "{chose}");
+    assert!(!on.contains("the exchange runs") && !off.contains("the exchange runs"), "only \"auto\" chooses");
+    // The first epoch's steps (1 and 2) overlapped: its bucket line counts both.
+    assert!(auto.contains("gradient buckets per step during backward"), "{auto}");
     // Rank 0 has images in both steps: its hooks start buckets during backward.
     let line = on.lines().find(|l| l.contains("gradient buckets per step during backward")).expect("bucket line");
     let early: f64 = line.split("started ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().parse().unwrap();
     assert!(early >= 1.0, "{line}");
     for file in ["model.safetensors", "optimizer.safetensors"] {
-        let cmp = compare_safetensors(
-            &p.model_dir_in("ck-true", "resnet18").join(file),
-            &p.model_dir_in("ck-false", "resnet18").join(file),
-        );
-        assert!(cmp.bitwise, "{file}: overlap on vs off: {cmp:?}");
+        for other in ["ck-false", "ck-auto"] {
+            let cmp = compare_safetensors(
+                &p.model_dir_in("ck-true", "resnet18").join(file),
+                &p.model_dir_in(other, "resnet18").join(file),
+            );
+            assert!(cmp.bitwise, "{file}: overlap on vs {other}: {cmp:?}");
+        }
     }
 }
 
@@ -176,12 +186,16 @@ fn a_bfloat16_exchange_rounds_alike_with_and_without_overlap_and_differs_from_f3
 }
 
 #[test]
-fn an_unknown_exchange_format_is_refused_naming_the_key() {
+fn an_unknown_exchange_format_or_overlap_is_refused_naming_the_key() {
     let p = Project::new(2, 4, 0, 32);
-    let out = p.train(&["--set", "train.exchange=\"fp8\""]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
-    assert!(err.contains("exchange") && err.contains("fp8"), "{err}");
+    for (set, key, value) in
+        [("train.exchange=\"fp8\"", "exchange", "fp8"), ("train.overlap=\"sometimes\"", "overlap", "sometimes")]
+    {
+        let out = p.train(&["--set", set]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains(key) && err.contains(value), "{err}");
+    }
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use tch::{Device, Tensor};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::ema::Ema;
 use super::exchange::{buffers_finite, copy_tensors, GradSync};
@@ -17,7 +17,7 @@ use super::model::Model;
 use super::optim::Optimizer;
 use super::progress::{Reporter, Times};
 use super::schedule::Schedule;
-use crate::config::{OnNonFinite, TrainCfg};
+use crate::config::{OnNonFinite, Overlap, TrainCfg};
 use crate::data::Row;
 use crate::dist::Dist;
 use crate::record::State;
@@ -40,6 +40,8 @@ pub(crate) struct EpochSteps {
     pub clipped_steps: u64,
     /// Gradient buckets this rank started during backward, summed over the steps (`train.overlap`).
     pub early_buckets: u64,
+    /// Steps whose buckets could start during backward (all with overlap, some with "auto").
+    pub overlapped_steps: u64,
     /// Where this rank's time went.
     pub times: Times,
 }
@@ -81,7 +83,10 @@ impl<'a> Stepper<'a> {
         order: Option<Vec<usize>>,
     ) -> Result<Self> {
         let params: Vec<Tensor> = model.params.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let sync = GradSync::new(dist, &params, order, tc.overlap && dist.size() > 1, tc.exchange)?;
+        let mut sync = GradSync::new(dist, &params, order, tc.overlap.hooks() && dist.size() > 1, tc.exchange)?;
+        if tc.overlap == Overlap::Auto {
+            sync.auto_overlap(dist);
+        }
         let buffers: Vec<Tensor> = model.buffers.iter().map(|(_, t)| t.shallow_clone()).collect();
         let saved_buffers = buffers.iter().map(|t| t.detach().copy()).collect();
         Ok(Stepper {
@@ -129,6 +134,7 @@ impl<'a> Stepper<'a> {
         let (mut loss_sum, mut seen, mut skipped, mut nonfinite_steps) = (0f64, 0f64, 0u64, 0u64);
         let mut clipped_steps = 0u64;
         let mut early_buckets = 0u64;
+        let mut overlapped_steps = 0u64;
         with_batches(loader, rows, batches, device, |next_batch| {
             for step in 0..steps {
                 crate::fault::point("step");
@@ -182,6 +188,10 @@ impl<'a> Stepper<'a> {
 
                 let synced = self.sync.finish(self.dist);
                 step_times.wait = synced.wait;
+                overlapped_steps += u64::from(synced.overlapped);
+                if let Some(line) = &synced.chose {
+                    info!("{line}");
+                }
                 early_buckets += synced.early as u64;
                 if synced.stop {
                     pb.abandon();
@@ -251,7 +261,16 @@ impl<'a> Stepper<'a> {
         if let Some(r) = reporter {
             r.end_steps(state.steps, self.opt.lr);
         }
-        Ok(EpochSteps { loss_sum, seen, skipped, nonfinite_steps, clipped_steps, early_buckets, times })
+        Ok(EpochSteps {
+            loss_sum,
+            seen,
+            skipped,
+            nonfinite_steps,
+            clipped_steps,
+            early_buckets,
+            overlapped_steps,
+            times,
+        })
     }
 }
 

@@ -9,6 +9,7 @@ use std::rc::Rc;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
+use super::auto_overlap::{self, AutoOverlap};
 use super::hooks::GradHooks;
 use crate::config::Exchange;
 use crate::dist::{Dist, SumEngine};
@@ -45,7 +46,8 @@ use crate::dist::{Dist, SumEngine};
 pub struct GradSync {
     params: Vec<Tensor>,
     numel: usize,
-    /// The gradients, then this rank's image count, stop flag, non-finite flag and summed loss.
+    /// The gradients, then this rank's image count, stop flag, non-finite flag, summed loss and
+    /// verdict of `train.overlap = "auto"`.
     send: Tensor,
     /// The sums over all ranks, same layout.
     recv: Tensor,
@@ -58,6 +60,10 @@ pub struct GradSync {
     images: usize,
     /// The gradients as bfloat16 on their way (`exchange = bf16`): sent and summed.
     half: Option<(Vec<u16>, Vec<u16>)>,
+    /// `train.overlap = "auto"`: the trial that decides whether the hooks start buckets.
+    auto: Option<AutoOverlap>,
+    /// The hooks start this step's buckets (set by `begin`, the same on every rank).
+    active: bool,
 }
 
 /// A bucket of the exchange: parameters `params` (indices, in the order backward completes
@@ -322,6 +328,10 @@ pub struct Synced {
     /// Of the exchange's time, how long this rank waited for the others to arrive (the exchange
     /// after backward only: with overlap no rank waits apart from the sums themselves).
     pub wait: std::time::Duration,
+    /// This step's buckets could start during backward (the hooks were armed).
+    pub overlapped: bool,
+    /// `train.overlap = "auto"` chose its way at this step: the line that says so.
+    pub chose: Option<String>,
     /// Buckets whose sum started during backward, of `buckets`.
     pub early: usize,
     pub buckets: usize,
@@ -368,6 +378,8 @@ impl GradSync {
             hooks: None,
             images: 0,
             half: (exchange == Exchange::Bf16 && dist.size() > 1).then(|| (vec![0u16; numel], vec![0u16; numel])),
+            auto: None,
+            active: false,
         };
         if sync.bound {
             sync.bind();
@@ -379,9 +391,24 @@ impl GradSync {
         Ok(sync)
     }
 
-    /// Buckets start during backward.
+    /// Buckets start during backward (in some steps with `auto_overlap`).
     pub fn overlaps(&self) -> bool {
         self.hooks.is_some()
+    }
+
+    /// `train.overlap = "auto"`: from now on, a trial over the first steps (the same on every
+    /// rank) chooses between starting buckets during backward and after it. Nothing to choose
+    /// where no hooks are installed (one rank, not CPU f32): returns false.
+    pub fn auto_overlap(&mut self, dist: &Dist) -> bool {
+        if self.hooks.is_some() {
+            self.auto = Some(AutoOverlap::new(dist.rank() == 0));
+        }
+        self.auto.is_some()
+    }
+
+    /// `train.overlap = "auto"` is choosing or has chosen the way of the steps.
+    pub fn auto(&self) -> bool {
+        self.auto.is_some()
     }
 
     /// A progress thread moves the sums in flight.
@@ -467,9 +494,19 @@ impl GradSync {
         send[p + 1] = f32::from(u8::from(stop));
         send[p + 2] = f32::from(u8::from(bad));
         send[p + 3] = if images == 0 { 0.0 } else { loss as f32 };
+        send[p + 4] = match self.auto.as_mut() {
+            Some(a) => {
+                a.began();
+                a.verdict()
+            }
+            None => auto_overlap::NONE,
+        };
         self.images = images;
         drop(launch);
-        if self.hooks.is_some() && images > 0 && dist.size() > 1 {
+        // The same on every rank: the hooks are installed on all or none (the same parameters
+        // and device), and the trial's schedule depends only on the step count.
+        self.active = self.hooks.is_some() && self.auto.as_ref().is_none_or(AutoOverlap::overlap_now);
+        if self.active && images > 0 && dist.size() > 1 {
             let armed = self.armed(dist);
             self.launch.borrow_mut().armed = Some(armed);
         }
@@ -506,10 +543,10 @@ impl GradSync {
         let tensor = if dist.size() == 1 {
             &self.send
         } else {
-            if self.hooks.is_none() {
+            if !self.active {
                 // No bucket started during backward: every rank arrives first (waiting ones sleep).
-                // (With hooks, a rank without images starts all buckets here while the others have
-                // started some already, so there is no barrier: the collectives must match.)
+                // (With hooks armed, a rank without images starts all buckets here while the others
+                // have started some already, so there is no barrier: the collectives must match.)
                 let t = std::time::Instant::now();
                 dist.barrier();
                 wait = t.elapsed();
@@ -530,6 +567,8 @@ impl GradSync {
         // The sum is the same on every rank, so every rank decides alike. One read of the buffer.
         let grad_finite = all_finite(&sums[..p]);
         let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
+        let verdict = sums[p + 4];
+        let chose = self.auto.as_mut().and_then(|a| a.finished(self.active, verdict));
         Synced {
             grad: tensor.narrow(0, 0, p as i64),
             scale,
@@ -538,6 +577,8 @@ impl GradSync {
             non_finite: sums[p + 2] > 0.0 || !grad_finite,
             loss: f64::from(sums[p + 3]),
             wait,
+            overlapped: self.active,
+            chose,
             early: launch.early,
             buckets: launch.buckets.len(),
         }
@@ -559,8 +600,8 @@ pub(crate) fn all_finite(v: &[f32]) -> bool {
 }
 
 /// Numbers after the gradients in the exchange buffer: image count, stop flag, non-finite flag,
-/// summed loss.
-const EXTRAS: usize = 4;
+/// summed loss, and rank 0's verdict of `train.overlap = "auto"` (0 from the other ranks).
+const EXTRAS: usize = 5;
 
 /// Flattens tensors into one f32 vector on the CPU.
 pub(crate) fn flatten(ts: &[Tensor]) -> Vec<f32> {

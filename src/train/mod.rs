@@ -32,6 +32,7 @@ use schedule::Schedule;
 use shard::{batch_bounds, distribute, epoch_order, steps_per_epoch, weighted_order};
 
 pub mod augment;
+pub mod auto_overlap;
 pub mod ema;
 pub mod epoch;
 pub mod exchange;
@@ -218,6 +219,14 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
                 ""
             }
         );
+        if stepper.sync.auto() {
+            info!(
+                "train.overlap = \"auto\": steps {}-{} take turns with and without overlap; rank 0 keeps the faster \
+                 way for the rest of the run",
+                auto_overlap::WARMUP + 1,
+                auto_overlap::WARMUP + 2 * auto_overlap::TRIAL
+            );
+        }
     }
     stepper.ema = ema;
     stepper.mix = mix::Mix::new(&cfg.augment, k);
@@ -260,7 +269,16 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             reporter.as_mut(),
             traced_from,
         )?;
-        let EpochSteps { loss_sum, seen, skipped, nonfinite_steps, clipped_steps, early_buckets, times } = done;
+        let EpochSteps {
+            loss_sum,
+            seen,
+            skipped,
+            nonfinite_steps,
+            clipped_steps,
+            early_buckets,
+            overlapped_steps,
+            times,
+        } = done;
         let train_seconds = t_epoch.elapsed().as_secs_f64();
         let train_loss = dist.sum_f64(loss_sum) / seen.max(1.0);
         let skipped_all = dist.sum_f64(skipped as f64) as u64;
@@ -336,11 +354,18 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         }
         if epoch == first_epoch {
             log_cache(dist, budget, &[&train_loader, &test_loader], shard.total_train + shard.total_test);
-            if stepper.sync.overlaps() {
+            if stepper.sync.overlaps() && overlapped_steps > 0 {
+                let some = if (overlapped_steps as usize) < steps {
+                    format!(
+                        ", counting the {overlapped_steps} of {steps} steps that overlapped (train.overlap = \"auto\")"
+                    )
+                } else {
+                    String::new()
+                };
                 info!(
                     "epoch {epoch}: rank 0 started {:.1} of its {} gradient buckets per step during backward (the \
-                     rest after it: the exposed exchange is the allreduce share above)",
-                    early_buckets as f64 / steps.max(1) as f64,
+                     rest after it: the exposed exchange is the allreduce share above{some})",
+                    early_buckets as f64 / overlapped_steps as f64,
                     stepper.sync.buckets().len()
                 );
             }
