@@ -357,7 +357,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             if stepper.sync.overlaps() && overlapped_steps > 0 {
                 let some = if (overlapped_steps as usize) < steps {
                     format!(
-                        ", counting the {overlapped_steps} of {steps} steps that overlapped (train.overlap = \"auto\")"
+                        "; counted over the {overlapped_steps} of {steps} steps that overlapped under train.overlap = \"auto\""
                     )
                 } else {
                     String::new()
