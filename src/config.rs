@@ -352,16 +352,6 @@ impl Overlap {
     }
 }
 
-impl fmt::Display for Overlap {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Overlap::On => "true",
-            Overlap::Off => "false",
-            Overlap::Auto => "\"auto\"",
-        })
-    }
-}
-
 impl Serialize for Overlap {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         match self {

@@ -18,6 +18,8 @@ use std::time::Instant;
 pub const WARMUP: usize = 2;
 /// Steps of each way in the trial, alternating (so the machine's drift hits both alike).
 pub const TRIAL: usize = 4;
+/// The trial's steps (0-based step counts): after the warm-up, `TRIAL` of each way.
+pub const TRIAL_STEPS: std::ops::Range<usize> = WARMUP..WARMUP + 2 * TRIAL;
 /// The exchange after backward is kept only if it is at least this much faster (a tie keeps
 /// overlap, which hides more where a node has cores to spare).
 pub const MARGIN: f64 = 0.02;
@@ -77,7 +79,7 @@ impl AutoOverlap {
     pub fn finished(&mut self, overlapped: bool, sum: f32) -> Option<String> {
         if let Some(began) = self.began.take() {
             // Trial steps are timed, from backward to the end of the exchange; the warm-up is not.
-            if self.chosen.is_none() && (WARMUP..WARMUP + 2 * TRIAL).contains(&self.steps) {
+            if self.chosen.is_none() && TRIAL_STEPS.contains(&self.steps) {
                 let t = began.elapsed().as_secs_f64();
                 if overlapped {
                     self.with.push(t);
@@ -105,17 +107,12 @@ impl AutoOverlap {
             format!("train.overlap = \"auto\": the exchange runs {way} from now on (rank 0's trial)")
         })
     }
-
-    /// The way chosen, if the trial is over.
-    pub fn chosen(&self) -> Option<bool> {
-        self.chosen
-    }
 }
 
 /// The trial's schedule: overlap while warming up and after the trial (until the verdict
 /// arrives); in between, with and without by turns.
 fn trial_way(step: usize) -> bool {
-    !(WARMUP..WARMUP + 2 * TRIAL).contains(&step) || (step - WARMUP) % 2 == 0
+    !TRIAL_STEPS.contains(&step) || (step - TRIAL_STEPS.start) % 2 == 0
 }
 
 /// Overlap unless the exchange after backward was faster by more than `MARGIN` (medians).
@@ -143,9 +140,9 @@ mod tests {
 
     #[test]
     fn the_schedule_warms_up_with_overlap_then_alternates_then_waits_with_overlap() {
-        let ways: Vec<bool> = (0..WARMUP + 2 * TRIAL + 2).map(trial_way).collect();
+        let ways: Vec<bool> = (0..TRIAL_STEPS.end + 2).map(trial_way).collect();
         assert_eq!(ways, [true, true, true, false, true, false, true, false, true, false, true, true]);
-        assert_eq!(ways[WARMUP..WARMUP + 2 * TRIAL].iter().filter(|&&w| w).count(), TRIAL);
+        assert_eq!(ways[TRIAL_STEPS].iter().filter(|&&w| w).count(), TRIAL);
     }
 
     #[test]
@@ -171,7 +168,7 @@ mod tests {
             other.began();
             ways.push(way);
             // Steps without overlap are made slower, so rank 0 has a clear case... for overlap.
-            if !way && (WARMUP..WARMUP + 2 * TRIAL).contains(&step) {
+            if !way && TRIAL_STEPS.contains(&step) {
                 std::thread::sleep(std::time::Duration::from_millis(4));
             }
             assert_eq!(other.verdict(), NONE);
@@ -181,12 +178,12 @@ mod tests {
             }
             other.finished(way, sum);
         }
-        let decided = WARMUP + 2 * TRIAL;
+        let decided = TRIAL_STEPS.end;
         assert_eq!(logs.len(), 1, "{logs:?}");
         assert_eq!(logs[0].0, decided, "the verdict rides in the first step after the trial");
         assert!(logs[0].1.contains("with overlap from now on"), "{}", logs[0].1);
-        assert_eq!(root.chosen(), Some(true));
-        assert_eq!(other.chosen(), Some(true));
+        assert_eq!(root.chosen, Some(true));
+        assert_eq!(other.chosen, Some(true));
         assert!(ways[decided..].iter().all(|&w| w));
     }
 
@@ -195,7 +192,7 @@ mod tests {
         let mut a = AutoOverlap::new(true);
         a.with = vec![1.5; TRIAL];
         a.without = vec![1.3; TRIAL];
-        a.steps = WARMUP + 2 * TRIAL;
+        a.steps = TRIAL_STEPS.end;
         let v = a.verdict();
         assert_eq!(v, AFTER);
         let line = a.finished(true, v).expect("a verdict");

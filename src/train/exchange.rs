@@ -398,12 +398,11 @@ impl GradSync {
 
     /// `train.overlap = "auto"`: from now on, a trial over the first steps (the same on every
     /// rank) chooses between starting buckets during backward and after it. Nothing to choose
-    /// where no hooks are installed (one rank, not CPU f32): returns false.
-    pub fn auto_overlap(&mut self, dist: &Dist) -> bool {
+    /// where no hooks are installed (one rank, not CPU f32).
+    pub fn auto_overlap(&mut self, dist: &Dist) {
         if self.hooks.is_some() {
             self.auto = Some(AutoOverlap::new(dist.rank() == 0));
         }
-        self.auto.is_some()
     }
 
     /// `train.overlap = "auto"` is choosing or has chosen the way of the steps.

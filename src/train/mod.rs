@@ -223,8 +223,8 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             info!(
                 "train.overlap = \"auto\": steps {}-{} take turns with and without overlap; rank 0 keeps the faster \
                  way for the rest of the run",
-                auto_overlap::WARMUP + 1,
-                auto_overlap::WARMUP + 2 * auto_overlap::TRIAL
+                auto_overlap::TRIAL_STEPS.start + 1,
+                auto_overlap::TRIAL_STEPS.end
             );
         }
     }
