@@ -82,6 +82,22 @@ def fmt(values, digits=1):
     return f"{m:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
 
 
+def sac_f32(overlap):
+    """sac with the f32 exchange, overlap fixed on or off (not "auto")."""
+    return lambda r: (r["what"] == "sac" and r["overlap"] == overlap and not r.get("auto")
+                      and r.get("exchange", "f32") == "f32")
+
+
+def ddp(compress="none"):
+    """PyTorch DDP, its gradients sent as they are or through a compression hook."""
+    return lambda r: r["what"] == "train" and r.get("impl") == "ddp" and r.get("compress", "none") == compress
+
+
+def by_round(rows, profile, pred):
+    """The runs of one contender on one profile, by round (the runs of a round are back to back)."""
+    return {r["round"]: r for r in rows if r.get("profile") == profile and pred(r)}
+
+
 def table(a):
     rows = [json.loads(l) for l in open(a.results) if l.strip()]
     links = {r["profile"]: r for r in rows if r["what"] == "link"}
@@ -100,21 +116,16 @@ def table(a):
       "exchange left after backward, ms/step (overlap / after) | left ÷ after | scaling efficiency (overlap) |")
     w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in profiles:
-        def runs(pred):
-            return [r for r in rows if r.get("profile") == p and pred(r)]
-        on = runs(lambda r: r["what"] == "sac" and r["overlap"] and not r.get("auto") and r.get("exchange", "f32") == "f32")
-        off = runs(lambda r: r["what"] == "sac" and not r["overlap"] and r.get("exchange", "f32") == "f32")
-        ddp = runs(lambda r: r["what"] == "train" and r.get("impl") == "ddp" and r.get("compress", "none") == "none")
-        # Ratios per round (the runs of a round are back to back), then their median.
-        by_round = lambda rs: {r["round"]: r for r in rs}
-        on_r, off_r, ddp_r = by_round(on), by_round(off), by_round(ddp)
+        # Ratios per round, then their median.
+        on_r, off_r, ddp_r = (by_round(rows, p, pred) for pred in (sac_f32(True), sac_f32(False), ddp()))
+        on, off, base = list(on_r.values()), list(off_r.values()), list(ddp_r.values())
         vs_ddp = [on_r[k]["images_per_second"] / ddp_r[k]["images_per_second"] for k in on_r if k in ddp_r]
         vs_off = [on_r[k]["images_per_second"] / off_r[k]["images_per_second"] for k in on_r if k in off_r]
         left = [on_r[k]["exposed_exchange_ms"] / off_r[k]["exposed_exchange_ms"] for k in on_r if k in off_r]
         eff = [r["images_per_second"] / (r["ranks"] * limit) for r in on] if limit else []
         exposed = f"{fmt([r['exposed_exchange_ms'] for r in on], 0)} / {fmt([r['exposed_exchange_ms'] for r in off], 0)}"
         w(f"| {p} | {fmt([r['images_per_second'] for r in on])} | {fmt([r['images_per_second'] for r in off])} | "
-          f"{fmt([r['images_per_second'] for r in ddp])} | {fmt(vs_ddp, 2)}× | {fmt(vs_off, 2)}× | {exposed} | "
+          f"{fmt([r['images_per_second'] for r in base])} | {fmt(vs_ddp, 2)}× | {fmt(vs_off, 2)}× | {exposed} | "
           f"{fmt([100 * x for x in left], 0)} % | {fmt([100 * x for x in eff], 0)} % |")
     w("")
     auto_profiles = [p for p in profiles if any(r["what"] == "sac" and r.get("auto") and r.get("profile") == p for r in rows)]
@@ -123,13 +134,10 @@ def table(a):
         w("| link | sac, auto | way chosen per round | auto ÷ DDP | auto ÷ faster of overlap and after |")
         w("|---|---:|---|---:|---:|")
         for p in auto_profiles:
-            by_round = lambda pred: {r["round"]: r for r in rows if r.get("profile") == p and pred(r)}
-            auto = by_round(lambda r: r["what"] == "sac" and r.get("auto"))
-            on = by_round(lambda r: r["what"] == "sac" and r["overlap"] and not r.get("auto") and r.get("exchange", "f32") == "f32")
-            off = by_round(lambda r: r["what"] == "sac" and not r["overlap"] and r.get("exchange", "f32") == "f32")
-            ddp = by_round(lambda r: r["what"] == "train" and r.get("impl") == "ddp" and r.get("compress", "none") == "none")
+            auto = by_round(rows, p, lambda r: r["what"] == "sac" and r.get("auto"))
+            on, off, base = (by_round(rows, p, pred) for pred in (sac_f32(True), sac_f32(False), ddp()))
             ips = lambda d, k: d[k]["images_per_second"]
-            vs_ddp = [ips(auto, k) / ips(ddp, k) for k in auto if k in ddp]
+            vs_ddp = [ips(auto, k) / ips(base, k) for k in auto if k in base]
             vs_best = [ips(auto, k) / max(ips(on, k), ips(off, k)) for k in auto if k in on and k in off]
             chose = ", ".join(str(auto[k].get("chose")) for k in sorted(auto))
             w(f"| {p} | {fmt([r['images_per_second'] for r in auto.values()])} | {chose} | {fmt(vs_ddp, 2)}× | "
@@ -144,17 +152,12 @@ def table(a):
           "sac bf16 ÷ sac f32 (overlap) | exchange left after backward, ms/step (bf16 / f32 after) | left ÷ f32 after |")
         w("|---|---:|---:|---:|---:|---:|---:|---:|")
         for p in half_profiles:
-            def runs(pred):
-                return {r["round"]: r for r in rows if r.get("profile") == p and pred(r)}
-            half = runs(lambda r: r["what"] == "sac" and r["overlap"] and r.get("exchange") == "bf16")
-            on = runs(lambda r: r["what"] == "sac" and r["overlap"] and not r.get("auto") and r.get("exchange", "f32") == "f32")
-            off = runs(lambda r: r["what"] == "sac" and not r["overlap"] and r.get("exchange", "f32") == "f32")
-            ddp = runs(lambda r: r["what"] == "train" and r.get("impl") == "ddp" and r.get("compress", "none") == "none")
-            dhalf = runs(lambda r: r["what"] == "train" and r.get("impl") == "ddp" and r.get("compress") == "bf16")
+            half = by_round(rows, p, lambda r: r["what"] == "sac" and r["overlap"] and r.get("exchange") == "bf16")
+            on, off, base, dhalf = (by_round(rows, p, pred) for pred in (sac_f32(True), sac_f32(False), ddp(), ddp("bf16")))
             ips = lambda d: [r["images_per_second"] for r in d.values()]
             ratio = lambda a, b: [a[k]["images_per_second"] / b[k]["images_per_second"] for k in a if k in b]
             left = [half[k]["exposed_exchange_ms"] / off[k]["exposed_exchange_ms"] for k in half if k in off]
-            w(f"| {p} | {fmt(ips(half))} | {fmt(ips(dhalf))} | {fmt(ratio(half, dhalf), 2)}× | {fmt(ratio(half, ddp), 2)}× | "
+            w(f"| {p} | {fmt(ips(half))} | {fmt(ips(dhalf))} | {fmt(ratio(half, dhalf), 2)}× | {fmt(ratio(half, base), 2)}× | "
               f"{fmt(ratio(half, on), 2)}× | {fmt([r['exposed_exchange_ms'] for r in half.values()], 0)} / "
               f"{fmt([r['exposed_exchange_ms'] for r in off.values()], 0)} | {fmt([100 * x for x in left], 0)} % |")
         w("")
@@ -167,8 +170,7 @@ def table(a):
         host = max(l["bandwidth_gbps"] for l in links.values())
         for p, l in links.items():
             t = 1e3 * ring_seconds(l["floats"], l["ranks"], l["latency_us"] * 1e-6, l["bandwidth_gbps"], l["buckets"], host)
-            off = [r for r in rows if r["what"] == "sac" and r.get("profile") == p and not r["overlap"]
-                   and r.get("exchange", "f32") == "f32"]
+            off = list(by_round(rows, p, sac_f32(False)).values())
             waits = [r["exchange_wait_ms"] for r in off if "exchange_wait_ms" in r]
             # Runs of sac before exchange_wait was measured: the whole exchange, wait included.
             moving = [r["exposed_exchange_ms"] - r.get("exchange_wait_ms", 0.0) for r in off]
