@@ -2,7 +2,7 @@
 # Installs what sac needs and skips what is already there. Safe to run again.
 #   - Debian packages: MPICH (+ libclang for rsmpi's bindgen), libjpeg-turbo's TurboJPEG, Fashion-MNIST,
 #     pkg-config; iproute2 and util-linux for the emulated cluster of tests/multinode
-#   - .venv/ with torch==2.13.0 (libtorch for tch) and the test/benchmark Python packages
+#   - .venv/ with torch==2.11.0 (libtorch for tch 0.24; the CUDA 13.0 wheel) and the test/benchmark Python packages
 # Set SAC_SKIP_APT=1 on a machine where you cannot use apt (a cluster): then provide MPI yourself.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

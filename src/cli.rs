@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Arch, Sample, Split};
+use crate::config::{Arch, DeviceKind, Sample, Split};
 
 /// Train and evaluate CNN image classifiers with libtorch, in parallel over MPI.
 ///
@@ -86,6 +86,10 @@ pub struct MpiCheckArgs {
     /// Timed exchanges of each kind (0: skip the timing).
     #[arg(long, default_value_t = 10)]
     pub reps: usize,
+    /// Where the models and their gradients live: cuda puts each rank on GPU local rank mod GPU
+    /// count, as `train.device = "cuda"` does (the sums still pass through host memory).
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
 }
 
 #[derive(Debug, Args)]

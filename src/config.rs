@@ -9,6 +9,8 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use crate::precision::{ChannelsLast, Precision};
+
 pub use crate::models::Arch;
 
 /// The whole config file. Every section and key is optional; missing ones take the defaults.
@@ -389,7 +391,7 @@ pub enum LrScaling {
     Linear,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     Cpu,
@@ -542,11 +544,20 @@ pub struct TrainCfg {
     /// The number format gradients cross the network in (more than one rank).
     pub exchange: Exchange,
     pub validate: bool,
+    /// Where training runs (and `evaluate`'s predictors): "cpu", "cuda" (GPU local rank mod GPU
+    /// count) or "auto" (cuda when libtorch sees a GPU).
     pub device: DeviceKind,
+    /// The model's arithmetic: "f32", "bf16" (autocast) or "auto" (bf16 where the device has it).
+    pub precision: Precision,
+    /// Batches in channels-last memory format: true, false, or "auto" (on GPUs).
+    pub channels_last: ChannelsLast,
     pub threads: usize,
     pub cache: Cache,
     /// Batches a loader thread prepares ahead of the step that uses them; 0: no loader thread.
     pub prefetch: usize,
+    /// Threads that decode a batch's images; 0: the rank's share of its node's cores on a GPU,
+    /// 1 on the CPU (where torch's threads take those cores).
+    pub loader_threads: usize,
     pub on_bad_image: OnBadImage,
     pub on_nonfinite: OnNonFinite,
     /// Seconds a rank waits for its peers before it logs which have not arrived (train and evaluate).
@@ -584,9 +595,12 @@ impl Default for TrainCfg {
             exchange: Exchange::F32,
             validate: true,
             device: DeviceKind::Cpu,
+            precision: Precision::F32,
+            channels_last: ChannelsLast::Auto,
             threads: 0,
             cache: Cache::Auto,
             prefetch: 2,
+            loader_threads: 0,
             on_bad_image: OnBadImage::Skip,
             on_nonfinite: OnNonFinite::Fail,
             stall_warn: 60.0,
@@ -637,11 +651,22 @@ pub struct EvaluateCfg {
     /// Evaluate the exponential moving average of the weights that training kept
     /// (`train.ema_decay`) instead of the weights themselves.
     pub ema: bool,
+    /// The predictors' arithmetic: "f32", "bf16" (autocast) or "auto" (bf16 where the device has it).
+    pub precision: Precision,
+    /// Batches in channels-last memory format: true, false, or "auto" (on GPUs).
+    pub channels_last: ChannelsLast,
 }
 
 impl Default for EvaluateCfg {
     fn default() -> Self {
-        Self { batch_size: 32, decode_threads: 0, checkpoint: PathBuf::new(), ema: false }
+        Self {
+            batch_size: 32,
+            decode_threads: 0,
+            checkpoint: PathBuf::new(),
+            ema: false,
+            precision: Precision::F32,
+            channels_last: ChannelsLast::Auto,
+        }
     }
 }
 
@@ -1028,6 +1053,24 @@ mod tests {
         let msg = format!("{err:#}");
         assert!(msg.contains("learning_rate"), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn precision_is_f32_bf16_or_auto_for_train_and_evaluate_and_a_bad_one_is_named() {
+        let c = parse_with_sets("", &[]).unwrap();
+        assert_eq!((c.train.precision, c.evaluate.precision), (Precision::F32, Precision::F32));
+        assert_eq!(c.train.channels_last, ChannelsLast::Auto);
+        let c = parse_with_sets(
+            "[train]\nprecision = \"bf16\"\nchannels_last = false\n[evaluate]\nprecision = \"auto\"\n",
+            &["evaluate.channels_last=true".into()],
+        )
+        .unwrap();
+        assert_eq!((c.train.precision, c.train.channels_last), (Precision::Bf16, ChannelsLast::Off));
+        assert_eq!((c.evaluate.precision, c.evaluate.channels_last), (Precision::Auto, ChannelsLast::On));
+        let c = parse_with_sets("", &["train.precision=\"auto\"".into()]).unwrap();
+        assert_eq!(c.train.precision, Precision::Auto);
+        let msg = format!("{:#}", parse_with_sets("[train]\nprecision = \"fp16\"\n", &[]).unwrap_err());
+        assert!(msg.contains("precision") && msg.contains("fp16") && msg.contains("bf16"), "{msg}");
     }
 
     #[test]

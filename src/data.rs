@@ -399,17 +399,35 @@ impl ImageStore {
 
     /// Image `index` (its position in the rank's shard) at `rel`.
     pub fn get(&mut self, index: usize, rel: &str) -> Result<Rgb> {
-        if let Some(Some(img)) = self.cache.get(index) {
-            return Ok(img.clone());
-        }
-        let img = self.load(rel)?;
-        let size = img.px.len() as u64;
-        if index < self.cache.len() && self.used + size <= self.budget {
-            self.used += size;
-            self.held += 1;
-            self.cache[index] = Some(img.clone());
+        let (img, decoded) = self.fetch(index, rel)?;
+        if decoded {
+            self.keep(index, img.clone());
         }
         Ok(img)
+    }
+
+    /// Image `index` from the cache, or decoded from `rel` without keeping it (several threads may
+    /// fetch at once; `keep` then caches, in one thread): the image, and whether it was decoded.
+    pub fn fetch(&self, index: usize, rel: &str) -> Result<(Rgb, bool)> {
+        if let Some(Some(img)) = self.cache.get(index) {
+            return Ok((img.clone(), false));
+        }
+        Ok((self.load(rel)?, true))
+    }
+
+    /// Whether the cache may still take a decoded image (its budget is not spent).
+    pub fn has_room(&self) -> bool {
+        !self.cache.is_empty() && self.used < self.budget
+    }
+
+    /// Keeps the decoded image `index` if the cache does not hold it yet and its budget allows.
+    pub fn keep(&mut self, index: usize, img: Rgb) {
+        let size = img.px.len() as u64;
+        if index < self.cache.len() && self.cache[index].is_none() && self.used + size <= self.budget {
+            self.used += size;
+            self.held += 1;
+            self.cache[index] = Some(img);
+        }
     }
 }
 

@@ -17,6 +17,7 @@ pub mod logging;
 pub mod models;
 pub mod mpicheck;
 pub mod plot;
+pub mod precision;
 pub mod process;
 pub mod record;
 pub mod timeline;
@@ -79,7 +80,7 @@ fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
     if let Command::MpiCheck(a) = &cli.command {
         logging::init(dist.rank(), dist.size(), cli.global.verbose, cli.global.quiet, None)?;
         *logging = true;
-        return mpicheck::run(dist, a.batch, a.model, a.classes, a.reps);
+        return mpicheck::run(dist, a.batch, a.model, a.classes, a.reps, a.device);
     }
     let flags = match &cli.command {
         Command::CreateDataset(a) => {

@@ -1,13 +1,14 @@
-//! The seven architectures behind one enum and one `build` function. Variables are named as in
+//! The eight architectures (the original script's seven and resnet50, the model GPU benchmarks
+//! quote) behind one enum and one `build` function. Variables are named as in
 //! torchvision's `state_dict()`, so weights interchange with PyTorch (see `checkpoint`).
 //!
-//! resnet18/34, squeezenet1_0 and inception_v3 come from tch's vision module, which follows
+//! resnet18/34/50, squeezenet1_0 and inception_v3 come from tch's vision module, which follows
 //! torchvision. alexnet, vgg11_bn and densenet121 are built here: tch's vgg and densenet end in
 //! fixed-size layers (a 512*7*7 linear layer straight after the features, a 7x7 average pool) that
 //! only fit 224x224 inputs where torchvision pools adaptively, and tch's alexnet gives its second
 //! convolution padding 1 and stride 2 where torchvision has padding 2 and stride 1 (the weights have
 //! the same shapes, so only the logits would tell). Beware of tch's `avg_pool2d_default`, which
-//! passes a divisor override of 1 and so sums instead of averaging. tests/torchvision_interop.rs holds all seven to
+//! passes a divisor override of 1 and so sums instead of averaging. tests/torchvision_interop.rs holds all eight to
 //! torchvision's logits.
 use std::collections::BTreeMap;
 use std::fmt;
@@ -24,6 +25,8 @@ pub enum Arch {
     Resnet18,
     /// torchvision resnet34
     Resnet34,
+    /// torchvision resnet50 (bottleneck blocks, stride in the 3x3 convolution: torchvision's v1.5)
+    Resnet50,
     /// torchvision alexnet
     Alexnet,
     /// torchvision vgg11_bn
@@ -37,13 +40,22 @@ pub enum Arch {
 }
 
 impl Arch {
-    pub const ALL: [Arch; 7] =
-        [Arch::Resnet18, Arch::Resnet34, Arch::Alexnet, Arch::Vgg, Arch::Squeezenet, Arch::Densenet, Arch::Inception];
+    pub const ALL: [Arch; 8] = [
+        Arch::Resnet18,
+        Arch::Resnet34,
+        Arch::Resnet50,
+        Arch::Alexnet,
+        Arch::Vgg,
+        Arch::Squeezenet,
+        Arch::Densenet,
+        Arch::Inception,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Arch::Resnet18 => "resnet18",
             Arch::Resnet34 => "resnet34",
+            Arch::Resnet50 => "resnet50",
             Arch::Alexnet => "alexnet",
             Arch::Vgg => "vgg",
             Arch::Squeezenet => "squeezenet",
@@ -64,7 +76,7 @@ impl fmt::Display for Arch {
 /// config's floor of 8.
 pub fn min_input_size(arch: Arch) -> (u32, u32) {
     match arch {
-        Arch::Resnet18 | Arch::Resnet34 => (8, 8),
+        Arch::Resnet18 | Arch::Resnet34 | Arch::Resnet50 => (8, 8),
         Arch::Squeezenet => (21, 21),
         Arch::Densenet => (29, 29),
         Arch::Vgg => (32, 32),
@@ -77,7 +89,7 @@ pub fn min_input_size(arch: Arch) -> (u32, u32) {
 /// when a pretrained file has another class count).
 pub fn head_prefix(arch: Arch) -> &'static str {
     match arch {
-        Arch::Resnet18 | Arch::Resnet34 | Arch::Inception => "fc.",
+        Arch::Resnet18 | Arch::Resnet34 | Arch::Resnet50 | Arch::Inception => "fc.",
         Arch::Alexnet | Arch::Vgg => "classifier.6.",
         Arch::Squeezenet => "classifier.1.",
         Arch::Densenet => "classifier.",
@@ -90,6 +102,7 @@ pub fn build(p: &nn::Path, arch: Arch, classes: i64) -> Box<dyn ModuleT> {
     match arch {
         Arch::Resnet18 => Box::new(vision::resnet::resnet18(p, classes)),
         Arch::Resnet34 => Box::new(vision::resnet::resnet34(p, classes)),
+        Arch::Resnet50 => Box::new(vision::resnet::resnet50(p, classes)),
         Arch::Alexnet => Box::new(alexnet(p, classes)),
         Arch::Vgg => Box::new(vgg11_bn(p, classes)),
         Arch::Squeezenet => Box::new(vision::squeezenet::v1_0(p, classes)),
@@ -168,7 +181,7 @@ fn torch_default(role: Role) -> Option<Init> {
     }
 }
 
-/// How torchvision 0.28's constructor initialises the variable `name` of `arch` (None: left as
+/// How torchvision's constructor (0.26 to 0.28) initialises the variable `name` of `arch` (None: left as
 /// built, for buffers). Rules from torchvision's models: resnet.py, vgg.py, squeezenet.py,
 /// densenet.py and inception.py set them in a loop over the modules after building; alexnet.py
 /// keeps torch's defaults.
@@ -179,7 +192,9 @@ fn torchvision_init(arch: Arch, name: &str, role: Role) -> Option<Init> {
         (_, Role::Buffer) => None,
         (Arch::Alexnet, r) => torch_default(r),
         // kaiming_normal_(mode="fan_out", nonlinearity="relu"); batch norm 1 and 0; fc as torch.
-        (Arch::Resnet18 | Arch::Resnet34, Role::ConvWeight { fan_out, .. }) => Some(kaiming_normal(fan_out)),
+        (Arch::Resnet18 | Arch::Resnet34 | Arch::Resnet50, Role::ConvWeight { fan_out, .. }) => {
+            Some(kaiming_normal(fan_out))
+        }
         // The same for the convolutions (with bias 0); linear layers N(0, 0.01) with bias 0.
         (Arch::Vgg, Role::ConvWeight { fan_out, .. }) => Some(kaiming_normal(fan_out)),
         (Arch::Vgg, Role::ConvBias { .. } | Role::LinearBias { .. }) => Some(Init::Const(0.0)),

@@ -11,6 +11,10 @@
 //!    parameter tensor (what the original script did), sac's buckets sent as bfloat16, and how
 //!    long the fused Adam step over the same parameters takes on one thread and on the rank's
 //!    share of the node's cores.
+//!
+//! With `--device cuda` the models live on each rank's GPU (local rank mod GPU count), as in
+//! training there: the gradients leave the GPU in one copy, MPI sums them in host memory, and the
+//! timing counts both copies; the optimizer step is the GPU's whole-buffer step.
 //! 3. Where the ranks run and what links them: every rank's host, its rank on the node and its
 //!    thread count; the MPI library; and, measured, the latency and bandwidth from rank 0 to a
 //!    rank on its own node and to one on another node. On a cluster the second pair shows the
@@ -37,6 +41,13 @@ pub const BF16_TOLERANCE: f64 = 2e-2;
 fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     let scale = b.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
     (a - b).abs().max().double_value(&[]) / scale
+}
+
+/// Waits for `device`'s queued work (a no-op on the CPU): host clocks then time what ran.
+fn settle(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
 }
 
 /// The flat gradient of the mean loss over `x`, computed in this process alone.
@@ -98,9 +109,9 @@ pub fn placement_and_links(dist: &Dist, measure: bool) {
 const LINK_BYTES: usize = 8 << 20;
 
 /// Part 1; returns the relative error of averaging with the exchange `format`.
-pub fn check_averaging(dist: &Dist, batch: usize, format: crate::config::Exchange) -> Result<f64> {
+pub fn check_averaging(dist: &Dist, batch: usize, format: crate::config::Exchange, device: Device) -> Result<f64> {
     tch::manual_seed(0);
-    let vs = nn::VarStore::new(Device::Cpu);
+    let vs = nn::VarStore::new(device);
     let root = vs.root();
     let net = nn::seq()
         .add(nn::linear(&root / "fc1", 20, 32, Default::default()))
@@ -110,19 +121,20 @@ pub fn check_averaging(dist: &Dist, batch: usize, format: crate::config::Exchang
     params.sort_by(|a, b| a.0.cmp(&b.0));
     let params: Vec<Tensor> = params.into_iter().map(|(_, t)| t).collect();
     // The same data on every rank (same seed); rank r takes rows r, r+N, ...
-    let x = Tensor::randn([batch as i64, 20], (Kind::Float, Device::Cpu));
-    let y = Tensor::randint(5, [batch as i64], (Kind::Int64, Device::Cpu));
+    // Drawn on the CPU, so every device gets the same numbers.
+    let x = Tensor::randn([batch as i64, 20], (Kind::Float, Device::Cpu)).to_device(device);
+    let y = Tensor::randint(5, [batch as i64], (Kind::Int64, Device::Cpu)).to_device(device);
     let mine: Vec<i64> = (dist.rank()..batch).step_by(dist.size()).map(|i| i as i64).collect();
     // As in training: the gradients live in the exchange buffer, of the summed loss of this rank's rows.
     let mut sync = GradSync::new(dist, &params, None, false, format)?;
     sync.zero_grads();
     if !mine.is_empty() {
-        let idx = Tensor::from_slice(&mine);
+        let idx = Tensor::from_slice(&mine).to_device(device);
         let loss = net.forward(&x.index_select(0, &idx)).cross_entropy_for_logits(&y.index_select(0, &idx));
         (loss * mine.len() as f64).backward();
     }
     let synced = sync.sync(dist, mine.len(), 0.0, false, false);
-    let averaged = &synced.grad * f64::from(synced.scale);
+    let averaged = synced.grad.to_device(device) * f64::from(synced.scale);
     if synced.images as usize != batch {
         bail!("the ranks' image counts add up to {}, not {batch}", synced.images);
     }
@@ -131,8 +143,8 @@ pub fn check_averaging(dist: &Dist, batch: usize, format: crate::config::Exchang
 }
 
 /// Part 2: how long exchanging the gradients of `arch` takes, each way.
-pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exchange {
-    let vs = nn::VarStore::new(Device::Cpu);
+pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize, device: Device) -> Exchange {
+    let vs = nn::VarStore::new(device);
     let _net = crate::models::build(&vs.root(), arch, classes);
     let mut named = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect::<Vec<_>>();
     named.sort_by(|a, b| a.0.cmp(&b.0));
@@ -147,18 +159,23 @@ pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize) -> Exch
                 let _ = p.grad().normal_(0.0, 1.0);
             }
         });
+        settle(device);
         dist.barrier();
         let t = Instant::now();
         for _ in 0..reps {
-            let _ = sync.sync(dist, 64, 0.0, false, false);
+            // As training: the sums go back to the parameters' device.
+            let _ = sync.sync(dist, 64, 0.0, false, false).grad.to_device(device);
+            settle(device);
         }
         (t.elapsed().as_secs_f64() * 1e3 / reps as f64, sync.buckets().len())
     };
     let (fused, buckets) = time_sync(crate::config::Exchange::F32);
     let (fused_bf16, _) = time_sync(crate::config::Exchange::Bf16);
     let mut scratch = Vec::new();
-    let mut bufs: Vec<Vec<f32>> =
-        params.iter().map(|p| Vec::<f32>::try_from(&p.grad().reshape([-1])).expect("float")).collect();
+    let mut bufs: Vec<Vec<f32>> = params
+        .iter()
+        .map(|p| Vec::<f32>::try_from(&p.grad().reshape([-1]).to_device(Device::Cpu)).expect("float"))
+        .collect();
     dist.barrier();
     let t = Instant::now();
     for _ in 0..reps {
@@ -195,34 +212,52 @@ pub struct Exchange {
     pub buckets: usize,
 }
 
-/// Milliseconds per fused Adam step over `numel` parameters, with `threads` threads.
-pub fn time_optimizer(numel: usize, threads: usize, reps: usize) -> f64 {
+/// Milliseconds per Adam step over `numel` parameters: on the CPU the fused step with `threads`
+/// threads, on a GPU the whole-buffer step training takes there.
+pub fn time_optimizer(numel: usize, threads: usize, reps: usize, device: Device) -> f64 {
     tch::set_num_threads(threads as i32);
-    let params = vec![("p".to_string(), Tensor::zeros([numel as i64], (Kind::Float, Device::Cpu)))];
-    let g = Tensor::ones([numel as i64], (Kind::Float, Device::Cpu));
+    let params = vec![("p".to_string(), Tensor::zeros([numel as i64], (Kind::Float, device)))];
+    let g = Tensor::ones([numel as i64], (Kind::Float, device));
     let mut opt = crate::train::optim::Optimizer::new(
         crate::config::OptimizerKind::Adam,
         1e-3,
         crate::train::optim::Hyper::default(),
         numel,
-        Device::Cpu,
+        device,
     );
+    if device.is_cuda() {
+        opt.bind_flat(&params);
+    }
     opt.apply(&g, 1.0, &params); // pages touched once before timing
+    settle(device);
     let t = Instant::now();
     for _ in 0..reps {
         opt.apply(&g, 1.0, &params);
     }
+    settle(device);
     t.elapsed().as_secs_f64() * 1e3 / reps as f64
 }
 
 /// The subcommand.
-pub fn run(dist: &Dist, batch: usize, arch: Arch, classes: i64, reps: usize) -> Result<()> {
+pub fn run(
+    dist: &Dist,
+    batch: usize,
+    arch: Arch,
+    classes: i64,
+    reps: usize,
+    device: crate::config::DeviceKind,
+) -> Result<()> {
     tch::set_num_threads(1);
-    let err = check_averaging(dist, batch, crate::config::Exchange::F32)?;
+    let device = crate::process::pick_device(device, dist.local_rank())?;
+    let on = match device {
+        Device::Cuda(_) => " on the ranks' GPUs (local rank mod GPU count; sums through host memory)".to_string(),
+        _ => String::new(),
+    };
+    let err = check_averaging(dist, batch, crate::config::Exchange::F32, device)?;
     let ok = dist.all_ok(err <= TOLERANCE);
     if dist.is_root() {
         println!(
-            "gradient averaging over {} rank(s), {batch} images: relative error {err:.2e} (limit {TOLERANCE:.0e}): {}",
+            "gradient averaging over {} rank(s), {batch} images{on}: relative error {err:.2e} (limit {TOLERANCE:.0e}): {}",
             dist.size(),
             if ok { "exact" } else { "WRONG" }
         );
@@ -231,7 +266,7 @@ pub fn run(dist: &Dist, batch: usize, arch: Arch, classes: i64, reps: usize) -> 
         bail!("gradient averaging is not exact on rank {} (relative error {err:.2e})", dist.rank());
     }
     if dist.size() > 1 {
-        let err = check_averaging(dist, batch, crate::config::Exchange::Bf16)?;
+        let err = check_averaging(dist, batch, crate::config::Exchange::Bf16, device)?;
         let ok = dist.all_ok(err <= BF16_TOLERANCE);
         if dist.is_root() {
             println!(
@@ -245,11 +280,11 @@ pub fn run(dist: &Dist, batch: usize, arch: Arch, classes: i64, reps: usize) -> 
     }
     placement_and_links(dist, reps > 0);
     if reps > 0 {
-        let x = time_exchange(dist, arch, classes, reps);
+        let x = time_exchange(dist, arch, classes, reps, device);
         if dist.is_root() {
             println!(
                 "{arch} with {classes} classes: gradients ({} tensors, {:.1} M floats, {} buckets of at most {:.1} M) \
-                 over {} rank(s), ms per step: fused {:.1} (allreduce alone {:.1}), one allreduce per tensor {:.1}, \
+                 over {} rank(s){on}, ms per step: fused {:.1} (allreduce alone {:.1}), one allreduce per tensor {:.1}, \
                  fused as bfloat16 {:.1}",
                 x.tensors,
                 x.numel as f64 / 1e6,
@@ -265,10 +300,17 @@ pub fn run(dist: &Dist, batch: usize, arch: Arch, classes: i64, reps: usize) -> 
         // Every rank steps its optimizer at once, as in training.
         let share = crate::process::set_threads(0, dist.cores_per_rank());
         dist.barrier();
-        let one = time_optimizer(x.numel, 1, reps);
+        let one = time_optimizer(x.numel, 1, reps, device);
         dist.barrier();
-        let many = if share > 1 { Some(time_optimizer(x.numel, share, reps)) } else { None };
-        if dist.is_root() {
+        let many =
+            if share > 1 && !device.is_cuda() { Some(time_optimizer(x.numel, share, reps, device)) } else { None };
+        if dist.is_root() && device.is_cuda() {
+            println!(
+                "Adam step on the GPU over the same {:.1} M parameters (all of them as one buffer), ms per step \
+                 (all ranks at once): {one:.2}",
+                x.numel as f64 / 1e6
+            );
+        } else if dist.is_root() {
             println!(
                 "fused Adam step over the same {:.1} M parameters, ms per step (all ranks at once): 1 thread {one:.1}{}",
                 x.numel as f64 / 1e6,

@@ -210,6 +210,8 @@ mod tests {
             nonfinite_steps: 0,
             lr: Some(4e-4),
             ema_top1: None,
+            precision: None,
+            device: None,
         }
     }
 

@@ -43,17 +43,36 @@ pub fn stop_requested() -> bool {
 /// to a node's ranks).
 pub fn pick_device(kind: DeviceKind, local_rank: usize) -> Result<Device> {
     let gpus = || if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
-    Ok(match kind {
+    let device = match kind {
         DeviceKind::Cpu => Device::Cpu,
         DeviceKind::Cuda => match gpus() {
-            0 => bail!("train.device = \"cuda\" but libtorch sees no CUDA device (use \"auto\" or \"cpu\")"),
+            0 => bail!(
+                "train.device = \"cuda\" but libtorch sees no CUDA device ({}); use \"auto\" or \"cpu\"",
+                cuda_absence()
+            ),
             n => Device::Cuda(local_rank % n),
         },
         DeviceKind::Auto => match gpus() {
             0 => Device::Cpu,
             n => Device::Cuda(local_rank % n),
         },
-    })
+    };
+    if device.is_cuda() {
+        // Fixed input sizes: let cuDNN time its algorithms once and keep the fastest (PyTorch's
+        // `torch.backends.cudnn.benchmark = True`).
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    Ok(device)
+}
+
+/// Why libtorch may see no GPU: this binary was linked without libtorch's CUDA libraries (a
+/// CPU-only libtorch at build time), or they are there and the machine shows no device.
+fn cuda_absence() -> &'static str {
+    if env!("SAC_LIBTORCH_CUDA").is_empty() {
+        "this sac was built against a CPU-only libtorch: rebuild it against a CUDA build, see README \"GPUs\""
+    } else {
+        "the binary links libtorch_cuda, so the machine shows no GPU to it: check nvidia-smi and CUDA_VISIBLE_DEVICES"
+    }
 }
 
 /// Sets torch's threads for this rank: the config's count, or the node's cores shared among its

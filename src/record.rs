@@ -28,6 +28,13 @@ pub struct EpochRecord {
     /// Validation top-1 of the moving average of the weights (`train.ema_decay`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema_top1: Option<f64>,
+    /// What the epoch computed in, as resolved from `train.precision`: "f32" or "bf16" (absent in
+    /// checkpoints of sac before the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
+    /// Rank 0's device: "cpu" or "cuda:N".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// `state.json`.

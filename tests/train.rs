@@ -244,6 +244,11 @@ mod each_architecture_trains_one_step_at_its_minimum_input_size {
     }
 
     #[test]
+    fn resnet50_at_8() {
+        check("resnet50", 8);
+    }
+
+    #[test]
     fn alexnet_at_63() {
         check("alexnet", 63);
     }

@@ -20,6 +20,7 @@ use crate::checkpoint;
 use crate::config::{Arch, Settings, Split};
 use crate::data::{self, Geometry};
 use crate::dist::Dist;
+use crate::precision::Numerics;
 use pipeline::{Ctx, RankReport, Stage};
 
 /// Checks a checkpoint's architecture, class count and class map (the category id of every label)
@@ -95,20 +96,22 @@ pub struct Predictor {
     _vs: nn::VarStore,
     pub device: Device,
     pub classes: usize,
+    /// Autocast and memory format (`evaluate.precision`, `evaluate.channels_last`).
+    pub numerics: Numerics,
 }
 
 impl Predictor {
-    pub fn load(path: &Path, arch: Arch, classes: usize, device: Device) -> Result<Predictor> {
+    pub fn load(path: &Path, arch: Arch, classes: usize, device: Device, numerics: Numerics) -> Result<Predictor> {
         let vs = nn::VarStore::new(device);
         let net = crate::models::build(&vs.root(), arch, classes as i64);
         let vars: BTreeMap<String, tch::Tensor> = vs.variables().into_iter().collect();
         let (tensors, _) = checkpoint::read_safetensors(path)?;
         checkpoint::load_into(&vars, &tensors, &|_| false, &path.display().to_string())?;
-        Ok(Predictor { net, _vs: vs, device, classes })
+        Ok(Predictor { net, _vs: vs, device, classes, numerics })
     }
 
     pub fn predict(&self, g: &Geometry, b: pipeline::TensorBatch) -> pipeline::ResultBatch {
-        pipeline::predict(self.net.as_ref(), self.classes, self.device, g, b)
+        pipeline::predict(self.net.as_ref(), self.classes, self.device, &self.numerics, g, b)
     }
 }
 
@@ -119,6 +122,8 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
     let threads = crate::process::set_threads(cfg.train.threads, dist.cores_per_rank());
     dist.log_placement(threads);
     let device = crate::process::pick_device(cfg.train.device, dist.local_rank())?;
+    let ec = &cfg.evaluate;
+    let numerics = crate::train::agreed_numerics(dist, "evaluate.precision", ec.precision, ec.channels_last, device)?;
     let arch = cfg.model.name;
     let ckpt = s.eval_checkpoint();
     let csv = format!("{}.csv", split.name());
@@ -154,7 +159,7 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
 
     let pipelined = dist.size() >= 4;
     let needs_model = if pipelined { dist.rank() >= 3 } else { dist.is_root() };
-    let model = if needs_model { Some(Predictor::load(&ckpt, arch, k, device)?) } else { None };
+    let model = if needs_model { Some(Predictor::load(&ckpt, arch, k, device, numerics.clone())?) } else { None };
     let geometry = Geometry::from_config(&cfg.image);
     // Default: the node's cores shared among its ranks for the decode rank of the pipeline; one
     // thread when all stages share one process (its torch threads already take its cores).
@@ -192,6 +197,13 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
         }
     }
 
+    if dist.is_root() {
+        info!(
+            "predictors compute in {} on {}",
+            numerics.reason,
+            if device.is_cuda() { "their node's GPUs (local rank mod GPU count)" } else { "the CPU" }
+        );
+    }
     dist.barrier();
     let t0 = Instant::now();
     let cpu0 = crate::process::resource_usage().1;

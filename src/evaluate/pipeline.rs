@@ -17,6 +17,7 @@ use super::metrics::Prediction;
 use crate::config::OnBadImage;
 use crate::data::{self, Geometry, Row};
 use crate::dist::Dist;
+use crate::precision::Numerics;
 
 /// Batches a link may hold ahead of its consumer.
 pub const IN_FLIGHT: usize = 2;
@@ -230,14 +231,24 @@ pub fn normalize(ctx: &Ctx, b: DecodedBatch) -> TensorBatch {
 }
 
 /// Stage 4: forward pass; top-k labels and the loss of labeled images.
-pub fn predict(net: &dyn ModuleT, classes: usize, device: Device, g: &Geometry, b: TensorBatch) -> ResultBatch {
+/// Libtorch's errors here (out of memory on a GPU, say) are panics, as everywhere in tch: the
+/// panic hook names the rank and ends the job.
+pub fn predict(
+    net: &dyn ModuleT,
+    classes: usize,
+    device: Device,
+    numerics: &Numerics,
+    g: &Geometry,
+    b: TensorBatch,
+) -> ResultBatch {
     let n = b.meta.rows.len();
     if n == 0 {
         return ResultBatch { meta: b.meta, preds: vec![] };
     }
     let preds = tch::no_grad(|| {
         let x = data::batch_tensor(&b.values, n, g).to_device(device);
-        let logp = net.forward_t(&x, false).log_softmax(1, Kind::Float).to_device(Device::Cpu);
+        let logits = numerics.forward(net, &x, false).unwrap_or_else(|e| panic!("{e:#}"));
+        let logp = logits.log_softmax(1, Kind::Float).to_device(Device::Cpu);
         let k = classes.min(5) as i64;
         let (_, top) = logp.topk(k, 1, true, true);
         let top = Vec::<i64>::try_from(top.reshape([-1])).expect("int64 indices");

@@ -20,6 +20,7 @@ use super::schedule::Schedule;
 use crate::config::{OnNonFinite, Overlap, TrainCfg};
 use crate::data::Row;
 use crate::dist::Dist;
+use crate::precision::Numerics;
 use crate::record::State;
 
 /// All ranks stopped together at a step boundary after SIGTERM / SIGINT.
@@ -60,6 +61,8 @@ pub(crate) struct Stepper<'a> {
     pub sync: GradSync,
     pub tc: &'a TrainCfg,
     pub device: Device,
+    /// Autocast and memory format of forward (`train.precision`, `train.channels_last`).
+    pub numerics: Numerics,
     pub stop: &'a AtomicBool,
     /// The checkpoint directory (named when a signal stops the run).
     pub dir: &'a Path,
@@ -78,11 +81,17 @@ impl<'a> Stepper<'a> {
         schedule: Schedule,
         tc: &'a TrainCfg,
         device: Device,
+        numerics: Numerics,
         stop: &'a AtomicBool,
         dir: &'a Path,
         order: Option<Vec<usize>>,
     ) -> Result<Self> {
         let params: Vec<Tensor> = model.params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let mut opt = opt;
+        if device.is_cuda() {
+            // A GPU steps all parameters in a few whole-buffer operations (the CPU has its fused kernel).
+            opt.bind_flat(&model.params);
+        }
         let mut sync = GradSync::new(dist, &params, order, tc.overlap.hooks() && dist.size() > 1, tc.exchange)?;
         if tc.overlap == Overlap::Auto {
             sync.auto_overlap(dist);
@@ -99,6 +108,7 @@ impl<'a> Stepper<'a> {
             sync,
             tc,
             device,
+            numerics,
             stop,
             dir,
             buffers,
@@ -166,7 +176,7 @@ impl<'a> Stepper<'a> {
                         }
                         None => (x, None),
                     };
-                    let logits = self.model.net.forward_t(&x, true);
+                    let logits = self.numerics.forward(self.model.net.as_ref(), &x, true)?;
                     let mut loss = training_loss(&logits, soft.as_ref().unwrap_or(&y), tc.label_smoothing);
                     if crate::fault::poison("loss") {
                         loss *= f64::NAN;
@@ -180,6 +190,10 @@ impl<'a> Stepper<'a> {
                     self.sync.begin(self.dist, n_local, local_loss * n_local as f64, stop, bad);
                     // The summed loss: GradSync weights each rank by its image count.
                     (&loss * n_local as f64).backward();
+                    if let Device::Cuda(i) = device {
+                        // Backward's kernels end here, not in the exchange that waits for them.
+                        tch::Cuda::synchronize(i as i64);
+                    }
                 } else {
                     self.sync.begin(self.dist, 0, 0.0, stop, false);
                 }

@@ -41,8 +41,12 @@ use crate::dist::{Dist, SumEngine};
 /// gradient *is* a view into the send buffer (what DDP calls gradient_as_bucket_view): backward
 /// accumulates straight into it, so nothing is copied before the allreduce, and the division by
 /// the image count is left to the optimizer (`Synced::scale`), so nothing is copied after it.
-/// Other parameters (a GPU) have their gradients copied into the buffer after backward, and no
-/// hooks (autograd runs a GPU's hooks on its own threads, not the one MPI was given).
+/// On a GPU the gradients are views into one flat buffer on the device instead: after backward
+/// one copy brings it into the (page-locked) send buffer, MPI sums in host memory, and the
+/// optimizer takes the sum back to the GPU in one copy; with one rank the flat gradient stays on
+/// the GPU. No hooks there (autograd runs a GPU's hooks on its own device threads, and a bucket
+/// could only leave the GPU by waiting for the kernels before it), so the exchange follows
+/// backward.
 pub struct GradSync {
     params: Vec<Tensor>,
     numel: usize,
@@ -51,8 +55,8 @@ pub struct GradSync {
     send: Tensor,
     /// The sums over all ranks, same layout.
     recv: Tensor,
-    /// The parameters' gradients are views into `send`.
-    bound: bool,
+    /// Where backward leaves the gradients.
+    grads: Grads,
     /// The buckets and the sums in flight, shared with the hooks.
     launch: Rc<RefCell<Launch>>,
     hooks: Option<GradHooks>,
@@ -64,6 +68,16 @@ pub struct GradSync {
     auto: Option<AutoOverlap>,
     /// The hooks start this step's buckets (set by `begin`, the same on every rank).
     active: bool,
+}
+
+/// Where backward leaves the gradients.
+enum Grads {
+    /// Views into `send` (contiguous f32 CPU parameters): nothing to copy.
+    Host,
+    /// Views into one flat f32 buffer on the parameters' GPU: one copy into `send` per step.
+    Device(Tensor),
+    /// Anywhere else: each gradient copied into `send` after backward.
+    Loose,
 }
 
 /// A bucket of the exchange: parameters `params` (indices, in the order backward completes
@@ -312,8 +326,8 @@ impl Launch {
 
 /// The outcome of one `GradSync::sync`.
 pub struct Synced {
-    /// The summed gradient, flat, on the CPU (valid until the next `zero_grads`); times `scale` it
-    /// is the gradient of the mean loss over all ranks' images.
+    /// The summed gradient, flat, on the CPU (with one rank on a GPU: on the GPU), valid until the
+    /// next `zero_grads`; times `scale` it is the gradient of the mean loss over all ranks' images.
     pub grad: Tensor,
     /// 1 / images (0 when no rank had an image).
     pub scale: f32,
@@ -364,7 +378,18 @@ impl GradSync {
         exchange: Exchange,
     ) -> Result<Self> {
         let numel: usize = params.iter().map(Tensor::numel).sum();
-        let buf = || Tensor::zeros([numel as i64 + EXTRAS as i64], (Kind::Float, Device::Cpu));
+        let device = params.first().map_or(Device::Cpu, Tensor::device);
+        let on_gpu = device.is_cuda()
+            && params.iter().all(|t| t.device() == device && t.kind() == Kind::Float && t.is_contiguous());
+        // Page-locked host buffers where a GPU copies to and from them: copies at full speed.
+        let buf = || {
+            let t = Tensor::zeros([numel as i64 + EXTRAS as i64], (Kind::Float, Device::Cpu));
+            if on_gpu {
+                t.pin_memory(device)
+            } else {
+                t
+            }
+        };
         let sizes: Vec<usize> = params.iter().map(Tensor::numel).collect();
         let order = order.unwrap_or_else(|| (0..params.len()).rev().collect());
         let buckets = layout(&sizes, &order, crate::dist::bucket_floats(), EDGE_BUCKET_FLOATS, EXTRAS);
@@ -373,7 +398,15 @@ impl GradSync {
             numel,
             send: buf(),
             recv: buf(),
-            bound: !params.is_empty() && params.iter().all(is_cpu_f32),
+            grads: if params.is_empty() {
+                Grads::Loose
+            } else if params.iter().all(is_cpu_f32) {
+                Grads::Host
+            } else if on_gpu {
+                Grads::Device(Tensor::zeros([numel as i64], (Kind::Float, device)))
+            } else {
+                Grads::Loose
+            },
             launch: Rc::new(RefCell::new(Launch::new(buckets, params.len(), dist.sum_engine(overlap)))),
             hooks: None,
             images: 0,
@@ -381,8 +414,11 @@ impl GradSync {
             auto: None,
             active: false,
         };
-        if sync.bound {
-            sync.bind();
+        if let Grads::Device(flat) = &sync.grads {
+            bind_grads(&sync.params, flat);
+        }
+        if matches!(sync.grads, Grads::Host) {
+            bind_grads(&sync.params, &sync.send);
             if overlap {
                 let launch = Rc::clone(&sync.launch);
                 sync.hooks = Some(GradHooks::install(params, move |i| launch.borrow_mut().ready(i))?);
@@ -420,31 +456,16 @@ impl GradSync {
         self.launch.borrow().buckets.clone()
     }
 
-    /// Makes every parameter's gradient a view into `send`. A gradient must exist to be re-pointed,
-    /// so a backward pass of zero creates them first; from then on autograd accumulates into the
-    /// existing gradient in place instead of replacing it.
-    fn bind(&mut self) {
-        for p in &self.params {
-            if !p.grad().defined() {
-                (p.sum(Kind::Float) * 0.0).backward();
-            }
-        }
-        tch::no_grad(|| {
-            let mut off = 0i64;
-            for p in &self.params {
-                let _ = p.grad().set_source_tensor_storage_offset_(&self.send, off, p.size(), p.stride());
-                off += p.numel() as i64;
-            }
-            let _ = self.send.zero_();
-        });
-    }
-
-    /// Zeroes the gradients before a backward pass (one pass over the buffer when bound).
+    /// Zeroes the gradients before a backward pass (one pass over the flat buffer when bound).
     pub fn zero_grads(&mut self) {
-        tch::no_grad(|| {
-            if self.bound {
+        tch::no_grad(|| match &self.grads {
+            Grads::Host => {
                 let _ = self.send.narrow(0, 0, self.numel as i64).zero_();
-            } else {
+            }
+            Grads::Device(flat) => {
+                let _ = flat.shallow_clone().zero_();
+            }
+            Grads::Loose => {
                 for p in &self.params {
                     let mut g = p.grad();
                     if g.defined() {
@@ -522,7 +543,23 @@ impl GradSync {
         let armed = self.armed(dist);
         let mut launch = self.launch.borrow_mut();
         launch.armed = None;
-        if self.images > 0 && !self.bound {
+        // One rank on a GPU: the flat gradient stays where it is.
+        let stays = dist.size() == 1 && matches!(self.grads, Grads::Device(_));
+        match &self.grads {
+            Grads::Device(flat) if self.images > 0 && !stays => {
+                // One copy to page-locked memory; it waits for backward's kernels.
+                tch::no_grad(|| self.send.narrow(0, 0, p as i64).copy_(flat));
+            }
+            Grads::Device(_) if !stays => {
+                // No backward this step (`begin` zeroed the gradients' part of `send`), but the
+                // last step's sums may still be on their way to the GPU out of `recv`.
+                if let Device::Cuda(i) = self.params[0].device() {
+                    tch::Cuda::synchronize(i as i64);
+                }
+            }
+            _ => {}
+        }
+        if self.images > 0 && matches!(self.grads, Grads::Loose) {
             // SAFETY: as in `begin`.
             let send = unsafe { f32_slice_mut(&self.send, p + EXTRAS) };
             let mut off = 0;
@@ -564,12 +601,17 @@ impl GradSync {
         let sums = unsafe { f32_slice_mut(tensor, p + EXTRAS) };
         let total = sums[p];
         // The sum is the same on every rank, so every rank decides alike. One read of the buffer.
-        let grad_finite = all_finite(&sums[..p]);
+        let (grad, grad_finite) = match &self.grads {
+            Grads::Device(flat) if stays => {
+                (flat.shallow_clone(), self.images == 0 || bool::try_from(flat.isfinite().all()).unwrap_or(false))
+            }
+            _ => (tensor.narrow(0, 0, p as i64), all_finite(&sums[..p])),
+        };
         let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
         let verdict = sums[p + 4];
         let chose = self.auto.as_mut().and_then(|a| a.finished(self.active, verdict));
         Synced {
-            grad: tensor.narrow(0, 0, p as i64),
+            grad,
             scale,
             images: total,
             stop: sums[p + 1] > 0.0,
@@ -588,6 +630,26 @@ impl GradSync {
         self.begin(dist, images, loss, stop, bad);
         self.finish(dist)
     }
+}
+
+/// Makes every parameter's gradient a view into `flat` (the parameters' elements one after the
+/// other, on their device). A gradient must exist to be re-pointed, so a backward pass of zero
+/// creates them first; from then on autograd accumulates into the existing gradient in place
+/// instead of replacing it. Leaves `flat` zeroed.
+fn bind_grads(params: &[Tensor], flat: &Tensor) {
+    for p in params {
+        if !p.grad().defined() {
+            (p.sum(Kind::Float) * 0.0).backward();
+        }
+    }
+    tch::no_grad(|| {
+        let mut off = 0i64;
+        for p in params {
+            let _ = p.grad().set_source_tensor_storage_offset_(flat, off, p.size(), p.stride());
+            off += p.numel() as i64;
+        }
+        let _ = flat.shallow_clone().zero_();
+    });
 }
 
 /// No NaN and no infinity in `v`: an exponent of all ones marks both. An OR of integer flags is

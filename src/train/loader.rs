@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use anyhow::{anyhow, Context, Result};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 use tracing::warn;
 
 use super::augment::Augment;
@@ -32,6 +32,8 @@ pub struct Loader {
     /// Draws of each row so far in this epoch (a weighted sampler repeats rows); `set_epoch`
     /// clears it.
     draws: std::collections::HashMap<usize, u32>,
+    /// Threads that decode a batch's images (`train.loader_threads`).
+    pub threads: usize,
 }
 
 impl Loader {
@@ -47,6 +49,7 @@ impl Loader {
             augment: None,
             epoch: 0,
             draws: Default::default(),
+            threads: 1,
         }
     }
 
@@ -56,29 +59,36 @@ impl Loader {
         self.draws.clear();
     }
 
-    /// The decodable images of `rows[idx]` as a batch, and how many were skipped.
+    /// The decodable images of `rows[idx]` as a batch on `device`, and how many were skipped.
+    /// `threads` decode at once (the same batch whatever their number); for a GPU the batch is
+    /// put in page-locked memory and copied without waiting (the step's kernels wait for it).
     pub fn batch(&mut self, rows: &[Row], idx: &[usize], device: Device) -> Result<Batch> {
-        let mut skipped = 0;
-        let mut images = Vec::with_capacity(idx.len());
-        let mut labels = Vec::with_capacity(idx.len());
+        // Which draw of its row each entry is (augmentation draws differ per draw); rows known to
+        // be undecodable are not tried again.
+        let mut work = Vec::with_capacity(idx.len());
         for &i in idx {
             if self.bad.contains(&i) {
-                skipped += 1;
                 continue;
             }
-            let g = &self.geometry;
             let draw = self.draws.entry(i).or_insert(0);
-            let nth = *draw;
+            work.push((i, *draw));
             *draw += 1;
-            let input = self.store.get(i, &rows[i].path).and_then(|img| match &self.augment {
-                Some(a) => a.apply(img, g, &mut a.rng(self.epoch, &rows[i].path, nth)),
-                None => data::into_input(img, g),
-            });
-            match input {
-                Ok(px) => {
+        }
+        let mut skipped = (idx.len() - work.len()) as u64;
+        let decoded = self.decode(rows, &work);
+        let mut images = Vec::with_capacity(work.len());
+        let mut labels = Vec::with_capacity(work.len());
+        for (&(i, _), outcome) in work.iter().zip(decoded) {
+            match outcome {
+                Ok((px, fresh)) => {
+                    if let Some(img) = fresh {
+                        self.store.keep(i, img);
+                    }
                     images.push(px);
                     labels.push(rows[i].label);
                 }
+                // A row drawn twice in one batch: its first failure was reported.
+                Err(_) if self.bad.contains(&i) => skipped += 1,
                 Err(e) if self.on_bad == OnBadImage::Fail => {
                     return Err(e).context(format!("bad image on rank {} (train.on_bad_image = \"fail\")", self.rank))
                 }
@@ -94,10 +104,52 @@ impl Loader {
         }
         let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
         data::normalize_into(&refs, &self.geometry, &mut self.values);
-        let x = data::batch_tensor(&self.values, refs.len(), &self.geometry).to_device(device);
-        let y = Tensor::from_slice(&labels).to_device(device);
+        let g = &self.geometry;
+        let shape = [refs.len() as i64, 3, i64::from(g.height), i64::from(g.width)];
+        let y = Tensor::from_slice(&labels);
+        let (x, y) = if device.is_cuda() {
+            let x = pinned(&self.values, device).view(shape);
+            let y = y.pin_memory(device).to_device_(device, Kind::Int64, true, false);
+            (x.to_device_(device, Kind::Float, true, false), y)
+        } else {
+            (data::batch_tensor(&self.values, refs.len(), g).to_device(device), y.to_device(device))
+        };
         Ok((Some((x, y)), skipped))
     }
+
+    /// The network inputs of `work` (row, draw) in order, each with the decoded image when it was
+    /// decoded now and the cache may keep it; on `self.threads` threads, each taking a run of
+    /// consecutive entries.
+    fn decode(&self, rows: &[Row], work: &[(usize, u32)]) -> Vec<Result<(Vec<u8>, Option<data::Rgb>)>> {
+        let one = |&(i, nth): &(usize, u32)| -> Result<(Vec<u8>, Option<data::Rgb>)> {
+            let (img, decoded) = self.store.fetch(i, &rows[i].path)?;
+            let fresh = (decoded && self.store.has_room()).then(|| img.clone());
+            let g = &self.geometry;
+            let px = match &self.augment {
+                Some(a) => a.apply(img, g, &mut a.rng(self.epoch, &rows[i].path, nth))?,
+                None => data::into_input(img, g)?,
+            };
+            Ok((px, fresh))
+        };
+        let threads = self.threads.clamp(1, work.len().max(1));
+        if threads == 1 {
+            return work.iter().map(one).collect();
+        }
+        let per = work.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> =
+                work.chunks(per).map(|part| scope.spawn(move || part.iter().map(one).collect::<Vec<_>>())).collect();
+            parts.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        })
+    }
+}
+
+/// `values` in a new page-locked host tensor (for copies to `device` that do not wait).
+fn pinned(values: &[f32], device: Device) -> Tensor {
+    let t = Tensor::empty([values.len() as i64], (Kind::Float, Device::Cpu)).pin_memory(device);
+    // SAFETY: `t` is a new contiguous f32 CPU tensor of `values.len()` elements that nothing else uses.
+    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), t.data_ptr() as *mut f32, values.len()) };
+    t
 }
 
 /// Runs `body` with a source of the batches `batches` (each a list of row indices), in order.

@@ -56,6 +56,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     let threads = crate::process::set_threads(tc.threads, dist.cores_per_rank());
     dist.log_placement(threads);
     let device = crate::process::pick_device(tc.device, dist.local_rank())?;
+    let numerics = agreed_numerics(dist, "train.precision", tc.precision, tc.channels_last, device)?;
     let stop = crate::process::stop_on_signals()?;
     let dir = s.model_dir();
     let store = checkpoint::Store::new(&dir);
@@ -75,10 +76,12 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     let k = shard.classes.len();
     let arch = cfg.model.name;
     info!(
-        "{arch}, {k} classes, {} training images over {} rank(s), batch {} per rank, {threads} torch thread(s) per rank, {device:?}",
+        "{arch}, {k} classes, {} training images over {} rank(s), batch {} per rank, {threads} torch thread(s) per rank, {}; {}",
         shard.total_train,
         dist.size(),
-        tc.batch_size
+        tc.batch_size,
+        device_name(device),
+        numerics.reason
     );
 
     tch::manual_seed(cfg.dataset.seed as i64);
@@ -178,6 +181,14 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         )
     };
     let (mut train_loader, mut test_loader) = (loader(&shard.train, crop_source), loader(&shard.test, None));
+    let decoders = loader_threads(tc.loader_threads, device, dist.cores_per_rank());
+    (train_loader.threads, test_loader.threads) = (decoders, decoders);
+    if decoders > 1 || device.is_cuda() {
+        info!(
+            "{decoders} thread(s) per rank decode each batch (train.loader_threads){}",
+            if device.is_cuda() { "; batches reach the GPU from page-locked memory without a wait" } else { "" }
+        );
+    }
     if let Some(a) = &augment {
         info!("{}", a.describe(crop_source.unwrap_or(0)));
     }
@@ -208,7 +219,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     } else {
         None
     };
-    let mut stepper = Stepper::new(dist, &model, opt, schedule, tc, device, &stop, &dir, order)?;
+    let mut stepper = Stepper::new(dist, &model, opt, schedule, tc, device, numerics.clone(), &stop, &dir, order)?;
     if dist.size() > 1 {
         info!(
             "{}{}",
@@ -299,6 +310,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
                 &mut test_loader,
                 tc.batch_size,
                 device,
+                &numerics,
                 &stop,
                 traced_batches,
                 tc.log_interval(),
@@ -338,6 +350,8 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
             nonfinite_steps,
             lr: Some(stepper.opt.lr),
             ema_top1,
+            precision: Some(numerics.name().to_owned()),
+            device: Some(device_name(device)),
         };
         let pct = |x: Option<f64>| x.map_or("-".into(), |v| format!("{:.2} %", 100.0 * v));
         info!(
@@ -351,6 +365,14 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         );
         if let Some(t) = ema_top1 {
             info!("epoch {epoch}/{}: the moving average of the weights: top-1 {}", tc.epochs, pct(Some(t)));
+        }
+        let data_share = times.shares().data;
+        if device.is_cuda() && data_share >= GPU_DATA_WARN {
+            warn!(
+                "epoch {epoch}: the GPU waited for data {:.0} % of the steps' time: {decoders} decode thread(s) per rank \
+                 do not keep up; raise train.loader_threads, keep decoded images (train.cache) or use fewer ranks per GPU",
+                100.0 * data_share
+            );
         }
         if epoch == first_epoch {
             log_cache(dist, budget, &[&train_loader, &test_loader], shard.total_train + shard.total_test);
@@ -446,6 +468,54 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     crate::logging::progress_clock(Duration::ZERO);
     log_done(dist, &format!("checkpoints in {}", dir.display()));
     Ok(())
+}
+
+/// The share of a GPU's step time spent waiting for batches above which the log says so.
+const GPU_DATA_WARN: f64 = 0.1;
+
+/// Threads that decode each batch: `configured`, or by default the rank's share of the node's
+/// cores on a GPU (the GPU computes, the cores decode) and one on the CPU (torch's threads take
+/// the cores there, and the loader thread decodes the next batch while they compute).
+pub fn loader_threads(configured: usize, device: tch::Device, cores_per_rank: usize) -> usize {
+    match configured {
+        0 if device.is_cuda() => cores_per_rank.max(1),
+        0 => 1,
+        n => n,
+    }
+}
+
+/// "cpu", "cuda:0": a device as PyTorch writes it.
+pub fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        tch::Device::Mps => "mps".into(),
+        tch::Device::Vulkan => "vulkan".into(),
+        tch::Device::Cpu => "cpu".into(),
+    }
+}
+
+/// The precision and layout of this rank's arithmetic (`key` names the config key), the same on
+/// every rank: ranks whose hardware differs (a node without native bfloat16 under "auto") end the
+/// job with a message rather than train in two formats. A collective.
+pub fn agreed_numerics(
+    dist: &Dist,
+    key: &str,
+    precision: crate::precision::Precision,
+    channels_last: crate::precision::ChannelsLast,
+    device: tch::Device,
+) -> Result<crate::precision::Numerics> {
+    let n = crate::precision::resolve(key, precision, channels_last, device, || crate::precision::device_bf16(device));
+    let mine = f64::from(u8::from(n.bf16));
+    let (least, most) = (dist.min_f64(mine), -dist.min_f64(-mine));
+    if least != most {
+        bail!(
+            "{key} = \"auto\" resolved differently on the ranks (rank {}: {}); set {key} to \"f32\" or \"bf16\" \
+             for a job whose nodes differ",
+            dist.rank(),
+            n.reason
+        );
+    }
+    Ok(n)
 }
 
 /// The optimizer and its settings, for the log: `sgd (momentum 0.9, nesterov, weight decay 1e-4,

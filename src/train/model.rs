@@ -19,11 +19,17 @@ pub struct Model {
 }
 
 impl Model {
+    /// The model on `device`, its weights drawn on the CPU from torch's generator: the same seed
+    /// gives the same initial weights on any device.
     pub fn new(arch: Arch, classes: i64, device: Device, feature_extract: bool) -> Model {
-        let vs = nn::VarStore::new(device);
+        let mut vs = nn::VarStore::new(Device::Cpu);
         let net = crate::models::build(&vs.root(), arch, classes);
         let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         crate::models::init_as_torchvision(arch, &vars);
+        if device != Device::Cpu {
+            // In place: `net` and `vars` hold the same tensors.
+            vs.set_device(device);
+        }
         let head = crate::models::head_prefix(arch);
         let mut params = Vec::new();
         let mut buffers = Vec::new();

@@ -56,6 +56,10 @@ pub struct Optimizer {
     pub kind: OptimizerKind,
     pub lr: f64,
     pub step: i64,
+    /// The parameters as one flat tensor (they are views into it) and each element's weight decay,
+    /// after [`Optimizer::bind_flat`]: a step is a handful of operations over all of them at once,
+    /// where parameter by parameter it would be ten kernel launches per parameter on a GPU.
+    flat: Option<Flat>,
     pub hyper: Hyper,
     /// Adam: exp_avg; SGD: momentum_buffer.
     pub m: Tensor,
@@ -70,7 +74,45 @@ const EPS: f64 = 1e-8;
 impl Optimizer {
     pub fn new(kind: OptimizerKind, lr: f64, hyper: Hyper, numel: usize, device: Device) -> Self {
         let z = || Tensor::zeros([numel as i64], (Kind::Float, device));
-        Optimizer { kind, lr, step: 0, hyper, m: z(), v: z() }
+        Optimizer { kind, lr, step: 0, hyper, m: z(), v: z(), flat: None }
+    }
+
+    /// Makes `params` views into one flat tensor on their device, with their current values (in
+    /// the optimizer's order, that of the flat gradient), so that each step updates them in a
+    /// few whole-buffer operations. For the GPU, where the CPU's fused kernel cannot run. Every
+    /// parameter must be a contiguous f32 tensor on the same device.
+    pub fn bind_flat(&mut self, params: &[(String, Tensor)]) {
+        let Some((_, first)) = params.first() else { return };
+        let device = first.device();
+        let numel: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+        let data = Tensor::zeros([numel], (Kind::Float, device));
+        let decays: Vec<f64> = params.iter().map(|(_, p)| self.hyper.decay_of(p)).collect();
+        let uniform = decays.iter().all(|&d| d == decays[0]);
+        let decay = if uniform {
+            Decay::Scalar(decays[0])
+        } else {
+            let v = Tensor::zeros([numel], (Kind::Float, device));
+            let mut off = 0i64;
+            for ((_, p), d) in params.iter().zip(&decays) {
+                let _ = v.narrow(0, off, p.numel() as i64).fill_(*d);
+                off += p.numel() as i64;
+            }
+            Decay::PerElement(v)
+        };
+        tch::no_grad(|| {
+            let mut off = 0i64;
+            for (_, p) in params {
+                assert!(
+                    p.device() == device && p.kind() == Kind::Float && p.is_contiguous(),
+                    "flat parameters must be contiguous f32 tensors on one device"
+                );
+                let n = p.numel() as i64;
+                data.narrow(0, off, n).copy_(&p.reshape([-1]));
+                let _ = p.shallow_clone().set_source_tensor_storage_offset_(&data, off, p.size(), p.stride());
+                off += n;
+            }
+        });
+        self.flat = Some(Flat { data, decay });
     }
 
     /// Applies one step with the flat gradient `g × scale` to `params`.
@@ -78,6 +120,8 @@ impl Optimizer {
         self.step += 1;
         if is_cpu_f32(g) && is_cpu_f32(&self.m) && params.iter().all(|(_, p)| is_cpu_f32(p)) {
             self.apply_fused(g, scale, params);
+        } else if self.flat.is_some() {
+            self.apply_flat(&(g.to_device(self.m.device()) * f64::from(scale)));
         } else {
             self.apply_tensor_ops(&(g * f64::from(scale)), params);
         }
@@ -124,52 +168,78 @@ impl Optimizer {
         }
     }
 
-    /// The same with tensor operations, parameter by parameter, for parameters on a GPU.
+    /// The same with tensor operations on all parameters at once (bound by `bind_flat`).
+    fn apply_flat(&mut self, g: &Tensor) {
+        let flat = self.flat.as_ref().expect("bind_flat before apply_flat");
+        tch::no_grad(|| self.update(&flat.data, g, &self.m, &self.v, &flat.decay));
+    }
+
+    /// The same with tensor operations, parameter by parameter (parameters not bound flat).
     fn apply_tensor_ops(&mut self, g: &Tensor, params: &[(String, Tensor)]) {
-        let h = self.hyper;
-        let bc1 = 1.0 - BETA1.powi(self.step as i32);
-        let bc2 = 1.0 - BETA2.powi(self.step as i32);
         tch::no_grad(|| {
             let g = g.to_device(self.m.device());
             let mut off = 0i64;
             for (_, p) in params {
                 let n = p.numel() as i64;
                 let shape = p.size();
-                let mut p = p.shallow_clone();
-                let decay = h.decay_of(&p);
-                let mut g = g.narrow(0, off, n).view(shape.as_slice());
-                let mut m = self.m.narrow(0, off, n).view(shape.as_slice());
-                let mut v = self.v.narrow(0, off, n).view(shape.as_slice());
+                let view = |t: &Tensor| t.narrow(0, off, n).view(shape.as_slice());
+                let decay = Decay::Scalar(self.hyper.decay_of(p));
+                self.update(p, &view(&g), &view(&self.m), &view(&self.v), &decay);
                 off += n;
-                if decay != 0.0 && self.kind != OptimizerKind::AdamW {
-                    g = &g + &p * decay;
-                }
-                match self.kind {
-                    OptimizerKind::Adam | OptimizerKind::AdamW => {
-                        if self.kind == OptimizerKind::AdamW && decay != 0.0 {
-                            let _ = p.g_mul_scalar_(1.0 - self.lr * decay);
-                        }
-                        let _ = m.lerp_(&g, 1.0 - BETA1);
-                        let _ = v.lerp_(&(&g * &g), 1.0 - BETA2);
-                        let denom = v.sqrt() / bc2.sqrt() + EPS;
-                        let _ = p.g_add_(&((&m / denom) * (-self.lr / bc1)));
-                    }
-                    OptimizerKind::Sgd => {
-                        let d = if h.momentum == 0.0 {
-                            g
-                        } else {
-                            let _ = m.g_mul_scalar_(h.momentum).g_add_(&g);
-                            if h.nesterov {
-                                &g + &m * h.momentum
-                            } else {
-                                m.shallow_clone()
-                            }
-                        };
-                        let _ = p.g_add_(&(d * (-self.lr)));
-                    }
-                }
             }
         });
+    }
+
+    /// One step of the optimizer on parameters `p` (in place) with the averaged gradient `g` and
+    /// the state `m`, `v` (in place), all of one shape, as tensor operations (call in no_grad).
+    fn update(&self, p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, decay: &Decay) {
+        let bc1 = 1.0 - BETA1.powi(self.step as i32);
+        let bc2 = 1.0 - BETA2.powi(self.step as i32);
+        let (mut p, mut m, mut v) = (p.shallow_clone(), m.shallow_clone(), v.shallow_clone());
+        // decay × p, or None where the decay is 0.
+        let decayed = |p: &Tensor| match decay {
+            Decay::Scalar(d) if *d == 0.0 => None,
+            Decay::Scalar(d) => Some(p * *d),
+            Decay::PerElement(d) => Some(p * d),
+        };
+        let g = match (self.kind, decayed(&p)) {
+            (OptimizerKind::AdamW, _) | (_, None) => g.shallow_clone(),
+            (_, Some(l2)) => g + l2,
+        };
+        match self.kind {
+            OptimizerKind::Adam | OptimizerKind::AdamW => {
+                if self.kind == OptimizerKind::AdamW {
+                    // p ← p × (1 − lr × decay), before the step (as torch.optim.AdamW).
+                    match decay {
+                        Decay::Scalar(d) if *d == 0.0 => {}
+                        Decay::Scalar(d) => {
+                            let _ = p.g_mul_scalar_(1.0 - self.lr * d);
+                        }
+                        Decay::PerElement(d) => {
+                            let _ = p.g_mul_(&(d * (-self.lr) + 1.0));
+                        }
+                    }
+                }
+                let _ = m.lerp_(&g, 1.0 - BETA1);
+                let _ = v.lerp_(&(&g * &g), 1.0 - BETA2);
+                let denom = v.sqrt() / bc2.sqrt() + EPS;
+                let _ = p.g_add_(&((&m / denom) * (-self.lr / bc1)));
+            }
+            OptimizerKind::Sgd => {
+                let h = self.hyper;
+                let d = if h.momentum == 0.0 {
+                    g
+                } else {
+                    let _ = m.g_mul_scalar_(h.momentum).g_add_(&g);
+                    if h.nesterov {
+                        &g + &m * h.momentum
+                    } else {
+                        m.shallow_clone()
+                    }
+                };
+                let _ = p.g_add_(&(d * (-self.lr)));
+            }
+        }
     }
 
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
@@ -180,6 +250,18 @@ impl Optimizer {
             OptimizerKind::Sgd => vec![("momentum_buffer".into(), self.m.shallow_clone())],
         }
     }
+}
+
+/// The parameters bound into one flat tensor ([`Optimizer::bind_flat`]).
+struct Flat {
+    data: Tensor,
+    decay: Decay,
+}
+
+/// The weight decay of every element: one value for all, or one per element.
+enum Decay {
+    Scalar(f64),
+    PerElement(Tensor),
 }
 
 /// One parameter in the flat buffers: offset, length, address of its data, weight decay.
@@ -289,8 +371,9 @@ mod tests {
     }
 
     /// Momentum, Nesterov, weight decay per parameter (a weight with 0.1, a bias with 0, as
-    /// `norm_weight_decay = 0` gives) and AdamW, each on the fused kernel and on the tensor-op
-    /// path, against torch.optim. Numbers from PyTorch 2.13:
+    /// `norm_weight_decay = 0` gives) and AdamW, each on the fused kernel, on the tensor-op path
+    /// parameter by parameter and on the flat-bound parameters (the GPU's path), against
+    /// torch.optim. Numbers from PyTorch 2.13:
     /// ```python
     /// w = torch.tensor([[1.0], [-2.0]], requires_grad=True); b = torch.tensor([0.5], requires_grad=True)
     /// opt = torch.optim.SGD([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
@@ -310,23 +393,31 @@ mod tests {
             (OptimizerKind::AdamW, sgd(0.9, false), [0.787_882_1, -1.897_810_3, 0.442_018_5]),
         ];
         for (kind, hyper, want) in cases {
-            for fused in [true, false] {
+            for mode in ["fused", "per tensor", "flat"] {
                 let w = Tensor::from_slice(&[1.0f32, -2.0]).view([2, 1]);
                 let b = Tensor::from_slice(&[0.5f32]);
                 let params = vec![("w".to_string(), w.shallow_clone()), ("b".to_string(), b.shallow_clone())];
                 let mut opt = Optimizer::new(kind, 0.1, hyper, 3, Device::Cpu);
+                if mode == "flat" {
+                    opt.bind_flat(&params);
+                }
                 for g in [[0.5f32, -1.0, 0.3], [0.25, 2.0, -0.7]] {
                     let g = Tensor::from_slice(&g);
-                    if fused {
-                        opt.apply(&g, 1.0, &params);
-                    } else {
-                        opt.step += 1;
-                        opt.apply_tensor_ops(&g, &params);
+                    match mode {
+                        "fused" => opt.apply(&g, 1.0, &params),
+                        "per tensor" => {
+                            opt.step += 1;
+                            opt.apply_tensor_ops(&g, &params);
+                        }
+                        _ => {
+                            opt.step += 1;
+                            opt.apply_flat(&g);
+                        }
                     }
                 }
                 let got: Vec<f32> = [w.view([-1]), b].iter().flat_map(|t| Vec::<f32>::try_from(t).unwrap()).collect();
                 let close = got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 2e-5);
-                assert!(close, "{kind:?} {hyper:?} fused {fused}: {got:?}, torch {want:?}");
+                assert!(close, "{kind:?} {hyper:?} {mode}: {got:?}, torch {want:?}");
             }
         }
     }

@@ -22,6 +22,7 @@ pub(crate) fn validate(
     loader: &mut Loader,
     batch: usize,
     device: Device,
+    numerics: &crate::precision::Numerics,
     stop: &AtomicBool,
     traced: usize,
     every: Duration,
@@ -48,15 +49,16 @@ pub(crate) fn validate(
             let Some((x, y)) = batch else { continue };
             let t = crate::timeline::since("data", "load batch", t, at);
             let _forward = crate::timeline::Span::new("validation", "forward (validation)", t, at);
-            tch::no_grad(|| {
-                let logits = model.net.forward_t(&x, false);
+            tch::no_grad(|| -> Result<()> {
+                let logits = numerics.forward(model.net.as_ref(), &x, false)?;
                 let n = y.size()[0] as f64;
                 sums[0] += logits.cross_entropy_for_logits(&y).double_value(&[]) * n;
                 let (h1, h5) = topk_hits(&logits, &y);
                 sums[1] += h1;
                 sums[2] += h5;
                 sums[3] += n;
-            });
+                Ok(())
+            })?;
         }
         Ok(())
     })?;

@@ -2,7 +2,7 @@
 state_dict, so that sac's initialisation can be compared with torchvision's within sampling error.
 
 usage: init_stats.py ARCH NUM_CLASSES OUT.json
-ARCH is one of resnet18 resnet34 alexnet vgg squeezenet densenet inception.
+ARCH is one of resnet18 resnet34 resnet50 alexnet vgg squeezenet densenet inception.
 
 The models come from torchvision_models.py; inception is built as a user
 gets it by default with aux_logits=False. In torchvision 0.28 `Inception3(init_weights=None)`

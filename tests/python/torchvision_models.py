@@ -12,6 +12,7 @@ import torchvision
 CONSTRUCTORS = {
     "resnet18": "resnet18",
     "resnet34": "resnet34",
+    "resnet50": "resnet50",
     "alexnet": "alexnet",
     "vgg": "vgg11_bn",
     "squeezenet": "squeezenet1_0",

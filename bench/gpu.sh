@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# The GPU check: what sac does on a CUDA GPU, in one run of at most 8 minutes. Run it inside the
+# unpacked device bundle (scripts/device-bundle.sh) through its launcher:
+#
+#   tar xzf sac-bundle.tar.gz && cd sac-bundle && ./run bash bench/gpu.sh [--quick]
+#
+# 1. the machine: nvidia-smi, torch, CPU model and cores
+# 2. mpi-check on cuda, 1 and 2 ranks: averaging exact, exchange and optimizer time
+# 3. training resnet18 at 64 px on the bundled Fashion-MNIST sample, 2 epochs: cuda f32 and bf16
+#    on 1 rank, bf16 on 2 ranks sharing the GPU; the loss falls and top-1 is within 2 points of
+#    the CPU's (bench/gpu_reference.json, measured with the same settings; BENCHMARKS.md)
+# 4. resnet50 at 224 px, bf16 + channels-last: PyTorch's forward + backward on pre-loaded tensors
+#    (the limit; also with Adam's step), sac's epoch from its decode cache, and sac's first epoch
+#    from JPEGs (decode-bound; images/s per decode thread)
+# 5. evaluate with the predictor on cuda: images/s, and agreement with the CPU's predictions
+#
+# Results go to $OUT when set (the device tool's folder), else bench/results/: gpu-<time>.jsonl
+# (one JSON object per check), gpu-<time>.md (the summary table, also printed) and gpu-<time>.log
+# (every command's output). --quick shrinks steps 3 and 4 (a smoke run, not figures).
+set -uo pipefail
+here="${SAC_BUNDLE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+cd "$here" || exit 2
+quick=0
+[[ "${1:-}" == "--quick" ]] && quick=1
+if ! command -v sac >/dev/null || ! command -v mpiexec >/dev/null; then
+  echo "gpu.sh: run it through the bundle's launcher: ./run bash bench/gpu.sh" >&2
+  exit 2
+fi
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+res="${OUT:-$here/bench/results}"
+mkdir -p "$res"
+jsonl="$res/gpu-$stamp.jsonl" log="$res/gpu-$stamp.log" table="$res/gpu-$stamp.md"
+: >"$jsonl"
+: >"$log"
+work="$(mktemp -d "${TMPDIR:-/tmp}/sac-gpu.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+started=$SECONDS
+say() { printf '\033[1mgpu.sh:\033[0m %s\n' "$*" >&2; printf '== %s\n' "$*" >>"$log"; }
+# record JSON: one object per check, written by python3 (which has torch) from KEY=VALUE words.
+record() { python3 - "$@" >>"$jsonl" <<'EOF'
+import json, sys
+obj = {}
+for kv in sys.argv[1:]:
+    k, _, v = kv.partition("=")
+    try:
+        obj[k] = json.loads(v)
+    except ValueError:
+        obj[k] = v
+print(json.dumps(obj))
+EOF
+}
+# run SECONDS NAME COMMAND...: the command's output goes to the log; its status is returned.
+run() {
+  local limit=$1 name=$2
+  shift 2
+  printf -- '-- %s: %s\n' "$name" "$*" >>"$log"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  printf -- '-- %s: exit %s after %s s\n' "$name" "$rc" "$((SECONDS - t0))" >>"$log"
+  return $rc
+}
+# The figure after a word in the last matching line of the log (e.g. `after "relative error "`).
+after() { grep -a "$1" "$log" | tail -1 | sed -n "s/.*$2\([0-9.e+-]*\).*/\1/p"; }
+state() { python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(json.dumps(s['history']))" "$1"; }
+
+# ---------------------------------------------------------------------------------------------
+say "1/5 the machine"
+gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>>"$log" | head -1)
+nvidia-smi >>"$log" 2>&1
+torchv=$(python3 -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())' 2>>"$log")
+cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
+record check=machine gpu="$gpu" torch="$torchv" cpu="$cpu" cores="$(nproc)" bundle="$(cat COMMIT)" \
+  sac_torch="$(cat TORCH_VERSION)"
+
+# ---------------------------------------------------------------------------------------------
+say "2/5 mpi-check on cuda, 1 and 2 ranks"
+export UCX_WARN_UNUSED_ENV_VARS=n
+for n in 1 2; do
+  if run 150 "mpi-check -n $n" mpiexec -n $n sac mpi-check --device cuda --reps 5; then ok=true; else ok=false; fi
+  if [[ $ok == false && $n == 2 && -z "${UCX_TLS:-}" ]]; then
+    say "two ranks failed with UCX's default transports; again over TCP (UCX_TLS=tcp,self) for the rest of the run"
+    export UCX_TLS=tcp,self
+    if run 150 "mpi-check -n $n, tcp" mpiexec -n $n sac mpi-check --device cuda --reps 5; then ok=true; fi
+  fi
+  record check=mpi-check ranks=$n ok=$ok relative_error="$(after 'gradient averaging over' 'relative error ')" \
+    fused_ms="$(after 'ms per step: fused' 'fused ')" adam_ms="$(after 'Adam step on the GPU' 'per step (all ranks at once): ')" \
+    ucx_tls="${UCX_TLS:-default}"
+done
+
+# ---------------------------------------------------------------------------------------------
+say "3/5 resnet18, 64 px, bundled Fashion-MNIST sample, 2 epochs on cuda"
+epochs=2
+[[ $quick == 1 ]] && epochs=1
+for spec in "1 f32" "1 bf16" "2 bf16"; do
+  read -r n prec <<<"$spec"
+  ck="$work/ck-r18-$n-$prec"
+  set -- --config config.toml train --epochs $epochs --overwrite --set "paths.checkpoint_dir=\"$ck\"" \
+    --set 'train.device="cuda"' --set "train.precision=\"$prec\"" --set "paths.log_file=\"$work/sac.log\""
+  if run 240 "train resnet18 -n $n $prec" mpiexec -n $n sac "$@"; then ok=true; else ok=false; fi
+  hist='[]'
+  [[ -f "$ck/resnet18/state.json" ]] && hist=$(state "$ck/resnet18/state.json")
+  record check=train-resnet18 ranks=$n precision=$prec ok=$ok history="$hist"
+done
+
+# ---------------------------------------------------------------------------------------------
+say "4/5 resnet50, 224 px, bf16 + channels-last: PyTorch's limit, sac from cache and from JPEGs"
+batch=256 images=8192 size=800x1200
+[[ $quick == 1 ]] && batch=32 images=256 size=400x600
+if run 180 "PyTorch limit" python3 bench/gpu_limit.py --model resnet50 --size 224 --batch $batch --precision bf16 \
+  --channels-last; then
+  grep -a '^{"what"' "$log" | tail -2 | while read -r line; do record check=pytorch-limit result="$line"; done
+else
+  record check=pytorch-limit ok=false
+fi
+herb="$work/herb" data="$work/herb-data"
+if run 150 "JPEGs" python3 bench/herbarium_gen.py "$herb" --classes 100 --images $images --test-images 64 --size $size &&
+  run 120 "create-dataset" sac --config config.toml create-dataset --sample 1.0 --set 'dataset.format="coco"' \
+    --set "dataset.source=\"$herb/train/metadata.json\"" --set "paths.data_dir=\"$data\"" \
+    --set 'dataset.test_fraction=0.01' --set 'dataset.place="symlink"' --set "paths.log_file=\"$work/sac.log\""; then
+  ck="$work/ck-r50"
+  set -- --config config.toml train --model resnet50 --epochs 2 --overwrite --set "paths.data_dir=\"$data\"" \
+    --set "paths.checkpoint_dir=\"$ck\"" --set 'image.width=224' --set 'image.height=224' \
+    --set "train.batch_size=$batch" --set 'train.device="cuda"' --set 'train.precision="bf16"' \
+    --set 'train.channels_last=true' --set 'train.validate=false' --set 'train.cache=true' \
+    --set "paths.log_file=\"$work/sac.log\""
+  if run 240 "train resnet50" sac "$@"; then ok=true; else ok=false; fi
+  hist='[]'
+  [[ -f "$ck/resnet50/state.json" ]] && hist=$(state "$ck/resnet50/state.json")
+  threads=$(grep -a 'thread(s) per rank decode each batch' "$log" | tail -1 | sed -n 's/.*INFO *\([0-9]*\) thread(s).*/\1/p')
+  record check=train-resnet50 ok=$ok batch=$batch images=$images jpeg_size=$size decode_threads="${threads:-0}" \
+    history="$hist"
+else
+  record check=train-resnet50 ok=false
+fi
+
+# ---------------------------------------------------------------------------------------------
+say "5/5 evaluate: the predictor on cuda against the CPU"
+ck="$work/ck-r18-1-f32/resnet18/model.safetensors"
+for dev in cuda cpu; do
+  if [[ -f "$ck" ]] && run 150 "evaluate $dev" sac --config config.toml evaluate --checkpoint "$ck" \
+    --set "paths.output_dir=\"$work/eval-$dev\"" --set "train.device=\"$dev\"" --set "paths.log_file=\"$work/sac.log\""; then
+    ok=true
+  else
+    ok=false
+  fi
+  ips=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['images_per_second'])" "$work/eval-$dev/metrics.json" 2>/dev/null)
+  record check=evaluate device=$dev ok=$ok images_per_second="${ips:-null}"
+done
+agree=$(python3 - "$work/eval-cuda/predictions.csv" "$work/eval-cpu/predictions.csv" <<'EOF' 2>>"$log"
+import csv, sys
+a, b = ({r["Id"]: r["Predicted"] for r in csv.DictReader(open(p))} for p in sys.argv[1:3])
+print(sum(a[k] == b.get(k) for k in a) / max(len(a), 1))
+EOF
+)
+record check=evaluate-agreement agreement="${agree:-null}"
+
+say "done in $((SECONDS - started)) s"
+python3 bench/gpu_table.py "$jsonl" bench/gpu_reference.json | tee "$table"

@@ -1,0 +1,126 @@
+//! scripts/device-bundle.sh: the archive that carries sac to a machine with PyTorch and nothing
+//! else of sac's (the GPU machine). Proven here as it is used there: unpacked in an empty
+//! directory, `./run` resolves MPICH and the other libraries from the bundle and libtorch from the
+//! `python3` that has torch (here the project's venv), and `./run mpiexec -n 2 sac mpi-check` and a
+//! short two-rank training run work.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+
+/// The bundle's limit: the GPU machine takes at most 64 MiB with the working tree.
+const LIMIT: u64 = 60 << 20;
+
+fn venv_bin() -> PathBuf {
+    venv_python().parent().expect("the venv's bin/").to_path_buf()
+}
+
+/// `./run args…` in the unpacked bundle, with the venv's python3 first on PATH (the launcher asks
+/// it where torch is), killed after `timeout`.
+fn in_bundle(bundle: &Path, args: &[&str], timeout: Duration) -> Output {
+    let mut cmd = Command::new(bundle.join("run"));
+    cmd.args(args)
+        .env("PATH", format!("{}:{}", venv_bin().display(), std::env::var("PATH").unwrap_or_default()))
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("SAC_TORCH_LIB");
+    wait_with_timeout(spawn(&mut cmd, bundle), args, timeout)
+}
+
+#[test]
+fn the_device_bundle_runs_mpi_check_and_training_from_an_empty_directory() {
+    let tmp = tempdir();
+    let archive = tmp.path().join("sac-bundle.tar.gz");
+    let out = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/device-bundle.sh"))
+        .args(["--sac", env!("CARGO_BIN_EXE_sac"), "--sample", "0.02", "--out"])
+        .arg(&archive)
+        .output()
+        .expect("running scripts/device-bundle.sh");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "device-bundle.sh failed:\n{err}");
+    // The script's last line is the archive's path.
+    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_owned();
+    assert_eq!(Path::new(&last), archive, "{err}");
+    let size = std::fs::metadata(&archive).expect("the archive").len();
+    assert!(size <= LIMIT, "the bundle is {size} bytes, over {LIMIT}");
+    eprintln!("bundle: {size} bytes\n{err}");
+
+    let empty = tmp.path().join("unpacked");
+    std::fs::create_dir(&empty).unwrap();
+    let tar = Command::new("tar").arg("-xzf").arg(&archive).arg("-C").arg(&empty).status().expect("tar");
+    assert!(tar.success());
+    let b = empty.join("sac-bundle");
+
+    // What `sac` resolves: MPICH, UCX, hwloc and TurboJPEG from the bundle, libtorch from the venv.
+    let sac = b.join("bin/sac");
+    let out = in_bundle(&b, &["ldd", sac.to_str().unwrap()], Duration::from_secs(30));
+    assert_success(&out);
+    let ldd = stdout(&out);
+    eprintln!("./run ldd bin/sac:\n{ldd}");
+    assert!(!ldd.contains("not found"), "{ldd}");
+    let resolved = |lib: &str| -> String {
+        ldd.lines()
+            .find(|l| l.trim_start().starts_with(lib))
+            .and_then(|l| l.split("=>").nth(1))
+            .map(|r| r.split_whitespace().next().unwrap_or_default().to_owned())
+            .unwrap_or_else(|| panic!("{lib} is not in ldd's list:\n{ldd}"))
+    };
+    for lib in ["libmpich.so.12", "libturbojpeg.so.0", "libucp.so.0", "libhwloc.so.15"] {
+        let path = resolved(lib);
+        assert!(path.starts_with(b.join("lib").to_str().unwrap()), "{lib} resolves to {path}, not the bundle's");
+    }
+    let venv_torch = std::fs::canonicalize(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/libtorch/lib")).unwrap();
+    for lib in ["libtorch_cpu.so", "libc10.so", "libtorch_cuda.so"] {
+        let path = std::fs::canonicalize(resolved(lib)).unwrap();
+        assert!(path.starts_with(&venv_torch), "{lib} resolves to {}, not the venv's torch", path.display());
+    }
+    // The bundle's mpiexec is the one on PATH.
+    let out = in_bundle(&b, &["sh", "-c", "command -v mpiexec; command -v sac"], Duration::from_secs(10));
+    let which = stdout(&out);
+    assert!(which.lines().all(|l| l.starts_with(b.join("bin").to_str().unwrap())), "{which}");
+
+    // MPI works: averaging exact over 2 ranks.
+    let out = in_bundle(&b, &["mpiexec", "-n", "2", "sac", "mpi-check", "--reps", "1"], Duration::from_secs(120));
+    assert_success(&out);
+    let text = stdout(&out);
+    assert!(text.contains("over 2 rank(s)") && text.contains(": exact"), "{text}");
+    assert!(text.contains("MPI library: MPICH"), "{text}");
+
+    // A short training run on the bundled data dir, over 2 ranks.
+    let out = in_bundle(
+        &b,
+        &[
+            "mpiexec",
+            "-n",
+            "2",
+            "sac",
+            "--config",
+            "config.toml",
+            "train",
+            "--epochs",
+            "1",
+            "--set",
+            "image.width=32",
+            "--set",
+            "image.height=32",
+            "--set",
+            "train.threads=1",
+            "--set",
+            "train.validate=false",
+        ],
+        Duration::from_secs(300),
+    );
+    assert_success(&out);
+    let state = read_json(&b.join("checkpoints/resnet18/state.json"));
+    assert_eq!(state["epoch"], 1, "{state}");
+    assert_eq!(state["world_size"], 2, "{state}");
+
+    // Without torch anywhere the launcher says what to do.
+    let mut cmd = Command::new(b.join("run"));
+    cmd.args(["true"]).env("PATH", "/usr/bin:/bin").env_remove("SAC_TORCH_LIB");
+    let out = wait_with_timeout(spawn(&mut cmd, &b), &["true"], Duration::from_secs(30));
+    assert_fails_with(&out, &["no libtorch found", "SAC_TORCH_LIB"]);
+}
