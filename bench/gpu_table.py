@@ -14,7 +14,8 @@ def load(path):
 
 
 def fmt(x, spec=".1f"):
-    return "-" if x is None else format(x, spec)
+    """A number as `spec`; anything else (a missing figure) as a dash."""
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
 
 
 def verdict(ok):
@@ -26,13 +27,14 @@ def main():
     ref = json.load(open(sys.argv[2])) if len(sys.argv) > 2 else {}
     rows = []
     machine = next((c for c in checks if c["check"] == "machine"), {})
+    device = machine.get("device", "cuda")
     print(f"GPU: {machine.get('gpu')}; torch {machine.get('torch')}; CPU: {machine.get('cpu')}, {machine.get('cores')} cores; "
           f"sac bundle {machine.get('bundle')} (built against torch {machine.get('sac_torch')})\n")
 
     for c in (c for c in checks if c["check"] == "mpi-check"):
         err = c.get("relative_error")
         exact = c.get("ok") is True and isinstance(err, (int, float)) and err <= 1e-5
-        rows.append((f"mpi-check on cuda, {c['ranks']} rank(s)",
+        rows.append((f"mpi-check on {device}, {c['ranks']} rank(s)",
                      f"relative error {fmt(err, '.1e')}; exchange {fmt(c.get('fused_ms'))} ms, Adam {fmt(c.get('adam_ms'), '.2f')} ms"
                      f" per step (UCX_TLS {c.get('ucx_tls')})",
                      "exact (<= 1e-5)", verdict(exact)))
@@ -63,29 +65,30 @@ def main():
         limit[r["what"]] = r
     lim = limit.get("limit", {}).get("images_per_second")
     step = limit.get("limit+step", {}).get("images_per_second")
-    rows.append(("PyTorch resnet50 224 px bf16 channels-last",
+    side = limit.get("limit", {}).get("size", 224)
+    rows.append((f"PyTorch resnet50 {side} px bf16 channels-last",
                  f"forward + backward {fmt(lim, '.0f')} img/s (the limit); with Adam's step {fmt(step, '.0f')} img/s "
                  f"(batch {limit.get('limit', {}).get('batch')})", "-", "-"))
     for c in (c for c in checks if c["check"] == "train-resnet50"):
         hist = c.get("history") or []
         if len(hist) < 2:
-            rows.append(("sac resnet50 224 px bf16", "did not finish", ">= 0.9x the limit", "**no**"))
+            rows.append((f"sac resnet50 {side} px bf16", "did not finish", ">= 0.9x the limit", "**no**"))
             continue
         jpeg, cached = hist[0]["images_per_second"], hist[1]["images_per_second"]
         ratio = cached / lim if lim else None
         threads = c.get("decode_threads") or 0
-        rows.append(("sac resnet50 224 px bf16, epoch 2 (decode cache)",
+        rows.append((f"sac resnet50 {side} px bf16, epoch 2 (decode cache)",
                      f"{cached:.0f} img/s = {fmt(ratio, '.2f')}x the limit, {fmt(cached / step if step else None, '.2f')}x "
                      "PyTorch with its step", ">= 0.9x the limit", verdict(ratio is not None and ratio >= 0.9)))
-        rows.append((f"sac resnet50 224 px bf16, epoch 1 (JPEGs {c.get('jpeg_size')})",
+        rows.append((f"sac resnet50 {side} px bf16, epoch 1 (JPEGs {c.get('jpeg_size')})",
                      f"{jpeg:.0f} img/s with {threads} decode thread(s): {fmt(jpeg / threads if threads else None, '.0f')} img/s per thread",
                      "stated", "-"))
 
     evals = {c["device"]: c for c in checks if c["check"] == "evaluate"}
     agree = next((c.get("agreement") for c in checks if c["check"] == "evaluate-agreement"), None)
     if evals:
-        rows.append(("evaluate, predictor on cuda",
-                     f"{fmt(evals.get('cuda', {}).get('images_per_second'), '.0f')} img/s (cpu: "
+        rows.append((f"evaluate, predictor on {device}",
+                     f"{fmt(evals.get(device, {}).get('images_per_second'), '.0f')} img/s (cpu: "
                      f"{fmt(evals.get('cpu', {}).get('images_per_second'), '.0f')}); agreement with the CPU "
                      f"{fmt(100 * agree if isinstance(agree, (int, float)) else None, '.2f')} %",
                      ">= 99.5 % agreement", verdict(isinstance(agree, (int, float)) and agree >= 0.995)))

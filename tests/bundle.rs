@@ -118,6 +118,60 @@ fn the_device_bundle_runs_mpi_check_and_training_from_an_empty_directory() {
     assert_eq!(state["epoch"], 1, "{state}");
     assert_eq!(state["world_size"], 2, "{state}");
 
+    // The GPU check's script, run as on the GPU machine but on the CPU and shrunk (--quick): every
+    // step runs, every result is recorded, and the summary table comes out.
+    let results = tmp.path().join("out");
+    std::fs::create_dir(&results).unwrap();
+    let mut cmd = Command::new(b.join("run"));
+    cmd.args(["bash", "bench/gpu.sh", "--quick", "--device", "cpu"])
+        .env("PATH", format!("{}:{}", venv_bin().display(), std::env::var("PATH").unwrap_or_default()))
+        .env("OUT", &results)
+        .env_remove("LD_LIBRARY_PATH");
+    let out = wait_with_timeout(spawn(&mut cmd, &b), &["gpu.sh"], Duration::from_secs(600));
+    let table = stdout(&out);
+    let log = std::fs::read_dir(&results)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .unwrap_or_default();
+    assert!(out.status.success(), "gpu.sh failed:\n{}\n{table}\n{log}", stderr(&out));
+    eprintln!("{table}");
+    let jsonl = std::fs::read_dir(&results)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .expect("gpu-<time>.jsonl");
+    let checks: Vec<serde_json::Value> = jsonl.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let count = |name: &str| checks.iter().filter(|c| c["check"] == name).count();
+    assert_eq!(
+        [
+            count("machine"),
+            count("mpi-check"),
+            count("train-resnet18"),
+            count("pytorch-limit"),
+            count("train-resnet50")
+        ],
+        [1, 2, 3, 2, 1],
+        "{jsonl}"
+    );
+    for c in checks.iter().filter(|c| c["check"] == "train-resnet18" || c["check"] == "train-resnet50") {
+        let hist = c["history"].as_array().unwrap_or_else(|| panic!("no history: {c}"));
+        assert!(!hist.is_empty() && hist.iter().all(|e| e["train_loss"].as_f64().is_some_and(f64::is_finite)), "{c}");
+    }
+    let agreement = checks.iter().find(|c| c["check"] == "evaluate-agreement").expect("agreement");
+    assert_eq!(agreement["agreement"], 1.0, "the CPU against itself: {agreement}");
+    for row in [
+        "| mpi-check on cpu, 2 rank(s) |",
+        "| resnet18 64 px, 2 rank(s), bf16 |",
+        "| PyTorch resnet50 64 px bf16 channels-last |",
+        "| sac resnet50 64 px bf16, epoch 2 (decode cache) |",
+        "| evaluate, predictor on cpu |",
+    ] {
+        assert!(table.contains(row), "no row {row:?} in\n{table}");
+    }
+
     // Without torch anywhere the launcher says what to do.
     let mut cmd = Command::new(b.join("run"));
     cmd.args(["true"]).env("PATH", "/usr/bin:/bin").env_remove("SAC_TORCH_LIB");

@@ -211,7 +211,7 @@ pub fn model_backward_order(
 }
 
 /// One line for the log: the buckets and how they are exchanged.
-pub fn describe_buckets(buckets: &[Bucket], overlap: bool, threaded: bool) -> String {
+pub fn describe_buckets(buckets: &[Bucket], overlap: bool, threaded: bool, gpu: bool) -> String {
     let mib: Vec<String> =
         buckets.iter().map(|b| format!("{:.1}", (b.floats() * 4) as f64 / (1 << 20) as f64)).collect();
     format!(
@@ -223,6 +223,9 @@ pub fn describe_buckets(buckets: &[Bucket], overlap: bool, threaded: bool) -> St
         } else if overlap {
             "each summed as soon as backward has completed its gradients (train.overlap), moved by the gradient hooks \
              (MPI does not offer MPI_THREAD_MULTIPLE for a progress thread)"
+        } else if gpu {
+            "summed after backward in page-locked host memory, one copy from and one to the GPU (on a GPU the \
+             exchange follows backward; train.overlap applies to the CPU)"
         } else {
             "summed after backward (train.overlap = false)"
         }
@@ -714,9 +717,18 @@ pub(crate) fn copy_tensors(dst: &[Tensor], src: &[Tensor]) {
     tch::no_grad(|| dst.iter().zip(src).for_each(|(d, s)| d.shallow_clone().copy_(s)));
 }
 
-/// Are all batch-norm statistics finite? (A few thousand numbers: cheap every step.)
+/// Are all batch-norm statistics finite? (A few thousand numbers: cheap every step.) On a GPU the
+/// per-tensor answers are gathered there and read back once, not once per tensor.
 pub(crate) fn buffers_finite(buffers: &[Tensor]) -> bool {
-    buffers.iter().all(|t| !t.is_floating_point() || bool::try_from(t.isfinite().all()).unwrap_or(false))
+    let floats: Vec<&Tensor> = buffers.iter().filter(|t| t.is_floating_point()).collect();
+    match floats.first() {
+        None => true,
+        Some(t) if t.device().is_cuda() => {
+            let flags: Vec<Tensor> = floats.iter().map(|t| t.isfinite().all()).collect();
+            bool::try_from(Tensor::stack(&flags, 0).all()).unwrap_or(false)
+        }
+        Some(_) => floats.iter().all(|t| bool::try_from(t.isfinite().all()).unwrap_or(false)),
+    }
 }
 
 #[cfg(test)]

@@ -213,8 +213,10 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
         schedule.describe(),
         tc.batch_size * dist.size()
     );
-    // The exchange's buckets follow the order in which backward completes the gradients.
-    let order = if dist.size() > 1 {
+    // The exchange's buckets follow the order in which backward completes the gradients (on the
+    // CPU, where they start during backward; a GPU's exchange follows backward, and its autograd
+    // would run the hooks that find the order on its device threads).
+    let order = if dist.size() > 1 && !device.is_cuda() {
         Some(exchange::model_backward_order(dist, &model, cfg.image.height, cfg.image.width, device)?)
     } else {
         None
@@ -223,7 +225,12 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     if dist.size() > 1 {
         info!(
             "{}{}",
-            exchange::describe_buckets(&stepper.sync.buckets(), stepper.sync.overlaps(), stepper.sync.threaded()),
+            exchange::describe_buckets(
+                &stepper.sync.buckets(),
+                stepper.sync.overlaps(),
+                stepper.sync.threaded(),
+                device.is_cuda()
+            ),
             if stepper.sync.bf16() {
                 "; gradients sent as bfloat16, summed in f32 pair by pair (train.exchange = \"bf16\")"
             } else {
