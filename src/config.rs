@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use crate::precision::{ChannelsLast, Precision};
+pub use crate::switch::Switch;
 
 pub use crate::models::Arch;
 
@@ -336,51 +337,10 @@ pub enum Exchange {
     Bf16,
 }
 
-/// `[train] overlap`: when each gradient bucket's allreduce starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Overlap {
-    /// `true`: during backward, as soon as the bucket's gradients are complete.
-    On,
-    /// `false`: after backward.
-    Off,
-    /// `"auto"`: time both over the first steps and keep the faster (`train::auto_overlap`).
-    Auto,
-}
-
-impl Overlap {
-    /// Buckets may start during backward (`true` or `"auto"`).
-    pub fn hooks(self) -> bool {
-        self != Overlap::Off
-    }
-}
-
-impl Serialize for Overlap {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        match self {
-            Overlap::On => s.serialize_bool(true),
-            Overlap::Off => s.serialize_bool(false),
-            Overlap::Auto => s.serialize_str("auto"),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Overlap {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bool(bool),
-            Str(String),
-        }
-        let msg = "expected true, false or \"auto\"";
-        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(msg))? {
-            Raw::Bool(true) => Ok(Overlap::On),
-            Raw::Bool(false) => Ok(Overlap::Off),
-            Raw::Str(s) if s.trim().eq_ignore_ascii_case("auto") => Ok(Overlap::Auto),
-            Raw::Str(s) => Err(serde::de::Error::custom(format!("`{s}`: {msg}"))),
-        }
-    }
-}
+/// `[train] overlap`: when each gradient bucket's allreduce starts. `true`: during backward, as
+/// soon as the bucket's gradients are complete; `false`: after backward; `"auto"`: time both over
+/// the first steps and keep the faster (`train::auto_overlap`).
+pub type Overlap = Switch;
 
 /// Whether `lr` is for a global batch of 256 and scales with the global batch (the rank count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -880,6 +880,34 @@ impl Dist {
         Some(lines.join(", "))
     }
 
+    /// Whether the MPI library says it can take CUDA device memory: MPICH's
+    /// `MPIX_GPU_query_support(MPIX_GPU_SUPPORT_CUDA, …)` (4.0 and later) or Open MPI's
+    /// `MPIX_Query_cuda_support()`, looked up at run time (neither is in the MPI standard).
+    /// None: one process, or the library answers neither.
+    pub fn cuda_aware(&self) -> Option<bool> {
+        self.mpi.as_ref()?;
+        type GpuQuery = unsafe extern "C" fn(i32, *mut i32) -> i32;
+        type CudaQuery = unsafe extern "C" fn() -> i32;
+        // MPIX_GPU_SUPPORT_CUDA in MPICH's mpi.h.
+        const MPIX_GPU_SUPPORT_CUDA: i32 = 0;
+        // SAFETY: dlsym only looks symbols up; a found symbol is the MPI library's function of
+        // the documented C signature.
+        unsafe {
+            let f = libc::dlsym(libc::RTLD_DEFAULT, c"MPIX_GPU_query_support".as_ptr());
+            if !f.is_null() {
+                let f: GpuQuery = std::mem::transmute::<*mut libc::c_void, GpuQuery>(f);
+                let mut yes = 0i32;
+                return (f(MPIX_GPU_SUPPORT_CUDA, &mut yes) == 0).then_some(yes != 0);
+            }
+            let f = libc::dlsym(libc::RTLD_DEFAULT, c"MPIX_Query_cuda_support".as_ptr());
+            if !f.is_null() {
+                let f: CudaQuery = std::mem::transmute::<*mut libc::c_void, CudaQuery>(f);
+                return Some(f() != 0);
+            }
+        }
+        None
+    }
+
     /// Sum of one number over all ranks.
     pub fn sum_f64(&self, x: f64) -> f64 {
         let mut v = [x];

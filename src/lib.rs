@@ -20,6 +20,7 @@ pub mod plot;
 pub mod precision;
 pub mod process;
 pub mod record;
+pub mod switch;
 pub mod timeline;
 pub mod train;
 

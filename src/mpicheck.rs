@@ -74,6 +74,12 @@ pub fn placement_and_links(dist: &Dist, measure: bool) {
             dist.library().unwrap_or_else(|| "none (one process)".into()),
             if ucx.is_empty() { String::new() } else { format!(" ({})", ucx.join(", ")) }
         );
+        if let Some(aware) = dist.cuda_aware() {
+            println!(
+                "MPI and GPU memory: the library says it is {}CUDA-aware (sac sums gradients in host memory either way)",
+                if aware { "" } else { "not " }
+            );
+        }
     }
     if !measure || dist.size() < 2 {
         return;

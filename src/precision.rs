@@ -15,7 +15,7 @@
 use std::ffi::{c_char, c_void, CStr};
 
 use anyhow::{bail, Result};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 
@@ -32,43 +32,9 @@ pub enum Precision {
     Auto,
 }
 
-/// `channels_last`: the memory format of the batches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ChannelsLast {
-    On,
-    Off,
-    /// On for CUDA devices; off on the CPU until measured per architecture there.
-    #[default]
-    Auto,
-}
-
-impl Serialize for ChannelsLast {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        match self {
-            ChannelsLast::On => s.serialize_bool(true),
-            ChannelsLast::Off => s.serialize_bool(false),
-            ChannelsLast::Auto => s.serialize_str("auto"),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for ChannelsLast {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bool(bool),
-            Str(String),
-        }
-        let msg = "expected true, false or \"auto\"";
-        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(msg))? {
-            Raw::Bool(true) => Ok(ChannelsLast::On),
-            Raw::Bool(false) => Ok(ChannelsLast::Off),
-            Raw::Str(s) if s.trim().eq_ignore_ascii_case("auto") => Ok(ChannelsLast::Auto),
-            Raw::Str(s) => Err(serde::de::Error::custom(format!("`{s}`: {msg}"))),
-        }
-    }
-}
+/// `channels_last`: batches in channels-last memory format (`true`, `false`, or `"auto"`: on for
+/// CUDA devices, off on the CPU until measured per architecture there).
+pub type ChannelsLast = crate::switch::Switch;
 
 /// What a run computes in, resolved for its device.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -237,6 +237,16 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
                 ""
             }
         );
+        if device.is_cuda() {
+            info!(
+                "gradients leave the GPU for the sums ({}): sac hands MPI host memory only",
+                match dist.cuda_aware() {
+                    Some(true) => "the MPI library says it is CUDA-aware",
+                    Some(false) => "the MPI library says it is not CUDA-aware",
+                    None => "the MPI library does not say whether it is CUDA-aware",
+                }
+            );
+        }
         if stepper.sync.auto() {
             info!(
                 "train.overlap = \"auto\": steps {}-{} take turns with and without overlap; rank 0 keeps the faster \
