@@ -201,8 +201,10 @@ fn a_2_rank_run_logs_progress_lines_metrics_and_a_timeline_with_every_span_kind(
 fn metrics_jsonl_continues_on_resume_without_duplicate_or_missing_intervals() {
     let p = project();
     let mut first = RUN.to_vec();
-    // Rank 0 pauses at step 28 (epoch 2, step 8); the test stops the job meanwhile.
-    first.extend(["--epochs", "3"]);
+    // Rank 0 pauses at step 28 (epoch 2, step 8); the test stops the job meanwhile. Intervals of
+    // 0.1 s, so that epoch 2's first 7 steps hold one however fast the machine (a core of an AMD
+    // EPYC ran them in under the 1 s of RUN).
+    first.extend(["--epochs", "3", "--set", "train.log_every=0.1"]);
     let args = p.args(&first);
     let child = spawn_mpi_env(p.path(), 2, &strs(&args), &[("SAC_FAULT", "step:pause@0#28")]);
     let log = p.path().join("sac.log");
@@ -224,7 +226,7 @@ fn metrics_jsonl_continues_on_resume_without_duplicate_or_missing_intervals() {
     assert_eq!(u64_of(&p.state("resnet18"), "epoch"), 1);
 
     let mut again = RUN.to_vec();
-    again.extend(["--epochs", "3", "--resume"]);
+    again.extend(["--epochs", "3", "--resume", "--set", "train.log_every=0.1"]);
     let out = p.train_mpi(2, &again);
     assert_success(&out);
     let stream = metrics(&dir);
