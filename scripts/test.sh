@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: set-up, a formatting check, then unit and integration tests
-# (the integration tests run the real binary, under mpiexec where MPI is involved),
+# (the integration tests run the real binary, under mpiexec where MPI is involved), clippy,
 # the scheduler test and the benchmark harness in smoke mode. Prints how long each stage took.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +21,9 @@ stage "cargo fmt --check" cargo fmt --check
 export SAC_PYTHON="$root/.venv/bin/python"
 # The fault-injection feature compiles in the fault points tests/faults.rs uses (inert without SAC_FAULT).
 stage "cargo test" cargo test --release --features fault-injection -- --test-threads=1
+# In the release profile, after the tests' build: it reuses its build scripts (libtorch's C++ shim),
+# which a dev-profile clippy would compile again.
+stage "cargo clippy" cargo clippy --release --all-targets --all-features -- -D warnings
 stage "scheduler test: jobs/*.pbs and jobs/*.slurm on a one-node Slurm (installs slurm-wlm, needs root)" \
   bash tests/scheduler/run.sh
 # Each harness step has its own time bound (bench/run.sh); this one bounds the whole smoke run.

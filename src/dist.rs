@@ -1014,18 +1014,26 @@ impl Dist {
 
     /// Sends `data` to `dest` with `tag`, returning once the buffer may be reused.
     pub fn send_bytes(&self, dest: usize, tag: i32, data: &[u8]) {
-        let mut pending = self.start_send(dest, tag, data);
-        self.finish_send(&mut pending, dest, tag, || {});
+        self.send_bytes_while(dest, tag, data, || {});
     }
 
-    /// Starts sending `data` to `dest` with `tag`: the caller polls the returned send (and may do
-    /// other work meanwhile, such as receiving, which a rendezvous protocol may need to progress).
-    pub fn start_send<'d>(&self, dest: usize, tag: i32, data: &'d [u8]) -> PendingSend<'d> {
-        let m = self.mpi.as_ref().expect("start_send needs MPI");
-        // SAFETY: the request borrows `data` for 'd, and `PendingSend` (which holds both) waits for
-        // the request to complete before it is dropped.
-        let req = m.world.process_at_rank(dest as i32).immediate_send_with_tag(StaticScope, unsafe_static(data), tag);
-        PendingSend { req: Some(req), _data: std::marker::PhantomData }
+    /// Sends `data` to `dest` with `tag` and calls `meanwhile` while the send is not complete:
+    /// a rank that must keep receiving while its own send is delivered, so that no cycle of ranks
+    /// can block each other whatever the MPI library's eager limit. Returns once the buffer may be
+    /// reused: the request lives in an MPI request scope inside this call, so the borrow of
+    /// `data` outlives it by construction.
+    pub fn send_bytes_while(&self, dest: usize, tag: i32, data: &[u8], mut meanwhile: impl FnMut()) {
+        let m = self.mpi.as_ref().expect("send_bytes needs MPI");
+        mpi::request::scope(|scope| {
+            let mut slot = Some(m.world.process_at_rank(dest as i32).immediate_send_with_tag(scope, data, tag));
+            self.poll(Op::Send { to: dest, tag }, Wait::Patient, || {
+                if test_request(&mut slot).is_some() {
+                    return Some(());
+                }
+                meanwhile();
+                None
+            });
+        });
     }
 
     /// Receives the next message with `tag` from `src` (any rank if `None`): (source, tag, bytes).
@@ -1052,19 +1060,6 @@ impl Dist {
     /// `None`) with `tag`: sleeping in between, with stall reports and limits like every wait.
     pub fn poll_recv<T>(&self, from: Option<usize>, tag: i32, ready: impl FnMut() -> Option<T>) -> T {
         self.poll(Op::Recv { from, tag }, Wait::Patient, ready)
-    }
-
-    /// Waits for `pending` while calling `meanwhile` (which returns true when it did some work):
-    /// a rank that must keep receiving while its own send is delivered, so that no cycle of ranks
-    /// can block each other whatever the MPI library's eager limit.
-    pub fn finish_send(&self, pending: &mut PendingSend<'_>, dest: usize, tag: i32, mut meanwhile: impl FnMut()) {
-        self.poll(Op::Send { to: dest, tag }, Wait::Patient, || {
-            if pending.test() {
-                return Some(());
-            }
-            meanwhile();
-            None
-        });
     }
 }
 
@@ -1230,34 +1225,6 @@ impl Drop for SumEngine {
             let _ = t.join();
         }
     }
-}
-
-/// A send in flight (`Dist::start_send`); dropping it waits for its completion.
-pub struct PendingSend<'d> {
-    req: Option<Request<'static, [u8]>>,
-    _data: std::marker::PhantomData<&'d [u8]>,
-}
-
-impl PendingSend<'_> {
-    /// True once the send has completed and its buffer may be reused.
-    pub fn test(&mut self) -> bool {
-        self.req.is_none() || test_request(&mut self.req).is_some()
-    }
-}
-
-impl Drop for PendingSend<'_> {
-    fn drop(&mut self) {
-        while !self.test() {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
-}
-
-/// Extends a borrow to 'static for a request whose owner waits for it before the borrow ends.
-fn unsafe_static(data: &[u8]) -> &'static [u8] {
-    // SAFETY: only used by `start_send`, whose `PendingSend` completes the request before the
-    // lifetime 'd of `data` ends (its Drop waits).
-    unsafe { std::mem::transmute::<&[u8], &'static [u8]>(data) }
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use tracing::info;
 
 use crate::config::Arch;
 use crate::dist::Dist;
-use crate::train::exchange::GradSync;
+use crate::train::exchange::{GradSync, StepInfo};
 
 /// Relative error allowed between the averaged and the single-process gradient.
 pub const TOLERANCE: f64 = 1e-5;
@@ -139,7 +139,7 @@ pub fn check_averaging(dist: &Dist, batch: usize, format: crate::config::Exchang
         let loss = net.forward(&x.index_select(0, &idx)).cross_entropy_for_logits(&y.index_select(0, &idx));
         (loss * mine.len() as f64).backward();
     }
-    let synced = sync.sync(dist, mine.len(), 0.0, false, false);
+    let synced = sync.sync(dist, StepInfo { images: mine.len(), ..StepInfo::default() });
     let averaged = synced.grad.to_device(device) * f64::from(synced.scale);
     if synced.images as usize != batch {
         bail!("the ranks' image counts add up to {}, not {batch}", synced.images);
@@ -170,7 +170,7 @@ pub fn time_exchange(dist: &Dist, arch: Arch, classes: i64, reps: usize, device:
         let t = Instant::now();
         for _ in 0..reps {
             // As training: the sums go back to the parameters' device.
-            let _ = sync.sync(dist, 64, 0.0, false, false).grad.to_device(device);
+            let _ = sync.sync(dist, StepInfo { images: 64, ..StepInfo::default() }).grad.to_device(device);
             settle(device);
         }
         (t.elapsed().as_secs_f64() * 1e3 / reps as f64, sync.buckets().len())

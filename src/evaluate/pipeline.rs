@@ -495,16 +495,14 @@ pub fn mpi_pipeline(
                 // credit back, and decoder, normalizer, predictors and rank 0 could wait on each
                 // other in a circle.
                 let t = Instant::now();
-                let mut sending = dist.start_send(1, TAG_FORWARD, &msg);
                 let mut failed = None;
-                dist.finish_send(&mut sending, 1, TAG_FORWARD, || {
+                dist.send_bytes_while(1, TAG_FORWARD, &msg, || {
                     if failed.is_none() {
                         if let Err(e) = collect(&mut out, &mut ended) {
                             failed = Some(e);
                         }
                     }
                 });
-                drop(sending);
                 ctx.mark("send", "send to the decoder (until it takes the batch)", t, seq);
                 if let Some(e) = failed {
                     return Err(e);

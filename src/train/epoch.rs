@@ -10,7 +10,7 @@ use tch::{Device, Tensor};
 use tracing::{info, warn};
 
 use super::ema::Ema;
-use super::exchange::{buffers_finite, copy_tensors, GradSync};
+use super::exchange::{buffers_finite, copy_tensors, GradSync, StepInfo};
 use super::loader::{with_batches, Loader};
 use super::mix::Mix;
 use super::model::Model;
@@ -165,7 +165,9 @@ impl<'a> Stepper<'a> {
                 let mut local_loss = 0f64;
                 let mut bad = false;
                 let stop = self.stop.load(Ordering::Relaxed);
-                if let Some((x, y)) = batch {
+                // The end of forward + backward.
+                let mut t2 = t1;
+                let synced = if let Some((x, y)) = batch {
                     if tc.on_nonfinite == OnNonFinite::Skip {
                         copy_tensors(&self.saved_buffers, &self.buffers);
                     }
@@ -187,20 +189,21 @@ impl<'a> Stepper<'a> {
                     // of this step is known before backward, whose hooks may start the exchange.
                     bad = !local_loss.is_finite() || !buffers_finite(&self.buffers);
                     self.sync.zero_grads();
-                    self.sync.begin(self.dist, n_local, local_loss * n_local as f64, stop, bad);
-                    // The summed loss: GradSync weights each rank by its image count.
-                    (&loss * n_local as f64).backward();
-                    if let Device::Cuda(i) = device {
-                        // Backward's kernels end here, not in the exchange that waits for them.
-                        tch::Cuda::synchronize(i as i64);
-                    }
+                    let mine = StepInfo { images: n_local, loss: local_loss * n_local as f64, stop, bad };
+                    self.sync.step(self.dist, mine, || {
+                        // The summed loss: GradSync weights each rank by its image count.
+                        (&loss * n_local as f64).backward();
+                        if let Device::Cuda(i) = device {
+                            // Backward's kernels end here, not in the exchange that waits for them.
+                            tch::Cuda::synchronize(i as i64);
+                        }
+                        t2 = crate::timeline::since("compute", "forward + backward", t1, at);
+                    })
                 } else {
-                    self.sync.begin(self.dist, 0, 0.0, stop, false);
-                }
-                let t2 = crate::timeline::since("compute", "forward + backward", t1, at);
+                    t2 = crate::timeline::since("compute", "forward + backward", t1, at);
+                    self.sync.step(self.dist, StepInfo { stop, ..StepInfo::default() }, || {})
+                };
                 step_times.compute = t2 - t1;
-
-                let synced = self.sync.finish(self.dist);
                 step_times.wait = synced.wait;
                 overlapped_steps += u64::from(synced.overlapped);
                 if let Some(line) = &synced.chose {

@@ -249,7 +249,9 @@ struct Launch {
     armed: Option<Armed>,
 }
 
-/// Where the hooks start sums: valid from `GradSync::begin` to `GradSync::finish`.
+/// Where the hooks start sums: valid from `GradSync::begin` to `GradSync::finish`, which only
+/// `GradSync::step` calls, with `dist` and the GradSync (owner of the buffers) borrowed for the
+/// whole call. `finish` clears it before it returns.
 struct Armed {
     dist: *const Dist,
     send: *mut f32,
@@ -288,8 +290,8 @@ impl Launch {
             let cut = if armed.send16.is_null() { run.start } else { run.end.min(armed.numel).max(run.start) };
             // SAFETY: `armed` points at the live send/recv buffers of the GradSync (p + EXTRAS
             // floats, which every run lies in, and, if not null, p bfloat16 values each), and
-            // nothing touches this range until `finish` has completed the sum; `dist` is the
-            // caller's, alive from `begin` to `finish`.
+            // nothing touches this range until `finish` has completed the sum; `dist` is the one
+            // `GradSync::step` borrows for the whole step, which `finish` ends.
             unsafe {
                 let dist = &*armed.dist;
                 if cut > run.start {
@@ -500,10 +502,27 @@ impl GradSync {
         }
     }
 
-    /// Opens a step, before its backward pass (if this rank has one: `images` > 0): this rank's
-    /// image count, summed loss (ignored when `images` is 0), stop request and non-finite flag.
-    /// With overlap the hooks start buckets from here on.
-    pub fn begin(&mut self, dist: &Dist, images: usize, loss: f64, stop: bool, bad: bool) {
+    /// One step's exchange around its backward pass: opens the step with what this rank brings
+    /// (`mine`), runs `backward` (nothing, for a rank without a batch, or for gradients computed
+    /// before), then starts what the hooks have not started and waits for every sum. With
+    /// overlap the hooks start buckets during `backward`; the sums in flight then use `dist` and
+    /// this struct's buffers, and both are borrowed for this whole call, so nothing they use can
+    /// go before the sums are complete.
+    pub fn step(&mut self, dist: &Dist, mine: StepInfo, backward: impl FnOnce()) -> Synced {
+        self.begin(dist, mine);
+        backward();
+        self.finish(dist)
+    }
+
+    /// `step` for gradients computed before: the exchange alone.
+    pub fn sync(&mut self, dist: &Dist, mine: StepInfo) -> Synced {
+        self.step(dist, mine, || {})
+    }
+
+    /// Opens a step, before its backward pass (if this rank has one: `images` > 0). With overlap
+    /// the hooks start buckets from here on, until `finish`; only `step` calls the two.
+    fn begin(&mut self, dist: &Dist, mine: StepInfo) {
+        let StepInfo { images, loss, stop, bad } = mine;
         let p = self.numel;
         // SAFETY: `send` is a contiguous f32 CPU tensor of p + EXTRAS elements that only this
         // struct owns, and no sum is in flight (the last `finish` completed them all).
@@ -513,11 +532,11 @@ impl GradSync {
         if images == 0 {
             send[..p].fill(0.0);
         }
-        send[p] = images as f32;
-        send[p + 1] = f32::from(u8::from(stop));
-        send[p + 2] = f32::from(u8::from(bad));
-        send[p + 3] = if images == 0 { 0.0 } else { loss as f32 };
-        send[p + 4] = match self.auto.as_mut() {
+        send[p + extra::IMAGES] = images as f32;
+        send[p + extra::STOP] = f32::from(u8::from(stop));
+        send[p + extra::BAD] = f32::from(u8::from(bad));
+        send[p + extra::LOSS] = if images == 0 { 0.0 } else { loss as f32 };
+        send[p + extra::VERDICT] = match self.auto.as_mut() {
             Some(a) => {
                 a.began();
                 a.verdict()
@@ -538,7 +557,7 @@ impl GradSync {
     /// Closes the step after its backward pass: starts the buckets not started yet and waits until
     /// every sum is complete. Returns the sums of the gradients, image counts, stop requests,
     /// non-finite flags and losses over the ranks.
-    pub fn finish(&mut self, dist: &Dist) -> Synced {
+    fn finish(&mut self, dist: &Dist) -> Synced {
         if let Some(h) = &self.hooks {
             h.check();
         }
@@ -602,7 +621,7 @@ impl GradSync {
         };
         // SAFETY: every sum is complete; `tensor` is one of the two buffers of p + EXTRAS floats.
         let sums = unsafe { f32_slice_mut(tensor, p + EXTRAS) };
-        let total = sums[p];
+        let total = sums[p + extra::IMAGES];
         // The sum is the same on every rank, so every rank decides alike. One read of the buffer.
         let (grad, grad_finite) = match &self.grads {
             Grads::Device(flat) if stays => {
@@ -611,15 +630,15 @@ impl GradSync {
             _ => (tensor.narrow(0, 0, p as i64), all_finite(&sums[..p])),
         };
         let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
-        let verdict = sums[p + 4];
+        let verdict = sums[p + extra::VERDICT];
         let chose = self.auto.as_mut().and_then(|a| a.finished(self.active, verdict));
         Synced {
             grad,
             scale,
             images: total,
-            stop: sums[p + 1] > 0.0,
-            non_finite: sums[p + 2] > 0.0 || !grad_finite,
-            loss: f64::from(sums[p + 3]),
+            stop: sums[p + extra::STOP] > 0.0,
+            non_finite: sums[p + extra::BAD] > 0.0 || !grad_finite,
+            loss: f64::from(sums[p + extra::LOSS]),
             wait,
             overlapped: self.active,
             chose,
@@ -627,12 +646,19 @@ impl GradSync {
             buckets: launch.buckets.len(),
         }
     }
+}
 
-    /// `begin` and `finish` at once, for gradients computed before (no overlap).
-    pub fn sync(&mut self, dist: &Dist, images: usize, loss: f64, stop: bool, bad: bool) -> Synced {
-        self.begin(dist, images, loss, stop, bad);
-        self.finish(dist)
-    }
+/// What a rank brings to a step's exchange besides its gradients.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepInfo {
+    /// Its images in this step (0: no batch; its gradients count as zero).
+    pub images: usize,
+    /// Its summed loss (mean × images; ignored without images).
+    pub loss: f64,
+    /// It asks every rank to stop at this step (a signal).
+    pub stop: bool,
+    /// Its loss or batch-norm statistics are not finite.
+    pub bad: bool,
 }
 
 /// Makes every parameter's gradient a view into `flat` (the parameters' elements one after the
@@ -663,9 +689,23 @@ pub(crate) fn all_finite(v: &[f32]) -> bool {
     v.chunks(4096).all(|c| c.iter().fold(0u32, |acc, x| acc | u32::from(x.to_bits() & EXP == EXP)) == 0)
 }
 
-/// Numbers after the gradients in the exchange buffer: image count, stop flag, non-finite flag,
-/// summed loss, and rank 0's verdict of `train.overlap = "auto"` (0 from the other ranks).
-const EXTRAS: usize = 5;
+/// Numbers after the gradients in the exchange buffer, summed with them: their offsets after the
+/// last gradient.
+mod extra {
+    /// The rank's image count.
+    pub const IMAGES: usize = 0;
+    /// 1 if the rank asks to stop.
+    pub const STOP: usize = 1;
+    /// 1 if the rank's loss or batch-norm statistics are not finite.
+    pub const BAD: usize = 2;
+    /// The rank's summed loss.
+    pub const LOSS: usize = 3;
+    /// Rank 0's verdict of `train.overlap = "auto"` (0 from the other ranks).
+    pub const VERDICT: usize = 4;
+}
+
+/// How many numbers follow the gradients (`extra`).
+const EXTRAS: usize = extra::VERDICT + 1;
 
 /// Flattens tensors into one f32 vector on the CPU.
 pub(crate) fn flatten(ts: &[Tensor]) -> Vec<f32> {
@@ -804,10 +844,11 @@ mod tests {
         assert_eq!(sorted, (0..params.len()).collect::<Vec<_>>());
     }
 
-    /// With hooks, each bucket starts the moment its last gradient is complete (one rank: the sum
-    /// is a copy); the result is the same as without.
+    /// One rank, with the hooks installed and without: the same sums, and nothing starts early
+    /// (one rank has no exchange to start). That buckets do start during backward on several
+    /// ranks is tests/train.rs's `exchange_during_backward_…` (rank 0's count of early buckets).
     #[test]
-    fn overlap_starts_buckets_during_backward_and_sums_alike() {
+    fn one_rank_sums_alike_with_and_without_hooks_and_starts_nothing_early() {
         let model = resnet18();
         let params: Vec<Tensor> = model.params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
@@ -818,9 +859,7 @@ mod tests {
             assert!(sync.buckets().len() > 2, "{:?}", sync.buckets());
             sync.zero_grads();
             let loss = model.net.forward_t(&x, true).sum(Kind::Float);
-            sync.begin(&dist, 2, 1.5, false, false);
-            loss.backward();
-            let s = sync.finish(&dist);
+            let s = sync.step(&dist, StepInfo { images: 2, loss: 1.5, ..StepInfo::default() }, || loss.backward());
             assert_eq!((s.images, s.loss, s.buckets), (2.0, 1.5, sync.buckets().len()));
             // One rank has no exchange to start: nothing starts early.
             assert_eq!(s.early, 0);

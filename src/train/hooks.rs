@@ -3,9 +3,11 @@
 //! tch has no hooks). The gradient exchange uses them to start a bucket's allreduce as soon as its
 //! gradients are complete.
 //!
-//! On the CPU the hooks run on the thread that called `backward()`, so they may call MPI (which sac
-//! initialises as `MPI_THREAD_FUNNELED`). On a GPU autograd runs them on its device threads: the
-//! exchange does not install hooks there.
+//! On the CPU the hooks run on the thread that called `backward()`; on a GPU autograd runs them on
+//! its device threads, so the exchange installs none there. The listener is not thread-safe (it
+//! shares the step's state through `Rc`/`RefCell`): a hook that finds itself on another thread
+//! than the one that installed it, or inside its own listener, does not call it, and `check`
+//! then fails loudly with what happened.
 use std::any::Any;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr};
@@ -38,18 +40,46 @@ struct Context {
     panic: Option<Box<dyn Any + Send>>,
 }
 
+/// What the C++ side points at: the listener, usable on its owner's thread only, and what went
+/// wrong in a hook that could not use it (readable from any thread).
+struct Shared {
+    owner: std::thread::ThreadId,
+    fault: std::sync::Mutex<Option<String>>,
+    context: RefCell<Context>,
+}
+
+impl Shared {
+    fn fault(&self, what: String) {
+        let mut f = self.fault.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f.get_or_insert(what);
+    }
+}
+
 /// Hooks on a list of parameters, calling one listener; removed when dropped.
 pub struct GradHooks {
     params: Vec<Tensor>,
     /// Boxed so that the address the C++ side holds stays put.
-    context: Box<RefCell<Context>>,
+    shared: Box<Shared>,
 }
 
 unsafe extern "C" fn ready(context: *mut c_void, index: usize) {
-    // SAFETY: `context` is the `RefCell<Context>` of a live `GradHooks` (its Drop removes the hooks
-    // before the box goes), and hooks run on the one thread that runs backward.
-    let context = unsafe { &*(context as *const RefCell<Context>) };
-    let Ok(mut c) = context.try_borrow_mut() else { return };
+    // SAFETY: `context` is the `Shared` of a live `GradHooks` (its Drop removes the hooks before
+    // the box goes). From another thread only `owner` and the mutex are touched.
+    let shared = unsafe { &*(context as *const Shared) };
+    let here = std::thread::current();
+    if here.id() != shared.owner {
+        shared.fault(format!(
+            "a gradient hook ran on thread {:?} ({}), not on the thread that installed it: the gradient exchange \
+             cannot start buckets from there",
+            here.id(),
+            here.name().unwrap_or("unnamed")
+        ));
+        return;
+    }
+    let Ok(mut c) = shared.context.try_borrow_mut() else {
+        shared.fault(format!("the gradient hook of parameter {index} ran inside the hooks' own listener"));
+        return;
+    };
     if c.panic.is_some() {
         return;
     }
@@ -73,11 +103,15 @@ impl GradHooks {
     pub fn install(params: &[Tensor], listener: impl FnMut(usize) + 'static) -> Result<Self> {
         let hooks = GradHooks {
             params: params.iter().map(Tensor::shallow_clone).collect(),
-            context: Box::new(RefCell::new(Context { listener: Box::new(listener), panic: None })),
+            shared: Box::new(Shared {
+                owner: std::thread::current().id(),
+                fault: std::sync::Mutex::new(None),
+                context: RefCell::new(Context { listener: Box::new(listener), panic: None }),
+            }),
         };
         let mut handles = tensor_handles(&hooks.params);
         let mut error = [0u8; 512];
-        let context = &*hooks.context as *const RefCell<Context> as *mut c_void;
+        let context = &*hooks.shared as *const Shared as *mut c_void;
         // SAFETY: the handles are live tch tensors (`at::Tensor*`) held by `hooks`; the context
         // outlives the hooks (Drop removes them first); `error` is writable for its length.
         let rc = unsafe {
@@ -96,9 +130,14 @@ impl GradHooks {
         Ok(hooks)
     }
 
-    /// Re-raises a panic of the listener during the last backward pass.
+    /// Re-raises a panic of the listener during the last backward pass, and fails if a hook could
+    /// not call it (it ran on another thread, or inside the listener).
     pub fn check(&self) {
-        if let Some(payload) = self.context.borrow_mut().panic.take() {
+        let fault = self.shared.fault.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(what) = fault {
+            panic!("{what}");
+        }
+        if let Some(payload) = self.shared.context.borrow_mut().panic.take() {
             std::panic::resume_unwind(payload);
         }
     }
@@ -115,11 +154,15 @@ impl Drop for GradHooks {
         if rc != 0 {
             // The hooks still point at the context: keep it alive rather than let them call freed memory.
             tracing::error!("removing the gradient hooks: {}", message(&error));
-            let context = std::mem::replace(
-                &mut self.context,
-                Box::new(RefCell::new(Context { listener: Box::new(|_| {}), panic: None })),
+            let shared = std::mem::replace(
+                &mut self.shared,
+                Box::new(Shared {
+                    owner: std::thread::current().id(),
+                    fault: std::sync::Mutex::new(None),
+                    context: RefCell::new(Context { listener: Box::new(|_| {}), panic: None }),
+                }),
             );
-            std::mem::forget(context);
+            std::mem::forget(shared);
         }
     }
 }
@@ -179,6 +222,26 @@ mod tests {
         let caught = std::panic::catch_unwind(AssertUnwindSafe(|| hooks.check()));
         assert!(caught.is_err());
         hooks.check(); // once only
+    }
+
+    /// A backward pass on another thread reaches the hooks there: they do not call the listener
+    /// (not thread-safe), and `check` on the owner's thread fails naming what happened.
+    #[test]
+    fn a_hook_on_another_thread_does_not_call_the_listener_and_check_fails() {
+        let w = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let calls = Rc::new(RefCell::new(0));
+        let counter = Rc::clone(&calls);
+        let hooks = GradHooks::install(std::slice::from_ref(&w), move |_| *counter.borrow_mut() += 1).unwrap();
+        let w2 = w.shallow_clone();
+        std::thread::spawn(move || (&w2 * 2.0).sum(Kind::Float).backward()).join().unwrap();
+        assert_eq!(*calls.borrow(), 0);
+        let caught = std::panic::catch_unwind(AssertUnwindSafe(|| hooks.check())).expect_err("check fails");
+        let msg = caught.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("not on the thread that installed it"), "{msg}");
+        // On the owner's thread all is well again.
+        (&w * 2.0).sum(Kind::Float).backward();
+        hooks.check();
+        assert_eq!(*calls.borrow(), 1);
     }
 
     #[test]
