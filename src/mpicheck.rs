@@ -254,7 +254,7 @@ pub fn run(
     device: crate::config::DeviceKind,
 ) -> Result<()> {
     tch::set_num_threads(1);
-    let device = crate::process::pick_device(device, dist.local_rank())?;
+    let device = crate::process::pick_device("mpi-check --device", device, dist.local_rank())?;
     let on = match device {
         Device::Cuda(_) => " on the ranks' GPUs (local rank mod GPU count; sums through host memory)".to_string(),
         _ => String::new(),

@@ -39,17 +39,14 @@ pub fn stop_requested() -> bool {
     STOP.get().is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
 }
 
-/// The device of `train.device` for the rank with this node-local rank (GPUs are dealt round-robin
-/// to a node's ranks).
-pub fn pick_device(kind: DeviceKind, local_rank: usize) -> Result<Device> {
+/// The device of the setting `key` (`train.device`, `mpi-check --device`) for the rank with this
+/// node-local rank (GPUs are dealt round-robin to a node's ranks).
+pub fn pick_device(key: &str, kind: DeviceKind, local_rank: usize) -> Result<Device> {
     let gpus = || if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
     let device = match kind {
         DeviceKind::Cpu => Device::Cpu,
         DeviceKind::Cuda => match gpus() {
-            0 => bail!(
-                "train.device = \"cuda\" but libtorch sees no CUDA device ({}); use \"auto\" or \"cpu\"",
-                cuda_absence()
-            ),
+            0 => bail!("{key} is cuda but libtorch sees no CUDA device ({}); use auto or cpu", cuda_absence()),
             n => Device::Cuda(local_rank % n),
         },
         DeviceKind::Auto => match gpus() {

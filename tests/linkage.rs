@@ -2,6 +2,8 @@
 //! `.venv` is one) must list `libtorch_cuda.so` and `libc10_cuda.so` among its NEEDED entries, or
 //! libtorch never registers its CUDA backend and `train.device = "cuda"` finds no GPU on any
 //! machine. No test can see that on a machine without a GPU except by reading the ELF header.
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -57,4 +59,22 @@ fn the_binary_carries_libtorchs_directory_as_its_runpath() {
         text.lines().any(|l| (l.contains("(RUNPATH)") || l.contains("(RPATH)")) && l.contains(lib)),
         "no RUNPATH with {lib}:\n{text}"
     );
+}
+
+/// On a machine without a GPU (CI's), asking for cuda ends the command at once with a message that
+/// names the setting and why no GPU is seen, and writes nothing.
+#[test]
+fn cuda_without_a_gpu_is_refused_naming_the_setting_and_the_reason() {
+    if Path::new("/dev/nvidia0").exists() {
+        eprintln!("this machine has a GPU: nothing to refuse");
+        return;
+    }
+    let p = common::Project::new(2, 4, 0, 32);
+    let out = p.train(&["--set", "train.device=\"cuda\""]);
+    let err = common::assert_fails_with(&out, &["train.device is cuda but libtorch sees no CUDA device"]);
+    let why = if env!("SAC_LIBTORCH_CUDA").is_empty() { "CPU-only libtorch" } else { "check nvidia-smi" };
+    assert!(err.contains(why), "{err}");
+    assert!(!p.model_dir("resnet18").exists(), "nothing written");
+    let out = common::run_sac(p.path(), &["mpi-check", "--device", "cuda", "--reps", "0"]);
+    common::assert_fails_with(&out, &["mpi-check --device is cuda", why]);
 }

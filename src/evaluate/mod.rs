@@ -121,7 +121,7 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
     let t_start = Instant::now();
     let threads = crate::process::set_threads(cfg.train.threads, dist.cores_per_rank());
     dist.log_placement(threads);
-    let device = crate::process::pick_device(cfg.train.device, dist.local_rank())?;
+    let device = crate::process::pick_device("train.device", cfg.train.device, dist.local_rank())?;
     let ec = &cfg.evaluate;
     let numerics = crate::train::agreed_numerics(dist, "evaluate.precision", ec.precision, ec.channels_last, device)?;
     let arch = cfg.model.name;

@@ -55,7 +55,7 @@ pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<(
     let tc = &cfg.train;
     let threads = crate::process::set_threads(tc.threads, dist.cores_per_rank());
     dist.log_placement(threads);
-    let device = crate::process::pick_device(tc.device, dist.local_rank())?;
+    let device = crate::process::pick_device("train.device", tc.device, dist.local_rank())?;
     let numerics = agreed_numerics(dist, "train.precision", tc.precision, tc.channels_last, device)?;
     let stop = crate::process::stop_on_signals()?;
     let dir = s.model_dir();
