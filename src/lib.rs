@@ -109,7 +109,10 @@ fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
     )?;
     *logging = true;
     if dist.threading.is_some_and(|t| t < mpi::environment::Threading::Funneled) {
-        tracing::warn!("the MPI library gives no thread support (MPI_THREAD_FUNNELED was asked for)");
+        tracing::warn!(
+            "the MPI library gives less than MPI_THREAD_FUNNELED (sac asks for MPI_THREAD_MULTIPLE, for the exchange's \
+             progress thread)"
+        );
     }
     let (warn, abort) = settings.config.train.stall_limits();
     dist.set_stall_limits(dist::StallLimits { warn, abort });
