@@ -48,11 +48,6 @@ pub struct Numerics {
 }
 
 impl Numerics {
-    /// Plain f32, contiguous.
-    pub fn f32() -> Numerics {
-        Numerics { bf16: false, channels_last: false, reason: "f32".into() }
-    }
-
     /// The resolved name recorded in `state.json`: "f32" or "bf16".
     pub fn name(&self) -> &'static str {
         if self.bf16 {
@@ -215,12 +210,6 @@ impl Autocast {
         }
         Ok(Autocast { device, was: Some(was) })
     }
-
-    /// `f` under autocast when `on`.
-    pub fn run<T>(on: bool, device: Device, f: impl FnOnce() -> T) -> Result<T> {
-        let _guard = Autocast::new(on, device)?;
-        Ok(f())
-    }
 }
 
 impl Drop for Autocast {
@@ -300,11 +289,11 @@ mod tests {
         let w = Tensor::randn([4, 3, 3, 3], (Kind::Float, Device::Cpu));
         let conv = |x: &Tensor| x.conv2d(&w, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1);
         assert!(!autocast_enabled(Device::Cpu));
-        let y = Autocast::run(true, Device::Cpu, || {
+        let y = {
+            let _guard = Autocast::new(true, Device::Cpu).unwrap();
             assert!(autocast_enabled(Device::Cpu));
             conv(&x)
-        })
-        .unwrap();
+        };
         assert_eq!(y.kind(), Kind::BFloat16);
         assert!(!autocast_enabled(Device::Cpu));
         assert_eq!(conv(&x).kind(), Kind::Float);
@@ -312,7 +301,8 @@ mod tests {
         let diff = (y.to_kind(Kind::Float) - conv(&x)).abs().max().double_value(&[]);
         assert!(diff < 0.1, "{diff}");
         // Off: nothing changes.
-        assert_eq!(Autocast::run(false, Device::Cpu, || conv(&x)).unwrap().kind(), Kind::Float);
+        let _off = Autocast::new(false, Device::Cpu).unwrap();
+        assert_eq!(conv(&x).kind(), Kind::Float);
     }
 
     #[test]

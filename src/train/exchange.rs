@@ -671,14 +671,22 @@ fn bind_grads(params: &[Tensor], flat: &Tensor) {
             (p.sum(Kind::Float) * 0.0).backward();
         }
     }
+    let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
     tch::no_grad(|| {
-        let mut off = 0i64;
-        for p in params {
-            let _ = p.grad().set_source_tensor_storage_offset_(flat, off, p.size(), p.stride());
-            off += p.numel() as i64;
-        }
+        views_into(flat, &grads);
         let _ = flat.shallow_clone().zero_();
     });
+}
+
+/// Re-points each of `tensors` (keeping its shape and strides) at the next elements of `flat`'s
+/// storage, one after the other: the gradients of the exchange, the parameters of a GPU's
+/// optimizer. Call in no_grad.
+pub(crate) fn views_into(flat: &Tensor, tensors: &[Tensor]) {
+    let mut off = 0i64;
+    for t in tensors {
+        let _ = t.shallow_clone().set_source_tensor_storage_offset_(flat, off, t.size(), t.stride());
+        off += t.numel() as i64;
+    }
 }
 
 /// No NaN and no infinity in `v`: an exponent of all ones marks both. An OR of integer flags is
@@ -757,18 +765,12 @@ pub(crate) fn copy_tensors(dst: &[Tensor], src: &[Tensor]) {
     tch::no_grad(|| dst.iter().zip(src).for_each(|(d, s)| d.shallow_clone().copy_(s)));
 }
 
-/// Are all batch-norm statistics finite? (A few thousand numbers: cheap every step.) On a GPU the
-/// per-tensor answers are gathered there and read back once, not once per tensor.
+/// Are all batch-norm statistics finite? (A few thousand numbers: cheap every step.) The
+/// per-tensor answers are gathered where the tensors live and read back once (on a GPU, one
+/// wait instead of one per tensor).
 pub(crate) fn buffers_finite(buffers: &[Tensor]) -> bool {
-    let floats: Vec<&Tensor> = buffers.iter().filter(|t| t.is_floating_point()).collect();
-    match floats.first() {
-        None => true,
-        Some(t) if t.device().is_cuda() => {
-            let flags: Vec<Tensor> = floats.iter().map(|t| t.isfinite().all()).collect();
-            bool::try_from(Tensor::stack(&flags, 0).all()).unwrap_or(false)
-        }
-        Some(_) => floats.iter().all(|t| bool::try_from(t.isfinite().all()).unwrap_or(false)),
-    }
+    let flags: Vec<Tensor> = buffers.iter().filter(|t| t.is_floating_point()).map(|t| t.isfinite().all()).collect();
+    flags.is_empty() || bool::try_from(Tensor::stack(&flags, 0).all()).unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! one-pass kernel on the CPU.
 use tch::{Device, Kind, Tensor};
 
-use super::exchange::is_cpu_f32;
+use super::exchange::{is_cpu_f32, views_into};
 use crate::config::{OptimizerKind, TrainCfg};
 
 /// Below this many parameters the fused step runs on one thread (a thread costs ~20 µs to start,
@@ -85,7 +85,6 @@ impl Optimizer {
         let Some((_, first)) = params.first() else { return };
         let device = first.device();
         let numel: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
-        let data = Tensor::zeros([numel], (Kind::Float, device));
         let decays: Vec<f64> = params.iter().map(|(_, p)| self.hyper.decay_of(p)).collect();
         let uniform = decays.iter().all(|&d| d == decays[0]);
         let decay = if uniform {
@@ -99,19 +98,14 @@ impl Optimizer {
             }
             Decay::PerElement(v)
         };
-        tch::no_grad(|| {
-            let mut off = 0i64;
-            for (_, p) in params {
-                assert!(
-                    p.device() == device && p.kind() == Kind::Float && p.is_contiguous(),
-                    "flat parameters must be contiguous f32 tensors on one device"
-                );
-                let n = p.numel() as i64;
-                data.narrow(0, off, n).copy_(&p.reshape([-1]));
-                let _ = p.shallow_clone().set_source_tensor_storage_offset_(&data, off, p.size(), p.stride());
-                off += n;
-            }
-        });
+        let tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        assert!(
+            tensors.iter().all(|p| p.device() == device && p.kind() == Kind::Float && p.is_contiguous()),
+            "flat parameters must be contiguous f32 tensors on one device"
+        );
+        // The parameters' current values, one after the other; then they become views into them.
+        let data = tch::no_grad(|| Tensor::cat(&tensors.iter().map(|p| p.reshape([-1])).collect::<Vec<_>>(), 0));
+        tch::no_grad(|| views_into(&data, &tensors));
         self.flat = Some(Flat { data, decay });
     }
 
