@@ -46,17 +46,30 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/sac-gpu.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 started=$SECONDS
 say() { printf '\033[1mgpu.sh:\033[0m %s\n' "$*" >&2; printf '== %s\n' "$*" >>"$log"; }
-# record JSON: one object per check, written by python3 (which has torch) from KEY=VALUE words.
-record() { python3 - "$@" >>"$jsonl" <<'EOF'
-import json, sys
+# record JSON: one object per check, written by python3 (which has torch) from words KEY=TEXT (kept
+# as a string, whatever it looks like: a commit such as 12e9322 is not the number 1.2e9326) and
+# KEY:=JSON (a number, true/false, null, a list or an object; anything else, or a number JSON cannot
+# hold, is kept as text and the log says so).
+record() { python3 - "$log" "$@" >>"$jsonl" <<'EOF'
+import json, math, sys
+def refuse(c):
+    raise ValueError(c)
 obj = {}
-for kv in sys.argv[1:]:
+for kv in sys.argv[2:]:
     k, _, v = kv.partition("=")
-    try:
-        obj[k] = json.loads(v)
-    except ValueError:
+    if not k.endswith(":"):
         obj[k] = v
-print(json.dumps(obj))
+        continue
+    k = k[:-1]
+    try:
+        obj[k] = json.loads(v, parse_constant=refuse)
+        if isinstance(obj[k], float) and not math.isfinite(obj[k]):
+            raise ValueError("not finite")
+    except ValueError as e:
+        obj[k] = v
+        with open(sys.argv[1], "a") as log:
+            print(f"record: {k}={v!r} is not JSON ({e}); kept as text", file=log)
+print(json.dumps(obj, allow_nan=False))
 EOF
 }
 # run SECONDS NAME COMMAND...: the command's output goes to the log; its status is returned.
@@ -92,8 +105,8 @@ gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --form
 nvidia-smi >>"$log" 2>&1 || gpu="none (nvidia-smi: $(command -v nvidia-smi || echo absent))"
 torchv=$(python3 -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())' 2>>"$log")
 cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
-record check=machine gpu="$gpu" torch="$torchv" cpu="$cpu" cores="$(nproc)" bundle="$(cat COMMIT)" \
-  sac_torch="$(cat TORCH_VERSION)" device=$device quick=$quick
+record check=machine gpu="$gpu" torch="$torchv" cpu="$cpu" cores:="$(nproc)" bundle="$(cat COMMIT)" \
+  sac_torch="$(cat TORCH_VERSION)" sample:="$(cat SAMPLE 2>/dev/null || echo null)" device=$device quick:=$quick
 
 # ---------------------------------------------------------------------------------------------
 say "2/5 mpi-check on $device, 1 and 2 ranks"
@@ -105,15 +118,15 @@ for n in 1 2; do
     export UCX_TLS=tcp,self
     if run 150 "mpi-check -n $n, tcp" mpiexec -n $n sac mpi-check --device $device --reps 5; then ok=true; fi
   fi
-  record check=mpi-check ranks=$n ok=$ok relative_error="$(after 'gradient averaging over' 'relative error ')" \
-    fused_ms="$(after 'ms per step: fused' 'fused ')" adam_ms="$(adam_ms)" \
+  record check=mpi-check ranks:=$n ok:=$ok relative_error:="$(after 'gradient averaging over' 'relative error ')" \
+    fused_ms:="$(after 'ms per step: fused' 'fused ')" adam_ms:="$(adam_ms)" \
     ucx_tls="${UCX_TLS:-default}"
 done
 
 # ---------------------------------------------------------------------------------------------
 say "3/5 resnet18, 64 px, bundled Fashion-MNIST sample, 2 epochs on $device"
 epochs=2
-[[ $quick == 1 ]] && epochs=1
+# two epochs also in --quick: "loss falls" needs two losses
 for spec in "1 f32" "1 bf16" "2 bf16"; do
   read -r n prec <<<"$spec"
   ck="$work/ck-r18-$n-$prec"
@@ -122,7 +135,7 @@ for spec in "1 f32" "1 bf16" "2 bf16"; do
   if run 240 "train resnet18 -n $n $prec" mpiexec -n $n sac "$@"; then ok=true; else ok=false; fi
   hist='[]'
   [[ -f "$ck/resnet18/state.json" ]] && hist=$(state "$ck/resnet18/state.json")
-  record check=train-resnet18 ranks=$n precision=$prec ok=$ok history="$hist"
+  record check=train-resnet18 ranks:=$n precision=$prec ok:=$ok history:="$hist"
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -131,9 +144,9 @@ batch=256 classes=100 images=8192 size=800x1200 side=224 reps=(--warmup 10 --ste
 [[ $quick == 1 ]] && batch=8 classes=10 images=96 size=200x300 side=64 reps=(--warmup 1 --steps 2)
 if run 180 "PyTorch limit" python3 bench/gpu_limit.py --model resnet50 --size $side --batch $batch --precision bf16 \
   --channels-last --device $device "${reps[@]}"; then
-  grep -a '^{"what"' "$log" | tail -2 | while read -r line; do record check=pytorch-limit result="$line"; done
+  grep -a '^{"what"' "$log" | tail -2 | while read -r line; do record check=pytorch-limit result:="$line"; done
 else
-  record check=pytorch-limit ok=false
+  record check=pytorch-limit ok:=false
 fi
 herb="$work/herb" data="$work/herb-data"
 if run 150 "JPEGs" python3 bench/herbarium_gen.py "$herb" --classes $classes --images $images --test-images 64 --size $size &&
@@ -150,10 +163,10 @@ if run 150 "JPEGs" python3 bench/herbarium_gen.py "$herb" --classes $classes --i
   hist='[]'
   [[ -f "$ck/resnet50/state.json" ]] && hist=$(state "$ck/resnet50/state.json")
   threads=$(grep -a 'thread(s) per rank decode each batch' "$log" | tail -1 | sed -n 's/.*INFO *\([0-9]*\) thread(s).*/\1/p')
-  record check=train-resnet50 ok=$ok batch=$batch side=$side images=$images jpeg_size=$size decode_threads="${threads:-1}" \
-    history="$hist"
+  record check=train-resnet50 ok:=$ok batch:=$batch side:=$side images:=$images jpeg_size=$size decode_threads:="${threads:-1}" \
+    history:="$hist"
 else
-  record check=train-resnet50 ok=false
+  record check=train-resnet50 ok:=false
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +182,7 @@ for dev in $devices; do
     ok=false
   fi
   ips=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['images_per_second'])" "$work/eval-$dev/metrics.json" 2>/dev/null)
-  record check=evaluate device=$dev ok=$ok images_per_second="${ips:-null}"
+  record check=evaluate device=$dev ok:=$ok images_per_second:="${ips:-null}"
 done
 agree=$(python3 - "$work/eval-$device/predictions.csv" "$work/eval-cpu/predictions.csv" <<'EOF' 2>>"$log"
 import csv, sys
@@ -177,7 +190,7 @@ a, b = ({r["Id"]: r["Predicted"] for r in csv.DictReader(open(p))} for p in sys.
 print(sum(a[k] == b.get(k) for k in a) / max(len(a), 1))
 EOF
 )
-record check=evaluate-agreement agreement="${agree:-null}"
+record check=evaluate-agreement agreement:="${agree:-null}"
 
 say "done in $((SECONDS - started)) s"
 python3 bench/gpu_table.py "$jsonl" bench/gpu_reference.json | tee "$table"

@@ -114,6 +114,7 @@ chmod +x "$b/run"
 cp bench/gpu.sh bench/gpu_limit.py bench/gpu_table.py bench/herbarium_gen.py bench/gpu_reference.json "$b/bench/"
 cp config.toml "$b/config.toml"
 git -C "$root" rev-parse --short HEAD >"$b/COMMIT" 2>/dev/null || echo unknown >"$b/COMMIT"
+echo "$sample" >"$b/SAMPLE" # bench/gpu.sh compares with its CPU reference only on the same sample
 
 log "data: Fashion-MNIST sample $sample (sac create-dataset, the default config's data dir)"
 (cd "$b" && SAC_TORCH_LIB="$torch_lib" ./run sac --config config.toml -q create-dataset --sample "$sample") >&2 ||

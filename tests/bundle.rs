@@ -120,6 +120,8 @@ fn the_device_bundle_runs_mpi_check_and_training_from_an_empty_directory() {
 
     // The GPU check's script, run as on the GPU machine but on the CPU and shrunk (--quick): every
     // step runs, every result is recorded, and the summary table comes out.
+    // A commit that reads as a number (12e9322 would be 1.2e9326 to a JSON parser) stays text.
+    std::fs::write(b.join("COMMIT"), "12e9322\n").unwrap();
     let results = tmp.path().join("out");
     std::fs::create_dir(&results).unwrap();
     let mut cmd = Command::new(b.join("run"));
@@ -144,6 +146,8 @@ fn the_device_bundle_runs_mpi_check_and_training_from_an_empty_directory() {
         .map(|e| std::fs::read_to_string(e.path()).unwrap())
         .expect("gpu-<time>.jsonl");
     let checks: Vec<serde_json::Value> = jsonl.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let machine = checks.iter().find(|c| c["check"] == "machine").expect("machine");
+    assert_eq!((machine["bundle"].as_str(), machine["cores"].is_u64()), (Some("12e9322"), true), "{machine}");
     let count = |name: &str| checks.iter().filter(|c| c["check"] == name).count();
     assert_eq!(
         [
@@ -162,6 +166,11 @@ fn the_device_bundle_runs_mpi_check_and_training_from_an_empty_directory() {
     }
     let agreement = checks.iter().find(|c| c["check"] == "evaluate-agreement").expect("agreement");
     assert_eq!(agreement["agreement"], 1.0, "the CPU against itself: {agreement}");
+    // Every target this small run can meet holds (the loss falls over 2 epochs; the CPU's reference
+    // is for the default sample, not this one, so it is not held against the run).
+    for row in table.lines().filter(|l| l.starts_with("| resnet18") || l.starts_with("| mpi-check")) {
+        assert!(row.ends_with("| yes |"), "{row}\n{table}");
+    }
     for row in [
         "| mpi-check on cpu, 2 rank(s) |",
         "| resnet18 64 px, 2 rank(s), bf16 |",
