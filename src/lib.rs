@@ -123,7 +123,7 @@ fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
             }
             dataset::create(&settings)
         }
-        Command::Train(a) => train::run(dist, &settings, a.resume, a.overwrite),
+        Command::Train(a) => train::run(dist, &settings, train::Mode { resume: a.resume, overwrite: a.overwrite }),
         Command::Evaluate(a) => evaluate::run(dist, &settings, a.split),
         Command::MpiCheck(_) => unreachable!("handled above"),
     }

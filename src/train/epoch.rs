@@ -10,8 +10,8 @@ use tch::{Device, Tensor};
 use tracing::{info, warn};
 
 use super::ema::Ema;
-use super::exchange::{buffers_finite, copy_tensors, GradSync, StepInfo};
-use super::loader::{with_batches, Loader};
+use super::exchange::{buffers_finite, copy_tensors, GradSync, StepInfo, Synced};
+use super::loader::{with_batches, Batch, Loader};
 use super::mix::Mix;
 use super::model::Model;
 use super::optim::Optimizer;
@@ -29,6 +29,7 @@ use crate::record::State;
 pub struct Interrupted;
 
 /// What one epoch's steps leave on this rank.
+#[derive(Default)]
 pub(crate) struct EpochSteps {
     /// This rank's summed training loss (mean × images) and all ranks' images.
     pub loss_sum: f64,
@@ -130,146 +131,51 @@ impl<'a> Stepper<'a> {
         mut reporter: Option<&mut Reporter>,
         traced_from: Option<usize>,
     ) -> Result<EpochSteps> {
-        let (tc, device, steps) = (self.tc, self.device, batches.len());
+        let steps = batches.len();
         let t_epoch = Instant::now();
         let pb = crate::logging::progress_bar(
             steps as u64,
-            &format!("epoch {epoch}/{}", tc.epochs),
+            &format!("epoch {epoch}/{}", self.tc.epochs),
             self.dist.is_root() && !crate::logging::progress_as_lines(),
         );
         if let Some(r) = reporter.as_deref_mut() {
             r.start_epoch(epoch, steps);
         }
-        let mut times = Times::default();
-        let (mut loss_sum, mut seen, mut skipped, mut nonfinite_steps) = (0f64, 0f64, 0u64, 0u64);
-        let mut clipped_steps = 0u64;
-        let mut early_buckets = 0u64;
-        let mut overlapped_steps = 0u64;
-        with_batches(loader, rows, batches, device, |next_batch| {
+        let mut done = EpochSteps::default();
+        with_batches(loader, rows, batches, self.device, |next_batch| {
             for step in 0..steps {
                 crate::fault::point("step");
+                let at = At { epoch, step, steps };
                 let t = u64::from(epoch - 1) * steps as u64 + step as u64;
                 self.opt.lr = self.schedule.lr(t);
                 let lr = self.opt.lr;
                 if traced_from == Some(step) {
                     crate::timeline::set_recording(true);
                 }
-                let at = Some(step as u64 + 1);
-                let t0 = Instant::now();
-                let (batch, sk) = next_batch()?;
-                skipped += sk;
-                let t1 = crate::timeline::since("data", "load batch", t0, at);
-                let mut step_times = Times { data: t1 - t0, ..Times::default() };
-
-                let mut n_local = 0usize;
-                let mut local_loss = 0f64;
-                let mut bad = false;
-                let stop = self.stop.load(Ordering::Relaxed);
-                // The end of forward + backward.
-                let mut t2 = t1;
-                let synced = if let Some((x, y)) = batch {
-                    if tc.on_nonfinite == OnNonFinite::Skip {
-                        copy_tensors(&self.saved_buffers, &self.buffers);
+                let (outcome, times) = self.step(&at, t, next_batch, &mut done)?;
+                done.times.add(&times);
+                match outcome {
+                    Outcome::Stop => {
+                        pb.abandon();
+                        stopping(epoch, step, steps, state, self.dir);
+                        return Err(Interrupted.into());
                     }
-                    let (x, soft) = match &self.mix {
-                        Some(m) => {
-                            let (x, t) = m.apply(&x, &y);
-                            (x, Some(t))
-                        }
-                        None => (x, None),
-                    };
-                    let logits = self.numerics.forward(self.model.net.as_ref(), &x, true)?;
-                    let mut loss = training_loss(&logits, soft.as_ref().unwrap_or(&y), tc.label_smoothing);
-                    if crate::fault::poison("loss") {
-                        loss *= f64::NAN;
-                    }
-                    n_local = y.size()[0] as usize;
-                    local_loss = loss.double_value(&[]);
-                    // Forward has updated the batch-norm statistics: what every rank must learn
-                    // of this step is known before backward, whose hooks may start the exchange.
-                    bad = !local_loss.is_finite() || !buffers_finite(&self.buffers);
-                    self.sync.zero_grads();
-                    let mine = StepInfo { images: n_local, loss: local_loss * n_local as f64, stop, bad };
-                    self.sync.step(self.dist, mine, || {
-                        // The summed loss: GradSync weights each rank by its image count.
-                        (&loss * n_local as f64).backward();
-                        if let Device::Cuda(i) = device {
-                            // Backward's kernels end here, not in the exchange that waits for them.
-                            tch::Cuda::synchronize(i as i64);
-                        }
-                        t2 = crate::timeline::since("compute", "forward + backward", t1, at);
-                    })
-                } else {
-                    t2 = crate::timeline::since("compute", "forward + backward", t1, at);
-                    self.sync.step(self.dist, StepInfo { stop, ..StepInfo::default() }, || {})
-                };
-                step_times.compute = t2 - t1;
-                step_times.wait = synced.wait;
-                overlapped_steps += u64::from(synced.overlapped);
-                if let Some(line) = &synced.chose {
-                    info!("{line}");
-                }
-                early_buckets += synced.early as u64;
-                if synced.stop {
-                    pb.abandon();
-                    stopping(epoch, step, steps, state, self.dir);
-                    return Err(Interrupted.into());
-                }
-                if synced.images == 0.0 {
-                    bail!("step {step} of epoch {epoch}: no rank had a decodable image");
-                }
-                if synced.non_finite {
-                    let what = if bad { "this rank's loss or batch-norm statistics" } else { "another rank's step" };
-                    match tc.on_nonfinite {
-                        OnNonFinite::Fail => bail!(
-                            "epoch {epoch}, step {}/{steps}: the loss or gradient is not finite (NaN or infinite; \
-                             {what}); training stops and nothing of this epoch is saved. Lower train.lr, look for \
-                             bad images, or set train.on_nonfinite = \"skip\" to leave such steps out",
-                            step + 1
-                        ),
-                        OnNonFinite::Skip => {
-                            copy_tensors(&self.buffers, &self.saved_buffers);
-                            nonfinite_steps += 1;
-                            warn!(
-                                "epoch {epoch}, step {}/{steps}: non-finite loss or gradient ({what}); step left out \
-                                 (train.on_nonfinite = \"skip\")",
-                                step + 1
-                            );
-                            step_times.comm = crate::timeline::since("exchange", "allreduce", t2, at) - t2;
-                            times.add(&step_times);
-                            if let Some(r) = reporter.as_deref_mut() {
-                                r.step(0.0, 0.0, &step_times, state.steps, lr);
-                            }
-                            pb.inc(1);
-                            continue;
+                    Outcome::LeftOut => {
+                        if let Some(r) = reporter.as_deref_mut() {
+                            r.step(0.0, 0.0, &times, state.steps, lr);
                         }
                     }
+                    Outcome::Taken { images, loss_sum, mine } => {
+                        state.steps += 1;
+                        done.loss_sum += mine.loss * mine.images as f64;
+                        done.seen += images;
+                        if let Some(r) = reporter.as_deref_mut() {
+                            r.step(images, loss_sum, &times, state.steps, lr);
+                        }
+                        let rate = done.seen / t_epoch.elapsed().as_secs_f64();
+                        pb.set_message(format!("loss {:.3}, {rate:.0} img/s", mine.loss));
+                    }
                 }
-                let total = synced.images;
-                let g = synced.grad.to_device(device);
-                let t3 = crate::timeline::since("exchange", "allreduce", t2, at);
-                step_times.comm = t3 - t2;
-
-                let mut scale = synced.scale;
-                if tc.clip_grad_norm > 0.0 {
-                    let (clipped, factor) = clip_factor(&synced.grad, scale, tc.clip_grad_norm);
-                    clipped_steps += u64::from(clipped);
-                    scale *= factor;
-                }
-                self.opt.apply(&g, scale, &self.model.params);
-                if let Some(ema) = self.ema.as_mut() {
-                    ema.update(self.model, self.schedule.in_warmup(t));
-                }
-                step_times.optim = crate::timeline::since("optimizer", "optimizer step", t3, at) - t3;
-                times.add(&step_times);
-                state.steps += 1;
-                loss_sum += local_loss * n_local as f64;
-                seen += f64::from(total);
-                if let Some(r) = reporter.as_deref_mut() {
-                    r.step(f64::from(total), synced.loss, &step_times, state.steps, lr);
-                }
-                let rate = seen / t_epoch.elapsed().as_secs_f64();
-                pb.set_message(format!("loss {local_loss:.3}, {rate:.0} img/s"));
                 pb.inc(1);
             }
             Ok(())
@@ -278,17 +184,160 @@ impl<'a> Stepper<'a> {
         if let Some(r) = reporter {
             r.end_steps(state.steps, self.opt.lr);
         }
-        Ok(EpochSteps {
-            loss_sum,
-            seen,
-            skipped,
-            nonfinite_steps,
-            clipped_steps,
-            early_buckets,
-            overlapped_steps,
-            times,
-        })
+        Ok(done)
     }
+
+    /// One step (`t` counts the run's steps): load the batch, forward and backward inside the
+    /// exchange, then the optimizer step unless the ranks stop or leave the step out.
+    fn step(
+        &mut self,
+        at: &At,
+        t: u64,
+        next_batch: &mut dyn FnMut() -> Result<Batch>,
+        done: &mut EpochSteps,
+    ) -> Result<(Outcome, Times)> {
+        let mark = Some(at.step as u64 + 1);
+        let t0 = Instant::now();
+        let (batch, skipped) = next_batch()?;
+        done.skipped += skipped;
+        let t1 = crate::timeline::since("data", "load batch", t0, mark);
+        let mut times = Times { data: t1 - t0, ..Times::default() };
+        let (synced, mine, t2) = self.forward_backward(batch, t1, mark)?;
+        times.compute = t2 - t1;
+        times.wait = synced.wait;
+        done.overlapped_steps += u64::from(synced.overlapped);
+        if let Some(line) = &synced.chose {
+            info!("{line}");
+        }
+        done.early_buckets += synced.early as u64;
+        if synced.stop {
+            return Ok((Outcome::Stop, times));
+        }
+        if synced.images == 0.0 {
+            bail!("step {} of epoch {}: no rank had a decodable image", at.step, at.epoch);
+        }
+        if synced.non_finite {
+            self.leave_out(at, mine.bad)?;
+            done.nonfinite_steps += 1;
+            times.comm = crate::timeline::since("exchange", "allreduce", t2, mark) - t2;
+            return Ok((Outcome::LeftOut, times));
+        }
+        let g = synced.grad.to_device(self.device);
+        let t3 = crate::timeline::since("exchange", "allreduce", t2, mark);
+        times.comm = t3 - t2;
+        let mut scale = synced.scale;
+        if self.tc.clip_grad_norm > 0.0 {
+            let (clipped, factor) = clip_factor(&synced.grad, scale, self.tc.clip_grad_norm);
+            done.clipped_steps += u64::from(clipped);
+            scale *= factor;
+        }
+        self.opt.apply(&g, scale, &self.model.params);
+        if let Some(ema) = self.ema.as_mut() {
+            ema.update(self.model, self.schedule.in_warmup(t));
+        }
+        times.optim = crate::timeline::since("optimizer", "optimizer step", t3, mark) - t3;
+        Ok((Outcome::Taken { images: f64::from(synced.images), loss_sum: synced.loss, mine }, times))
+    }
+
+    /// Forward and backward on this rank's batch (None: it adds nothing but its stop flag) inside
+    /// the step's exchange: the ranks' sums, what this rank put in, and when backward ended.
+    fn forward_backward(
+        &mut self,
+        batch: Option<(Tensor, Tensor)>,
+        t1: Instant,
+        mark: Option<u64>,
+    ) -> Result<(Synced, Local, Instant)> {
+        let stop = self.stop.load(Ordering::Relaxed);
+        let Some((x, y)) = batch else {
+            let t2 = crate::timeline::since("compute", "forward + backward", t1, mark);
+            let synced = self.sync.step(self.dist, StepInfo { stop, ..StepInfo::default() }, || {});
+            return Ok((synced, Local::default(), t2));
+        };
+        if self.tc.on_nonfinite == OnNonFinite::Skip {
+            copy_tensors(&self.saved_buffers, &self.buffers);
+        }
+        let (x, soft) = match &self.mix {
+            Some(m) => {
+                let (x, t) = m.apply(&x, &y);
+                (x, Some(t))
+            }
+            None => (x, None),
+        };
+        let logits = self.numerics.forward(self.model.net.as_ref(), &x, true)?;
+        let mut loss = training_loss(&logits, soft.as_ref().unwrap_or(&y), self.tc.label_smoothing);
+        if crate::fault::poison("loss") {
+            loss *= f64::NAN;
+        }
+        let images = y.size()[0] as usize;
+        let mean = loss.double_value(&[]);
+        // Forward has updated the batch-norm statistics: what every rank must learn of this step
+        // is known before backward, whose hooks may start the exchange.
+        let bad = !mean.is_finite() || !buffers_finite(&self.buffers);
+        self.sync.zero_grads();
+        let (device, mut t2) = (self.device, t1);
+        let info = StepInfo { images, loss: mean * images as f64, stop, bad };
+        let synced = self.sync.step(self.dist, info, || {
+            // The summed loss: GradSync weights each rank by its image count.
+            (&loss * images as f64).backward();
+            if let Device::Cuda(i) = device {
+                // Backward's kernels end here, not in the exchange that waits for them.
+                tch::Cuda::synchronize(i as i64);
+            }
+            t2 = crate::timeline::since("compute", "forward + backward", t1, mark);
+        });
+        Ok((synced, Local { images, loss: mean, bad }, t2))
+    }
+
+    /// A step whose loss or gradient is not finite on some rank: the run fails
+    /// (`train.on_nonfinite = "fail"`), or the step is left out and the batch-norm statistics are
+    /// put back.
+    fn leave_out(&mut self, at: &At, bad: bool) -> Result<()> {
+        let (epoch, step, steps) = (at.epoch, at.step, at.steps);
+        let what = if bad { "this rank's loss or batch-norm statistics" } else { "another rank's step" };
+        match self.tc.on_nonfinite {
+            OnNonFinite::Fail => bail!(
+                "epoch {epoch}, step {}/{steps}: the loss or gradient is not finite (NaN or infinite; {what}); \
+                 training stops and nothing of this epoch is saved. Lower train.lr, look for bad images, or set \
+                 train.on_nonfinite = \"skip\" to leave such steps out",
+                step + 1
+            ),
+            OnNonFinite::Skip => {
+                copy_tensors(&self.buffers, &self.saved_buffers);
+                warn!(
+                    "epoch {epoch}, step {}/{steps}: non-finite loss or gradient ({what}); step left out \
+                     (train.on_nonfinite = \"skip\")",
+                    step + 1
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Where a step is: its epoch, its index and the epoch's steps.
+struct At {
+    epoch: u32,
+    step: usize,
+    steps: usize,
+}
+
+/// What this rank put into a step: its images and their mean loss, and whether its loss or
+/// batch-norm statistics were not finite.
+#[derive(Default)]
+struct Local {
+    images: usize,
+    loss: f64,
+    bad: bool,
+}
+
+/// What a step came to.
+enum Outcome {
+    /// The optimizer stepped: all ranks' images and summed loss, and this rank's part.
+    Taken { images: f64, loss_sum: f64, mine: Local },
+    /// Left out for a non-finite loss or gradient (`train.on_nonfinite = "skip"`).
+    LeftOut,
+    /// Some rank asked to stop.
+    Stop,
 }
 
 /// The mean cross-entropy of a batch against `target`: class labels, or class probabilities

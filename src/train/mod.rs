@@ -6,30 +6,25 @@
 //! same optimizer step. Every rank runs the same number of steps; a rank whose shard is exhausted
 //! contributes a zero-weight gradient, and the buffer carries each rank's batch size so the
 //! average is over images, exactly as one process on the concatenated batch.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-
+use anyhow::{bail, Result};
 use tracing::{info, warn};
 
-use crate::checkpoint;
 use crate::config::{OptimizerKind, Settings, TrainCfg};
-use crate::data::{self, Geometry, ImageStore, Row};
 use crate::dist::Dist;
 use crate::record::{EpochRecord, State};
-use augment::Augment;
 use ema::Ema;
 pub use epoch::Interrupted;
 use epoch::{EpochSteps, Stepper};
-use exchange::{average_tensors, broadcast_tensors};
+use exchange::average_tensors;
 use loader::Loader;
 use model::Model;
-use optim::{Hyper, Optimizer};
+use optim::Optimizer;
 use progress::Reporter;
-use schedule::Schedule;
-use shard::{batch_bounds, distribute, epoch_order, steps_per_epoch, weighted_order};
+use shard::{batch_bounds, epoch_order, steps_per_epoch, weighted_order};
 
 pub mod augment;
 pub mod auto_overlap;
@@ -44,447 +39,374 @@ pub mod model;
 pub mod optim;
 pub mod progress;
 pub mod schedule;
+mod setup;
 pub mod shard;
 pub mod state;
 pub mod trivial;
 pub mod validate;
 
-/// The subcommand.
-pub fn run(dist: &Dist, s: &Settings, resume: bool, overwrite: bool) -> Result<()> {
-    let cfg = &s.config;
-    let tc = &cfg.train;
-    let threads = crate::process::set_threads(tc.threads, dist.cores_per_rank());
-    dist.log_placement(threads);
-    let device = crate::process::pick_device("train.device", tc.device, dist.local_rank())?;
-    let numerics = agreed_numerics(dist, "train.precision", tc.precision, tc.channels_last, device)?;
-    let stop = crate::process::stop_on_signals()?;
-    let dir = s.model_dir();
-    let store = checkpoint::Store::new(&dir);
-    if dist.is_root() && !resume && !overwrite && store.holds_checkpoint() {
-        bail!(
-            "{} already holds a checkpoint{}: pass --resume to continue it, or --overwrite to start afresh \
-             (its epochs are then deleted once the new run saves its first epoch)",
-            dir.display(),
-            store.epochs().first().map(|(n, _)| format!(" (epoch {n})")).unwrap_or_default()
-        );
-    }
+/// How a run treats a checkpoint already in its directory: `--resume` continues it, `--overwrite`
+/// replaces it (its epochs are deleted once the new run saves its first); neither refuses to start.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mode {
+    pub resume: bool,
+    pub overwrite: bool,
+}
 
-    if let (true, Some(path)) = (dist.is_root(), cfg.timeline.path()) {
-        crate::timeline::prepare(path)?;
-    }
-    let shard = distribute(dist, s)?;
-    let k = shard.classes.len();
-    let arch = cfg.model.name;
-    info!(
-        "{arch}, {k} classes, {} training images over {} rank(s), batch {} per rank, {threads} torch thread(s) per rank, {}; {}",
-        shard.total_train,
-        dist.size(),
-        tc.batch_size,
-        device_name(device),
-        numerics.reason
-    );
-
-    tch::manual_seed(cfg.dataset.seed as i64);
-    let model = Model::new(arch, k as i64, device, cfg.model.feature_extract);
-    let mut opt = Optimizer::new(tc.optimizer, tc.base_lr(dist.size()), Hyper::from_config(tc), model.numel, device);
-    let mut state = State {
-        epoch: 0,
-        arch,
-        num_classes: k,
-        steps: 0,
-        world_size: dist.size(),
-        best_epoch: None,
-        best_top1: None,
-        classes: shard.classes.clone(),
-        history: Vec::new(),
-        config: cfg.clone(),
-    };
-
-    // Rank 0 loads what training starts from; then every rank gets it.
-    let mut header = Vec::new();
-    let mut resumed_from = None;
-    if dist.is_root() {
-        if resume {
-            let (loaded, from) = state::load_for_resume(&store, &model, &mut opt, &state)?;
-            state = loaded;
-            resumed_from = Some(from);
-            if state.world_size != dist.size() {
-                info!(
-                    "the checkpoint was written by {} rank(s), this run has {}: the global batch changes from {} to {} \
-                     images per step (batch {} per rank) and the epochs' data order differs from the first run's; \
-                     weights, optimizer state, step count and history carry over",
-                    state.world_size,
-                    dist.size(),
-                    state.world_size * tc.batch_size,
-                    dist.size() * tc.batch_size,
-                    tc.batch_size
-                );
-            }
-        } else if let Some(p) = s.pretrained() {
-            state::load_pretrained(p, &model, arch)?;
-        }
-        header = serde_json::to_vec(&state)?;
-    }
-    dist.broadcast_bytes(0, &mut header);
-    state = serde_json::from_slice(&header).context("decoding the training state")?;
-    state.config = cfg.clone();
-    state.world_size = dist.size();
-    broadcast_tensors(dist, &model.all());
-    let mut step_buf = [opt.step as f64];
-    dist.broadcast_slice(0, &mut step_buf);
-    opt.step = step_buf[0] as i64;
-    broadcast_tensors(dist, &[opt.m.shallow_clone(), opt.v.shallow_clone()]);
-    // The moving average starts as the weights, or as the resumed run's average.
-    let ema = (tc.ema_decay > 0.0).then(|| Ema::new(&model, tc.ema_decay));
-    if let Some(e) = &ema {
-        if let Some(from) = &resumed_from {
-            state::load_ema(from, e)?;
-        }
-        broadcast_tensors(dist, &e.all());
-    }
-
-    if state.epoch >= tc.epochs {
+/// The subcommand: the job's outline. Every step is a collective unless it says otherwise.
+pub fn run(dist: &Dist, s: &Settings, mode: Mode) -> Result<()> {
+    let env = setup::Env::prepare(dist, s, mode)?;
+    let setup::Start { model, opt, state, ema } = setup::restore(dist, s, &env, mode.resume)?;
+    let epochs = s.config.train.epochs;
+    if state.epoch >= epochs {
         info!(
             "{} already holds {} epoch(s) of training; nothing to do (raise --epochs to go on)",
-            dir.display(),
+            env.dir.display(),
             state.epoch
         );
         return Ok(());
     }
-
-    // The decode cache's budget, shared by the train and test shards in proportion to their size.
-    // Every rank reads the memory at its own moment: the node's ranks take the smallest reading
-    // (the smallest of all ranks: nodes of one job are alike), so the budgets agree.
-    let reading = data::available_memory().map_or(-1.0, |a| a as f64);
-    let least = dist.min_f64(reading);
-    let available = (least >= 0.0).then_some(least as u64);
-    let budget = data::cache_budget(tc.cache, dist.local_size(), available);
-    let share = |n: usize| {
-        let total = (shard.train.len() + shard.test.len()).max(1) as f64;
-        if budget == u64::MAX {
-            u64::MAX
-        } else {
-            (budget as f64 * n as f64 / total) as u64
-        }
-    };
-    let geometry = Geometry::from_config(&cfg.image);
-    let augment = Augment::new(&cfg.augment, cfg.dataset.seed);
-    // Random crops are cut from whole images (short side `cache_size`), or from the input-size ones.
-    let crop_source = (cfg.augment.random_resized_crop && cfg.image.cache_size > 0).then_some(cfg.image.cache_size);
-    let loader = |rows: &[Row], crop_source| {
-        Loader::new(
-            ImageStore::new(s.data_dir(), geometry, crop_source, rows.len(), share(rows.len())),
-            geometry,
-            tc.on_bad_image,
-            dist.rank(),
-            tc.prefetch,
-        )
-    };
-    let (mut train_loader, mut test_loader) = (loader(&shard.train, crop_source), loader(&shard.test, None));
-    let decoders = loader_threads(tc.loader_threads, device, dist.cores_per_rank());
-    (train_loader.threads, test_loader.threads) = (decoders, decoders);
-    if decoders > 1 || device.is_cuda() {
-        info!(
-            "{decoders} thread(s) per rank decode each batch (train.loader_threads){}",
-            if device.is_cuda() { "; batches reach the GPU from page-locked memory without a wait" } else { "" }
-        );
-    }
-    if let Some(a) = &augment {
-        info!("{}", a.describe(crop_source.unwrap_or(0)));
-    }
-    train_loader.augment = augment;
-    let steps = steps_per_epoch(shard.total_train, dist.size(), tc.batch_size);
-    let mut first_save = true;
-
-    // Rank 0 reports progress and keeps metrics.jsonl; a resumed run continues the stream.
-    let mut reporter = if dist.is_root() {
-        // A run that replaces an old one keeps the old stream until its own first epoch is saved,
-        // as the old checkpoint is kept.
-        let replacing = overwrite && store.holds_checkpoint();
-        let stream = metrics::Stream::open(&dir, resume.then_some(state.epoch), replacing)?;
-        Some(Reporter::new(stream, tc.log_interval(), tc.epochs))
-    } else {
-        None
-    };
-    let schedule = Schedule::new(tc, dist.size(), steps);
-    info!(
-        "{}; {}; {steps} steps per epoch of a global batch of {}",
-        stepper_text(tc),
-        schedule.describe(),
-        tc.batch_size * dist.size()
-    );
-    // The exchange's buckets follow the order in which backward completes the gradients (on the
-    // CPU, where they start during backward; a GPU's exchange follows backward, and its autograd
-    // would run the hooks that find the order on its device threads).
-    let order = if dist.size() > 1 && !device.is_cuda() {
-        Some(exchange::model_backward_order(dist, &model, cfg.image.height, cfg.image.width, device)?)
-    } else {
-        None
-    };
-    let mut stepper = Stepper::new(dist, &model, opt, schedule, tc, device, numerics.clone(), &stop, &dir, order)?;
-    if dist.size() > 1 {
-        info!(
-            "{}{}",
-            exchange::describe_buckets(
-                &stepper.sync.buckets(),
-                stepper.sync.overlaps(),
-                stepper.sync.threaded(),
-                device.is_cuda()
-            ),
-            if stepper.sync.bf16() {
-                "; gradients sent as bfloat16, summed in f32 pair by pair (train.exchange = \"bf16\")"
-            } else {
-                ""
-            }
-        );
-        if device.is_cuda() {
-            info!(
-                "gradients leave the GPU for the sums ({}): sac hands MPI host memory only",
-                match dist.cuda_aware() {
-                    Some(true) => "the MPI library says it is CUDA-aware",
-                    Some(false) => "the MPI library says it is not CUDA-aware",
-                    None => "the MPI library does not say whether it is CUDA-aware",
-                }
-            );
-        }
-        if stepper.sync.auto() {
-            info!(
-                "train.overlap = \"auto\": steps {}-{} take turns with and without overlap; rank 0 keeps the faster \
-                 way for the rest of the run",
-                auto_overlap::TRIAL_STEPS.start + 1,
-                auto_overlap::TRIAL_STEPS.end
-            );
-        }
-    }
-    stepper.ema = ema;
-    stepper.mix = mix::Mix::new(&cfg.augment, k);
-    if let Some(m) = &stepper.mix {
-        info!("{}", m.describe());
-    }
-    let weights = shard::sampling_weights(tc.sampler, &shard.train, &shard.class_counts);
-    if weights.is_some() {
-        let ((lo, lo_draws), (hi, hi_draws)) = shard::expected_draws(tc.sampler, &shard.class_counts);
-        info!(
-            "sampler {}: each epoch draws {} images with replacement; expected draws of the rarest class \
-             ({lo} images) {lo_draws:.1}, of the commonest ({hi} images) {hi_draws:.1}",
-            tc.sampler.name(),
-            shard.total_train
-        );
-    }
-    let first_epoch = state.epoch + 1;
-    // The timeline's window: the last `timeline.steps` steps of the first epoch, its validation
-    // and its checkpoint.
-    let timeline = cfg.timeline.path().map(|p| (p.to_path_buf(), steps.saturating_sub(cfg.timeline.steps)));
-    for epoch in first_epoch..=tc.epochs {
-        let t_epoch = Instant::now();
-        let traced = timeline.as_ref().filter(|_| epoch == first_epoch);
-        tch::manual_seed((cfg.dataset.seed as i64) ^ (i64::from(epoch) << 20) ^ (dist.rank() as i64) << 40);
-        let order = match &weights {
-            Some(w) => weighted_order(w, cfg.dataset.seed, epoch, dist.rank()),
-            None => epoch_order(shard.train.len(), cfg.dataset.seed, epoch, dist.rank()),
-        };
-        let bounds = batch_bounds(order.len(), tc.batch_size);
-        let batches: Vec<&[usize]> =
-            (0..steps).map(|step| bounds.get(step).map_or(&[][..], |r| &order[r.clone()])).collect();
-        let traced_from = traced.map(|(_, from)| *from);
-        train_loader.set_epoch(epoch);
-        let done = stepper.run_epoch(
-            epoch,
-            &mut train_loader,
-            &shard.train,
-            &batches,
-            &mut state,
-            reporter.as_mut(),
-            traced_from,
-        )?;
-        let EpochSteps {
-            loss_sum,
-            seen,
-            skipped,
-            nonfinite_steps,
-            clipped_steps,
-            early_buckets,
-            overlapped_steps,
-            times,
-        } = done;
-        let train_seconds = t_epoch.elapsed().as_secs_f64();
-        let train_loss = dist.sum_f64(loss_sum) / seen.max(1.0);
-        let skipped_all = dist.sum_f64(skipped as f64) as u64;
-        let images_per_second = seen / train_seconds;
-
-        average_tensors(dist, &stepper.buffers);
-        if let Some(e) = &stepper.ema {
-            average_tensors(dist, &e.buffers(&model));
-        }
-        let t_val = Instant::now();
-        // Validation of the weights, then of their moving average with the model's code on its
-        // values; the timeline records the first `timeline.steps` batches of the first.
-        let mut validate = |traced_batches| {
-            validate::validate(
-                dist,
-                &model,
-                &shard.test,
-                &mut test_loader,
-                tc.batch_size,
-                device,
-                &numerics,
-                &stop,
-                traced_batches,
-                tc.log_interval(),
-            )
-        };
-        let (val_loss, top1, top5) = if tc.validate {
-            match validate(if traced.is_some() { cfg.timeline.steps } else { 0 })? {
-                Some(v) => (Some(v.0), Some(v.1), Some(v.2)),
-                None => {
-                    warn!("validation of epoch {epoch} cut short by a stop signal; the epoch is saved without it");
-                    (None, None, None)
-                }
-            }
-        } else {
-            (None, None, None)
-        };
-        let ema_top1 = match (&stepper.ema, top1) {
-            (Some(e), Some(_)) => {
-                e.swap(&model);
-                let v = validate(0);
-                e.swap(&model);
-                v?.map(|v| v.1)
-            }
-            _ => None,
-        };
-        let t_val_end = Instant::now();
-        let validation_seconds = (t_val_end - t_val).as_secs_f64();
-        let record = EpochRecord {
-            epoch,
-            train_loss,
-            val_loss,
-            top1,
-            top5,
-            images_per_second,
-            seconds: t_epoch.elapsed().as_secs_f64(),
-            skipped_images: skipped_all,
-            nonfinite_steps,
-            lr: Some(stepper.opt.lr),
-            ema_top1,
-            precision: Some(numerics.name().to_owned()),
-            device: Some(device_name(device)),
-        };
-        let pct = |x: Option<f64>| x.map_or("-".into(), |v| format!("{:.2} %", 100.0 * v));
-        info!(
-            "epoch {epoch}/{}: train loss {train_loss:.4}, val loss {}, top-1 {}, top-5 {}, {images_per_second:.1} img/s, {:.1} s ({})",
-            tc.epochs,
-            val_loss.map_or("-".into(), |v| format!("{v:.4}")),
-            pct(top1),
-            pct(top5),
-            record.seconds,
-            progress::shares_text(&times.shares())
-        );
-        if let Some(t) = ema_top1 {
-            info!("epoch {epoch}/{}: the moving average of the weights: top-1 {}", tc.epochs, pct(Some(t)));
-        }
-        let data_share = times.shares().data;
-        if device.is_cuda() && data_share >= GPU_DATA_WARN {
-            warn!(
-                "epoch {epoch}: the GPU waited for data {:.0} % of the steps' time: {decoders} decode thread(s) per rank \
-                 do not keep up; raise train.loader_threads, keep decoded images (train.cache) or use fewer ranks per GPU",
-                100.0 * data_share
-            );
-        }
-        if epoch == first_epoch {
-            log_cache(dist, budget, &[&train_loader, &test_loader], shard.total_train + shard.total_test);
-            if stepper.sync.overlaps() && overlapped_steps > 0 {
-                let some = if (overlapped_steps as usize) < steps {
-                    format!(
-                        "; counted over the {overlapped_steps} of {steps} steps that overlapped under train.overlap = \"auto\""
-                    )
-                } else {
-                    String::new()
-                };
-                info!(
-                    "epoch {epoch}: rank 0 started {:.1} of its {} gradient buckets per step during backward (the \
-                     rest after it: the exposed exchange is the allreduce share above{some})",
-                    early_buckets as f64 / overlapped_steps as f64,
-                    stepper.sync.buckets().len()
-                );
-            }
-        }
-        if skipped_all > 0 {
-            warn!("{skipped_all} image(s) could not be decoded and were skipped this epoch");
-        }
-        if tc.clip_grad_norm > 0.0 {
-            info!(
-                "epoch {epoch}: the gradient norm was clipped to {} in {clipped_steps} of {steps} steps",
-                tc.clip_grad_norm
-            );
-        }
-        if nonfinite_steps > 0 {
-            warn!("{nonfinite_steps} step(s) of epoch {epoch} were left out: non-finite loss or gradient");
-        }
-        state.epoch = epoch;
-        state.history.push(record.clone());
-        let improved = top1.is_some_and(|t| state.best_top1.is_none_or(|b| t > b));
-        if improved {
-            state.best_top1 = top1;
-            state.best_epoch = Some(epoch);
-        }
-        if let Some(r) = reporter.as_mut() {
-            r.epoch_done(&record, validation_seconds, times.shares(), state.steps);
-        }
-        if traced.is_some() {
-            // Validation stopped recording after its first `timeline.steps` batches.
-            crate::timeline::set_recording(true);
-            if tc.validate {
-                crate::timeline::span("validation", "validation", t_val, t_val_end, None);
-            }
-        }
-        if dist.is_root() {
-            let t = Instant::now();
-            let metrics_file = reporter.as_ref().and_then(Reporter::file).map(Path::to_path_buf);
-            state::save(
-                &store,
-                &model,
-                &stepper.opt,
-                &state,
-                improved,
-                first_save && overwrite,
-                metrics_file.as_deref(),
-                stepper.ema.as_ref(),
-            )?;
-            crate::timeline::since("checkpoint", "write checkpoint", t, None);
-            if let (true, Some(r)) = (first_save, reporter.as_mut()) {
-                r.publish();
-            }
-        }
-        first_save = false;
-        // Nobody starts the next epoch (or exits) before the checkpoint is complete; a stop signal
-        // that came during validation or saving ends the run here, with this epoch saved.
-        let t = Instant::now();
-        let stop_now = dist.any(stop.load(Ordering::Relaxed));
-        crate::timeline::since("exchange", "end of epoch (waits for the checkpoint)", t, None);
-        if let Some((path, from)) = traced {
-            let parts = dist.gather_bytes(0, crate::timeline::take(dist.rank()));
-            if let Some(parts) = parts {
-                let window = format!(
-                    "epoch {epoch}: steps {}-{steps} of {steps}{}, checkpoint",
-                    from + 1,
-                    if tc.validate { ", validation" } else { "" }
-                );
-                crate::timeline::write(path, &parts, "train", &window)?;
-            }
-        }
-        if stop_now && epoch < tc.epochs {
+    let mut job = Trainer::new(dist, s, &env, &model, opt, ema, state, mode)?;
+    for epoch in job.first_epoch..=epochs {
+        let trained = job.train_epoch(epoch)?;
+        let validated = job.validate(epoch)?;
+        let record = job.record(epoch, &trained, &validated);
+        job.log_epoch(&record, &trained);
+        job.save(record, &trained, &validated)?;
+        if job.agree_to_stop(epoch)? && epoch < epochs {
             warn!(
                 "stopping after epoch {epoch} on a signal; its checkpoint in {} is complete; continue with \
                  `sac train --resume`",
-                dir.display()
+                env.dir.display()
             );
             return Err(Interrupted.into());
         }
     }
     crate::logging::progress_clock(Duration::ZERO);
-    log_done(dist, &format!("checkpoints in {}", dir.display()));
+    log_done(dist, &format!("checkpoints in {}", env.dir.display()));
     Ok(())
+}
+
+/// A training run from its first epoch on: what the epochs share and change.
+struct Trainer<'a> {
+    dist: &'a Dist,
+    s: &'a Settings,
+    tc: &'a TrainCfg,
+    env: &'a setup::Env,
+    model: &'a Model,
+    stepper: Stepper<'a>,
+    loaders: setup::Loaders,
+    state: State,
+    /// Rank 0's progress lines and metrics.jsonl.
+    reporter: Option<Reporter>,
+    /// Per-image weights of `train.sampler`, or None for a permutation per epoch.
+    weights: Option<Vec<f64>>,
+    /// Steps per epoch, the same on every rank.
+    steps: usize,
+    first_epoch: u32,
+    /// The timeline's file and the step it starts recording at (in the first epoch).
+    timeline: Option<(PathBuf, usize)>,
+    /// `--overwrite`: the first save deletes the old run's epochs.
+    overwrite: bool,
+    first_save: bool,
+}
+
+/// One epoch's steps, summed over the ranks where every rank needs the sum.
+struct Trained {
+    steps: EpochSteps,
+    started: Instant,
+    /// All ranks' mean training loss, and their images that could not be decoded.
+    train_loss: f64,
+    skipped: u64,
+    images_per_second: f64,
+}
+
+/// Validation of the weights (None: off, or cut short by a stop signal) and of their moving average.
+struct Validated {
+    val_loss: Option<f64>,
+    top1: Option<f64>,
+    top5: Option<f64>,
+    ema_top1: Option<f64>,
+    started: Instant,
+    ended: Instant,
+}
+
+impl<'a> Trainer<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        dist: &'a Dist,
+        s: &'a Settings,
+        env: &'a setup::Env,
+        model: &'a Model,
+        opt: Optimizer,
+        ema: Option<Ema>,
+        state: State,
+        mode: Mode,
+    ) -> Result<Self> {
+        let (cfg, tc) = (&s.config, &s.config.train);
+        let loaders = setup::loaders(dist, s, env);
+        let steps = steps_per_epoch(env.shard.total_train, dist.size(), tc.batch_size);
+        // Rank 0 reports progress and keeps metrics.jsonl; a resumed run continues the stream, and
+        // one that replaces an old run keeps the old stream until its own first epoch is saved, as
+        // the old checkpoint is kept.
+        let reporter = if dist.is_root() {
+            let replacing = mode.overwrite && env.store.holds_checkpoint();
+            let stream = metrics::Stream::open(&env.dir, mode.resume.then_some(state.epoch), replacing)?;
+            Some(Reporter::new(stream, tc.log_interval(), tc.epochs))
+        } else {
+            None
+        };
+        let stepper = setup::stepper(dist, s, env, model, opt, ema, steps)?;
+        let weights = setup::sampling_weights(s, &env.shard);
+        // The timeline's window: the last `timeline.steps` steps of the first epoch, its
+        // validation and its checkpoint.
+        let timeline = cfg.timeline.path().map(|p| (p.to_path_buf(), steps.saturating_sub(cfg.timeline.steps)));
+        let first_epoch = state.epoch + 1;
+        Ok(Trainer {
+            dist,
+            s,
+            tc,
+            env,
+            model,
+            stepper,
+            loaders,
+            state,
+            reporter,
+            weights,
+            steps,
+            first_epoch,
+            timeline,
+            overwrite: mode.overwrite,
+            first_save: true,
+        })
+    }
+
+    /// The timeline's file and first step, in the epoch it records.
+    fn traced(&self, epoch: u32) -> Option<&(PathBuf, usize)> {
+        self.timeline.as_ref().filter(|_| epoch == self.first_epoch)
+    }
+
+    /// The epoch's steps over this rank's order of its shard; then the ranks' sums and their
+    /// batch-norm statistics averaged.
+    fn train_epoch(&mut self, epoch: u32) -> Result<Trained> {
+        let (dist, seed) = (self.dist, self.s.config.dataset.seed);
+        let started = Instant::now();
+        tch::manual_seed((seed as i64) ^ (i64::from(epoch) << 20) ^ (dist.rank() as i64) << 40);
+        let rows = &self.env.shard.train;
+        let order = match &self.weights {
+            Some(w) => weighted_order(w, seed, epoch, dist.rank()),
+            None => epoch_order(rows.len(), seed, epoch, dist.rank()),
+        };
+        let bounds = batch_bounds(order.len(), self.tc.batch_size);
+        let batches: Vec<&[usize]> =
+            (0..self.steps).map(|step| bounds.get(step).map_or(&[][..], |r| &order[r.clone()])).collect();
+        let traced_from = self.traced(epoch).map(|(_, from)| *from);
+        self.loaders.train.set_epoch(epoch);
+        let steps = self.stepper.run_epoch(
+            epoch,
+            &mut self.loaders.train,
+            rows,
+            &batches,
+            &mut self.state,
+            self.reporter.as_mut(),
+            traced_from,
+        )?;
+        let seconds = started.elapsed().as_secs_f64();
+        let train_loss = dist.sum_f64(steps.loss_sum) / steps.seen.max(1.0);
+        let skipped = dist.sum_f64(steps.skipped as f64) as u64;
+        let images_per_second = steps.seen / seconds;
+        average_tensors(dist, &self.stepper.buffers);
+        if let Some(e) = &self.stepper.ema {
+            average_tensors(dist, &e.buffers(self.model));
+        }
+        Ok(Trained { steps, started, train_loss, skipped, images_per_second })
+    }
+
+    /// Validation of the weights, then of their moving average with the model's code on its
+    /// values; the timeline records the first `timeline.steps` batches of the first.
+    fn validate(&mut self, epoch: u32) -> Result<Validated> {
+        let started = Instant::now();
+        let traced = if self.traced(epoch).is_some() { self.s.config.timeline.steps } else { 0 };
+        let (dist, env, model, tc) = (self.dist, self.env, self.model, self.tc);
+        let loader = &mut self.loaders.test;
+        // One pass over this rank's test shard: (loss, top-1, top-5), None when a signal cut it short.
+        let mut once = |traced| {
+            let (rows, every) = (&env.shard.test, tc.log_interval());
+            let (device, numerics, stop) = (env.device, &env.numerics, &env.stop);
+            validate::validate(dist, model, rows, loader, tc.batch_size, device, numerics, stop, traced, every)
+        };
+        let (mut val_loss, mut top1, mut top5) = (None, None, None);
+        if tc.validate {
+            match once(traced)? {
+                Some(v) => (val_loss, top1, top5) = (Some(v.0), Some(v.1), Some(v.2)),
+                None => warn!("validation of epoch {epoch} cut short by a stop signal; the epoch is saved without it"),
+            }
+        }
+        let ema_top1 = match (&self.stepper.ema, top1) {
+            (Some(e), Some(_)) => {
+                e.swap(model);
+                let v = once(0);
+                e.swap(model);
+                v?.map(|v| v.1)
+            }
+            _ => None,
+        };
+        Ok(Validated { val_loss, top1, top5, ema_top1, started, ended: Instant::now() })
+    }
+
+    /// The epoch's line in state.json. Not a collective.
+    fn record(&self, epoch: u32, t: &Trained, v: &Validated) -> EpochRecord {
+        EpochRecord {
+            epoch,
+            train_loss: t.train_loss,
+            val_loss: v.val_loss,
+            top1: v.top1,
+            top5: v.top5,
+            images_per_second: t.images_per_second,
+            seconds: t.started.elapsed().as_secs_f64(),
+            skipped_images: t.skipped,
+            nonfinite_steps: t.steps.nonfinite_steps,
+            lr: Some(self.stepper.opt.lr),
+            ema_top1: v.ema_top1,
+            precision: Some(self.env.numerics.name().to_owned()),
+            device: Some(device_name(self.env.device)),
+        }
+    }
+
+    /// The epoch's log lines; after the first, what the decode caches hold (a collective) and how
+    /// many buckets started during backward.
+    fn log_epoch(&self, record: &EpochRecord, t: &Trained) {
+        let (tc, epoch, steps) = (self.tc, record.epoch, self.steps);
+        let pct = |x: Option<f64>| x.map_or("-".into(), |v| format!("{:.2} %", 100.0 * v));
+        let shares = t.steps.times.shares();
+        info!(
+            "epoch {epoch}/{}: train loss {:.4}, val loss {}, top-1 {}, top-5 {}, {:.1} img/s, {:.1} s ({})",
+            tc.epochs,
+            record.train_loss,
+            record.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+            pct(record.top1),
+            pct(record.top5),
+            record.images_per_second,
+            record.seconds,
+            progress::shares_text(&shares)
+        );
+        if let Some(x) = record.ema_top1 {
+            info!("epoch {epoch}/{}: the moving average of the weights: top-1 {}", tc.epochs, pct(Some(x)));
+        }
+        if self.env.device.is_cuda() && shares.data >= GPU_DATA_WARN {
+            warn!(
+                "epoch {epoch}: the GPU waited for data {:.0} % of the steps' time: {} decode thread(s) per rank \
+                 do not keep up; raise train.loader_threads, keep decoded images (train.cache) or use fewer ranks per GPU",
+                100.0 * shares.data,
+                self.loaders.decoders
+            );
+        }
+        if epoch == self.first_epoch {
+            self.log_first_epoch(&t.steps);
+        }
+        if t.skipped > 0 {
+            warn!("{} image(s) could not be decoded and were skipped this epoch", t.skipped);
+        }
+        if tc.clip_grad_norm > 0.0 {
+            info!(
+                "epoch {epoch}: the gradient norm was clipped to {} in {} of {steps} steps",
+                tc.clip_grad_norm, t.steps.clipped_steps
+            );
+        }
+        if t.steps.nonfinite_steps > 0 {
+            warn!("{} step(s) of epoch {epoch} were left out: non-finite loss or gradient", t.steps.nonfinite_steps);
+        }
+    }
+
+    /// After the first epoch (every image seen once): the decode caches (a collective) and the
+    /// buckets that started during backward.
+    fn log_first_epoch(&self, done: &EpochSteps) {
+        let (l, shard, steps) = (&self.loaders, &self.env.shard, self.steps);
+        log_cache(self.dist, l.budget, &[&l.train, &l.test], shard.total_train + shard.total_test);
+        let sync = &self.stepper.sync;
+        let overlapped = done.overlapped_steps;
+        if sync.overlaps() && overlapped > 0 {
+            let some = if (overlapped as usize) < steps {
+                format!(
+                    "; counted over the {overlapped} of {steps} steps that overlapped under train.overlap = \"auto\""
+                )
+            } else {
+                String::new()
+            };
+            info!(
+                "epoch {}: rank 0 started {:.1} of its {} gradient buckets per step during backward (the rest \
+                 after it: the exposed exchange is the allreduce share above{some})",
+                self.first_epoch,
+                done.early_buckets as f64 / overlapped as f64,
+                sync.buckets().len()
+            );
+        }
+    }
+
+    /// The epoch joins the run's state (and is the best so far if its top-1 is); rank 0 writes the
+    /// checkpoint and metrics.jsonl's epoch line. Not a collective.
+    fn save(&mut self, record: EpochRecord, t: &Trained, v: &Validated) -> Result<()> {
+        let (epoch, state) = (record.epoch, &mut self.state);
+        state.epoch = epoch;
+        state.history.push(record.clone());
+        let improved = v.top1.is_some_and(|t| state.best_top1.is_none_or(|b| t > b));
+        if improved {
+            state.best_top1 = v.top1;
+            state.best_epoch = Some(epoch);
+        }
+        if let Some(r) = self.reporter.as_mut() {
+            r.epoch_done(&record, (v.ended - v.started).as_secs_f64(), t.steps.times.shares(), state.steps);
+        }
+        if self.traced(epoch).is_some() {
+            // Validation stopped recording after its first `timeline.steps` batches.
+            crate::timeline::set_recording(true);
+            if self.tc.validate {
+                crate::timeline::span("validation", "validation", v.started, v.ended, None);
+            }
+        }
+        if self.dist.is_root() {
+            let t = Instant::now();
+            let metrics_file = self.reporter.as_ref().and_then(Reporter::file).map(Path::to_path_buf);
+            state::save(
+                &self.env.store,
+                self.model,
+                &self.stepper.opt,
+                &self.state,
+                improved,
+                self.first_save && self.overwrite,
+                metrics_file.as_deref(),
+                self.stepper.ema.as_ref(),
+            )?;
+            crate::timeline::since("checkpoint", "write checkpoint", t, None);
+            if let (true, Some(r)) = (self.first_save, self.reporter.as_mut()) {
+                r.publish();
+            }
+        }
+        self.first_save = false;
+        Ok(())
+    }
+
+    /// Nobody starts the next epoch (or exits) before the checkpoint is complete: true when a stop
+    /// signal came on some rank (during validation or saving too). The first epoch's timeline is
+    /// gathered and written here.
+    fn agree_to_stop(&mut self, epoch: u32) -> Result<bool> {
+        let t = Instant::now();
+        let stop_now = self.dist.any(self.env.stop.load(Ordering::Relaxed));
+        crate::timeline::since("exchange", "end of epoch (waits for the checkpoint)", t, None);
+        if let Some((path, from)) = self.traced(epoch) {
+            let parts = self.dist.gather_bytes(0, crate::timeline::take(self.dist.rank()));
+            if let Some(parts) = parts {
+                let window = format!(
+                    "epoch {epoch}: steps {}-{steps} of {steps}{}, checkpoint",
+                    from + 1,
+                    if self.tc.validate { ", validation" } else { "" },
+                    steps = self.steps
+                );
+                crate::timeline::write(path, &parts, "train", &window)?;
+            }
+        }
+        Ok(stop_now)
+    }
 }
 
 /// The share of a GPU's step time spent waiting for batches above which the log says so.
