@@ -130,7 +130,7 @@ def table(a):
     w("")
     auto_profiles = [p for p in profiles if any(r["what"] == "sac" and r.get("auto") and r.get("profile") == p for r in rows)]
     if auto_profiles:
-        w("`train.overlap = \"auto\"` in the same rounds (its epoch includes the trial: steps 3–10 of 22 take turns):\n")
+        w("`train.overlap = \"auto\"` in the same rounds (its epoch includes the trial: steps 3–10 of 44 take turns):\n")
         w("| link | sac, auto | way chosen per round | auto ÷ DDP | auto ÷ faster of overlap and after |")
         w("|---|---:|---|---:|---:|")
         for p in auto_profiles:

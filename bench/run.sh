@@ -130,7 +130,7 @@ log "results in $out"
 step "$out/logs/jpegs.log" "$py" bench/baselines.py jpegs --dir "$work/jpegs" --count "$jpeg_count"
 for round in $(seq 1 "$rounds"); do
   log "round $round/$rounds"
-  step "$out/logs/compute-r$round.log" "$py" bench/baselines.py compute --steps $((smoke ? 3 : 20)) >>"$results"
+  step "$out/logs/compute-r$round.log" "$py" bench/baselines.py compute --no-step --steps $((smoke ? 3 : 20)) >>"$results"
   for n in $train_ns; do
     log "  train n=$n: sac, then DDP"
     sac_train "$n" "$round"
