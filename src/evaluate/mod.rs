@@ -8,7 +8,7 @@ pub mod pipeline;
 pub mod report;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -21,7 +21,7 @@ use crate::config::{Arch, Settings, Split};
 use crate::data::{self, Geometry};
 use crate::dist::Dist;
 use crate::precision::Numerics;
-use pipeline::{Ctx, RankReport, Stage};
+use pipeline::{Ctx, Outcome, RankReport, Stage};
 
 /// Checks a checkpoint's architecture, class count and class map (the category id of every label)
 /// against the config and `classes.csv`, from its metadata, without building a model. A checkpoint
@@ -115,155 +115,216 @@ impl Predictor {
     }
 }
 
-/// The subcommand, on `split`.
+/// The subcommand, on `split`: the job's outline.
 pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
-    let cfg = &s.config;
     let t_start = Instant::now();
-    let threads = crate::process::set_threads(cfg.train.threads, dist.cores_per_rank());
-    dist.log_placement(threads);
-    let device = crate::process::pick_device("train.device", cfg.train.device, dist.local_rank())?;
-    let ec = &cfg.evaluate;
-    let numerics = crate::train::agreed_numerics(dist, "evaluate.precision", ec.precision, ec.channels_last, device)?;
-    let arch = cfg.model.name;
-    let ckpt = s.eval_checkpoint();
-    let csv = format!("{}.csv", split.name());
-    let test_file = s.data_dir().join(&csv);
-
-    // Rank 0 reads the CSVs and checks the checkpoint before any rank starts working.
-    let (mut classes, mut rows, mut header) = (Vec::new(), Vec::new(), Vec::new());
-    if dist.is_root() {
-        classes = data::read_classes(&s.data_dir().join("classes.csv"))?;
-        if split == Split::Predict && !test_file.is_file() {
-            bail!(
-                "{} not found: --split predict needs an unlabeled set; set dataset.predict_source (e.g. \
-                 Herbarium's test/metadata.json) and run `sac create-dataset`",
-                test_file.display()
-            );
-        }
-        rows = match split {
-            Split::Test => data::read_rows(&test_file)?,
-            Split::Predict => data::read_unlabeled_rows(&test_file)?,
-        };
-        if rows.is_empty() {
-            bail!("{} has no rows", test_file.display());
-        }
-        data::check_labels(&rows, classes.len(), &test_file)?;
-        check_checkpoint(&ckpt, arch, &classes)?;
-        if let Some(path) = cfg.timeline.path() {
-            crate::timeline::prepare(path)?;
-        }
-        header = classes.len().to_string().into_bytes();
-    }
-    dist.broadcast_bytes(0, &mut header);
-    let k: usize = String::from_utf8_lossy(&header).parse().context("class count from rank 0")?;
-
-    let pipelined = dist.size() >= 4;
-    let needs_model = if pipelined { dist.rank() >= 3 } else { dist.is_root() };
-    let model = if needs_model { Some(Predictor::load(&ckpt, arch, k, device, numerics.clone())?) } else { None };
-    let geometry = Geometry::from_config(&cfg.image);
-    // Default: the node's cores shared among its ranks for the decode rank of the pipeline; one
-    // thread when all stages share one process (its torch threads already take its cores).
-    let decode_threads = match cfg.evaluate.decode_threads {
-        0 if dist.size() >= 4 => dist.cores_per_rank(),
-        0 => 1,
-        n => n,
-    };
-    let timeline = cfg.timeline.path();
-    let trace_batches = if timeline.is_some() { cfg.timeline.steps as u64 } else { 0 };
-    let ctx =
-        Ctx { root: s.data_dir(), geometry, on_bad: cfg.train.on_bad_image, csv: &csv, decode_threads, trace_batches };
-    let mut predict = |b: pipeline::TensorBatch| match &model {
-        Some(m) => m.predict(&geometry, b),
-        None => unreachable!("only predicting ranks get batches"),
-    };
-    if dist.is_root() {
-        if pipelined {
-            info!(
-                "evaluating {} on {} images of {csv}: pipeline over {} ranks (read, decode with {decode_threads} thread(s), normalize, {} predictor(s)), batch {}",
-                ckpt.display(),
-                rows.len(),
-                dist.size(),
-                dist.size() - 3,
-                cfg.evaluate.batch_size
-            );
-        } else {
-            info!(
-                "evaluating {} on {} images of {csv}: {} rank(s) < 4, so all stages run as threads of one process, batch {}, {threads} torch thread(s), {decode_threads} decode thread(s)",
-                ckpt.display(),
-                rows.len(),
-                dist.size(),
-                cfg.evaluate.batch_size
-            );
-        }
-    }
-
-    if dist.is_root() {
-        info!(
-            "predictors compute in {} on {}",
-            numerics.reason,
-            if device.is_cuda() { "their node's GPUs (local rank mod GPU count)" } else { "the CPU" }
-        );
-    }
-    dist.barrier();
-    let t0 = Instant::now();
-    let cpu0 = crate::process::resource_usage().1;
-    crate::logging::progress_clock(if dist.is_root() { cfg.train.log_interval() } else { Duration::ZERO });
-    let mut progress = crate::logging::Progress::new(
-        "evaluate",
-        "images",
-        rows.len() as u64,
-        dist.is_root(),
-        cfg.train.log_interval(),
-    );
-    crate::timeline::set_recording(timeline.is_some());
-    let batch = cfg.evaluate.batch_size;
-    let (outcome, stats) = if pipelined {
-        pipeline::mpi_pipeline(dist, &ctx, &rows, batch, &mut predict, &mut progress)?
-    } else if dist.is_root() {
-        (Some(pipeline::local_pipeline(&ctx, &rows, batch, &mut predict, &mut progress)?), Default::default())
-    } else {
-        (None, Default::default())
-    };
-    progress.finish();
-    crate::logging::progress_clock(Duration::ZERO);
-    let wall = t0.elapsed().as_secs_f64();
-    let (rss, cpu) = crate::process::resource_usage();
-    let mine = RankReport {
-        stage: pipelined.then(|| Stage::of_rank(dist.rank())),
-        stats,
-        cpu_seconds: cpu - cpu0,
-        peak_rss_mib: rss,
-        process_cpu_seconds: cpu,
-    };
-    let reports = dist.gather_bytes(0, serde_json::to_vec(&mine)?);
-    if let Some(path) = timeline {
-        if let Some(parts) = dist.gather_bytes(0, crate::timeline::take(dist.rank())) {
-            let window = format!("the first {} batch(es) of {batch} images", cfg.timeline.steps);
-            crate::timeline::write(path, &parts, "evaluate", &window)?;
-        }
-    }
-    let mut done_ranks = None;
-    if let (Some(outcome), Some(reports)) = (outcome, reports) {
-        let reports: Vec<RankReport> =
-            reports.iter().map(|b| serde_json::from_slice(b)).collect::<std::result::Result<_, _>>()?;
-        done_ranks = Some(reports.iter().map(|r| (r.peak_rss_mib, r.process_cpu_seconds)).collect::<Vec<_>>());
-        let run = report::Run {
-            ranks: dist.size(),
-            pipelined,
-            wall_seconds: wall,
-            total_seconds: t_start.elapsed().as_secs_f64(),
-            checkpoint: ckpt.clone(),
-            batch_size: cfg.evaluate.batch_size,
-            split,
-        };
-        report::write(s, &classes, &rows, outcome, &reports, &run)?;
-    }
-    // No collective here: ranks without work leave while rank 0 writes the report.
+    let job = Job::prepare(dist, s, split)?;
+    let model = job.predictor(dist)?;
+    job.log_plan(dist);
+    let (outcome, mine) = job.execute(dist, model.as_ref())?;
+    let reports = job.gather(dist, &mine)?;
+    // No collective after this: ranks without work leave while rank 0 writes the report.
     let (rss, cpu) = crate::process::resource_usage();
     tracing::debug!("done: this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
-    if let Some(mut ranks) = done_ranks {
-        ranks[0] = (rss, cpu);
+    if let (Some((outcome, wall)), Some(reports)) = (outcome, reports) {
+        let mut ranks: Vec<(f64, f64)> = reports.iter().map(|r| (r.peak_rss_mib, r.process_cpu_seconds)).collect();
+        job.write_report(outcome, &reports, wall, t_start)?;
+        ranks[0] = crate::process::resource_usage();
         crate::logging::done(&format!("outputs in {}", report::output_dir(s, split).display()), &ranks);
     }
     Ok(())
+}
+
+/// What every rank knows of the evaluation before it starts; `classes` and `rows` on rank 0 only.
+struct Job<'a> {
+    s: &'a Settings,
+    split: Split,
+    threads: usize,
+    device: Device,
+    numerics: Numerics,
+    ckpt: PathBuf,
+    /// The split's CSV file name.
+    csv: String,
+    classes: Vec<data::Class>,
+    rows: Vec<data::Row>,
+    /// Classes of the checkpoint (every rank).
+    k: usize,
+    /// Stages as ranks (4 or more) or as threads of rank 0.
+    pipelined: bool,
+    decode_threads: usize,
+}
+
+impl<'a> Job<'a> {
+    /// Threads, device and numerics of this rank; rank 0 reads the CSVs and checks the checkpoint
+    /// before any rank starts working, and tells the others the class count. Collectives.
+    fn prepare(dist: &Dist, s: &'a Settings, split: Split) -> Result<Job<'a>> {
+        let cfg = &s.config;
+        let threads = crate::process::set_threads(cfg.train.threads, dist.cores_per_rank());
+        dist.log_placement(threads);
+        let device = crate::process::pick_device("train.device", cfg.train.device, dist.local_rank())?;
+        let ec = &cfg.evaluate;
+        let numerics =
+            crate::train::agreed_numerics(dist, "evaluate.precision", ec.precision, ec.channels_last, device)?;
+        let ckpt = s.eval_checkpoint();
+        let csv = format!("{}.csv", split.name());
+        let (mut classes, mut rows, mut header) = (Vec::new(), Vec::new(), Vec::new());
+        if dist.is_root() {
+            (classes, rows) = read_inputs(s, split, &csv, &ckpt)?;
+            header = classes.len().to_string().into_bytes();
+        }
+        dist.broadcast_bytes(0, &mut header);
+        let k: usize = String::from_utf8_lossy(&header).parse().context("class count from rank 0")?;
+        let pipelined = dist.size() >= 4;
+        // Default: the node's cores shared among its ranks for the decode rank of the pipeline;
+        // one thread when all stages share one process (its torch threads already take its cores).
+        let decode_threads = match ec.decode_threads {
+            0 if pipelined => dist.cores_per_rank(),
+            0 => 1,
+            n => n,
+        };
+        Ok(Job { s, split, threads, device, numerics, ckpt, csv, classes, rows, k, pipelined, decode_threads })
+    }
+
+    /// The model, on the ranks that predict (ranks 3.. of the pipeline, or rank 0 alone).
+    fn predictor(&self, dist: &Dist) -> Result<Option<Predictor>> {
+        let needs_model = if self.pipelined { dist.rank() >= 3 } else { dist.is_root() };
+        if !needs_model {
+            return Ok(None);
+        }
+        let arch = self.s.config.model.name;
+        Predictor::load(&self.ckpt, arch, self.k, self.device, self.numerics.clone()).map(Some)
+    }
+
+    /// Rank 0's lines on how the evaluation runs. Not a collective.
+    fn log_plan(&self, dist: &Dist) {
+        if !dist.is_root() {
+            return;
+        }
+        let (ckpt, images, csv, batch) =
+            (self.ckpt.display(), self.rows.len(), &self.csv, self.s.config.evaluate.batch_size);
+        let (decoders, threads) = (self.decode_threads, self.threads);
+        if self.pipelined {
+            info!(
+                "evaluating {ckpt} on {images} images of {csv}: pipeline over {} ranks (read, decode with {decoders} \
+                 thread(s), normalize, {} predictor(s)), batch {batch}",
+                dist.size(),
+                dist.size() - 3,
+            );
+        } else {
+            info!(
+                "evaluating {ckpt} on {images} images of {csv}: {} rank(s) < 4, so all stages run as threads of one \
+                 process, batch {batch}, {threads} torch thread(s), {decoders} decode thread(s)",
+                dist.size(),
+            );
+        }
+        info!(
+            "predictors compute in {} on {}",
+            self.numerics.reason,
+            if self.device.is_cuda() { "their node's GPUs (local rank mod GPU count)" } else { "the CPU" }
+        );
+    }
+
+    /// This rank's stage(s) of the pipeline, from a barrier on: rank 0's outcome and wall time, and
+    /// this rank's report.
+    fn execute(&self, dist: &Dist, model: Option<&Predictor>) -> Result<(Option<(Outcome, f64)>, RankReport)> {
+        let cfg = &self.s.config;
+        let geometry = Geometry::from_config(&cfg.image);
+        let timeline = cfg.timeline.path();
+        let ctx = Ctx {
+            root: self.s.data_dir(),
+            geometry,
+            on_bad: cfg.train.on_bad_image,
+            csv: &self.csv,
+            decode_threads: self.decode_threads,
+            trace_batches: if timeline.is_some() { cfg.timeline.steps as u64 } else { 0 },
+        };
+        let mut predict = |b: pipeline::TensorBatch| match model {
+            Some(m) => m.predict(&geometry, b),
+            None => unreachable!("only predicting ranks get batches"),
+        };
+        dist.barrier();
+        let t0 = Instant::now();
+        let cpu0 = crate::process::resource_usage().1;
+        let every = cfg.train.log_interval();
+        crate::logging::progress_clock(if dist.is_root() { every } else { Duration::ZERO });
+        let mut progress =
+            crate::logging::Progress::new("evaluate", "images", self.rows.len() as u64, dist.is_root(), every);
+        crate::timeline::set_recording(timeline.is_some());
+        let (rows, batch) = (&self.rows, cfg.evaluate.batch_size);
+        let (outcome, stats) = if self.pipelined {
+            pipeline::mpi_pipeline(dist, &ctx, rows, batch, &mut predict, &mut progress)?
+        } else if dist.is_root() {
+            (Some(pipeline::local_pipeline(&ctx, rows, batch, &mut predict, &mut progress)?), Default::default())
+        } else {
+            (None, Default::default())
+        };
+        progress.finish();
+        crate::logging::progress_clock(Duration::ZERO);
+        let wall = t0.elapsed().as_secs_f64();
+        let (rss, cpu) = crate::process::resource_usage();
+        let mine = RankReport {
+            stage: self.pipelined.then(|| Stage::of_rank(dist.rank())),
+            stats,
+            cpu_seconds: cpu - cpu0,
+            peak_rss_mib: rss,
+            process_cpu_seconds: cpu,
+        };
+        Ok((outcome.map(|o| (o, wall)), mine))
+    }
+
+    /// Every rank's report and timeline on rank 0 (None elsewhere), which writes the timeline.
+    fn gather(&self, dist: &Dist, mine: &RankReport) -> Result<Option<Vec<RankReport>>> {
+        let reports = dist.gather_bytes(0, serde_json::to_vec(mine)?);
+        let cfg = &self.s.config;
+        if let Some(path) = cfg.timeline.path() {
+            if let Some(parts) = dist.gather_bytes(0, crate::timeline::take(dist.rank())) {
+                let window =
+                    format!("the first {} batch(es) of {} images", cfg.timeline.steps, cfg.evaluate.batch_size);
+                crate::timeline::write(path, &parts, "evaluate", &window)?;
+            }
+        }
+        let Some(reports) = reports else { return Ok(None) };
+        Ok(Some(reports.iter().map(|b| serde_json::from_slice(b)).collect::<std::result::Result<_, _>>()?))
+    }
+
+    /// Rank 0: metrics, predictions and pictures.
+    fn write_report(&self, outcome: Outcome, reports: &[RankReport], wall: f64, t_start: Instant) -> Result<()> {
+        let run = report::Run {
+            ranks: reports.len(),
+            pipelined: self.pipelined,
+            wall_seconds: wall,
+            total_seconds: t_start.elapsed().as_secs_f64(),
+            checkpoint: self.ckpt.clone(),
+            batch_size: self.s.config.evaluate.batch_size,
+            split: self.split,
+        };
+        report::write(self.s, &self.classes, &self.rows, outcome, reports, &run)
+    }
+}
+
+/// Rank 0: the class list and the split's rows, checked against each other and the checkpoint;
+/// prepares the timeline's file.
+fn read_inputs(s: &Settings, split: Split, csv: &str, ckpt: &Path) -> Result<(Vec<data::Class>, Vec<data::Row>)> {
+    let test_file = s.data_dir().join(csv);
+    let classes = data::read_classes(&s.data_dir().join("classes.csv"))?;
+    if split == Split::Predict && !test_file.is_file() {
+        bail!(
+            "{} not found: --split predict needs an unlabeled set; set dataset.predict_source (e.g. Herbarium's \
+             test/metadata.json) and run `sac create-dataset`",
+            test_file.display()
+        );
+    }
+    let rows = match split {
+        Split::Test => data::read_rows(&test_file)?,
+        Split::Predict => data::read_unlabeled_rows(&test_file)?,
+    };
+    if rows.is_empty() {
+        bail!("{} has no rows", test_file.display());
+    }
+    data::check_labels(&rows, classes.len(), &test_file)?;
+    check_checkpoint(ckpt, s.config.model.name, &classes)?;
+    if let Some(path) = s.config.timeline.path() {
+        crate::timeline::prepare(path)?;
+    }
+    Ok((classes, rows))
 }
