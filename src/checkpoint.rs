@@ -10,24 +10,8 @@ use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use tch::{Device, Kind, Tensor};
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
-/// reader sees the old complete file or the new complete file, never a partial one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().context("no parent directory")?;
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().expect("file").to_string_lossy(), std::process::id()));
-    let result = (|| -> Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("writing {}", path.display()))
-}
+/// Checkpoint files are written atomically, as every output (`crate::files`).
+pub use crate::files::write_atomic;
 
 /// fsync of a directory, so the renames inside it survive a crash.
 fn sync_dir(dir: &Path) -> Result<()> {

@@ -12,6 +12,7 @@ pub mod dataset;
 pub mod dist;
 pub mod evaluate;
 pub mod fault;
+pub mod files;
 pub mod jpeg;
 pub mod logging;
 pub mod models;

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -94,9 +94,8 @@ fn epoch_panel(
 /// training loss within epochs as a thin line.
 pub fn training_curves(path: &Path, history: &[EpochRecord], intervals: &[(f64, f64)]) -> Result<()> {
     ensure_font()?;
-    let tmp = path.with_extension("png.tmp.png");
-    {
-        let root = BitMapBackend::new(&tmp, (1200, 450)).into_drawing_area();
+    crate::files::replace_with(path, |tmp| {
+        let root = BitMapBackend::new(tmp, (1200, 450)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let (left, right) = root.split_horizontally(600);
         let epochs: Vec<f64> = history.iter().map(|r| f64::from(r.epoch)).collect();
@@ -123,9 +122,8 @@ pub fn training_curves(path: &Path, history: &[EpochRecord], intervals: &[(f64, 
         let caption = "validation accuracy (%)";
         epoch_panel(&right, caption, x_min..x_max, 0.0..100.0, accuracy, None, SeriesLabelPosition::LowerRight)?;
         root.present().map_err(err)?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// A heat map of the confusion counts among the most frequent classes (rows: true class, columns:
@@ -150,9 +148,8 @@ pub fn confusion(
     };
     let label_w = 170;
     let side = (n as u32) * cell;
-    let tmp = path.with_extension("png.tmp.png");
-    {
-        let root = BitMapBackend::new(&tmp, (side + label_w + 40, side + label_w + 60)).into_drawing_area();
+    crate::files::replace_with(path, |tmp| {
+        let root = BitMapBackend::new(tmp, (side + label_w + 40, side + label_w + 60)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let title = if classes_present > n {
             format!("confusion matrix ({n} most frequent of {} classes; rows: true, normalized)", classes_present)
@@ -188,9 +185,8 @@ pub fn confusion(
             root.draw(&Text::new(name, (x, y0 + side as i32 + 5), style)).map_err(err)?;
         }
         root.present().map_err(err)?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -209,17 +209,11 @@ pub fn prepare(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {} (timeline.file)", dir.display()))?;
     }
-    let tmp = tmp_path(path);
+    let tmp = crate::files::temp_beside(path);
     std::fs::write(&tmp, b"")
         .with_context(|| format!("cannot write the timeline {} (timeline.file)", path.display()))?;
     let _ = std::fs::remove_file(&tmp);
     Ok(())
-}
-
-fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
 }
 
 /// Rank 0: writes the gathered parts to `path` (through a temporary file and a rename).
@@ -227,13 +221,8 @@ pub fn write(path: &Path, parts: &[Vec<u8>], command: &str, window: &str) -> Res
     let doc = chrome_trace(parts, command, window)?;
     let events = doc["traceEvents"].as_array().map_or(0, Vec::len);
     let dropped = doc["otherData"]["dropped_events"].as_u64().unwrap_or(0);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {} (timeline.file)", dir.display()))?;
-    }
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, serde_json::to_vec(&doc)?)
-        .with_context(|| format!("writing the timeline {} (timeline.file)", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    let bytes = serde_json::to_vec(&doc)?;
+    crate::files::replace_with(path, |tmp| Ok(std::fs::write(tmp, &bytes)?)).context("the timeline (timeline.file)")?;
     if dropped > 0 {
         tracing::warn!(
             "timeline: {dropped} span(s) past {MAX_EVENTS} per rank were left out; use a smaller timeline.steps"

@@ -117,14 +117,12 @@ impl Stream {
             Some(n) => read(&target).into_iter().filter(|l| l.epoch() <= n).collect(),
             None => Vec::new(),
         };
-        let tmp = dir.join(format!(".{FILE}.tmp"));
         let mut text = String::new();
         for l in &kept {
             text.push_str(&serde_json::to_string(l)?);
             text.push('\n');
         }
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        crate::files::replace_with(&path, |tmp| Ok(std::fs::write(tmp, &text)?))?;
         let file =
             OpenOptions::new().append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
         Ok(match defer {

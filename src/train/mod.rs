@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use tracing::{info, warn};
 
-use crate::config::{OptimizerKind, Settings, TrainCfg};
+use crate::config::{Settings, TrainCfg};
 use crate::dist::Dist;
 use crate::record::{EpochRecord, State};
 use ema::Ema;
@@ -45,13 +45,7 @@ pub mod state;
 pub mod trivial;
 pub mod validate;
 
-/// How a run treats a checkpoint already in its directory: `--resume` continues it, `--overwrite`
-/// replaces it (its epochs are deleted once the new run saves its first); neither refuses to start.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Mode {
-    pub resume: bool,
-    pub overwrite: bool,
-}
+pub use setup::{agreed_numerics, device_name, loader_threads, Mode};
 
 /// The subcommand: the job's outline. Every step is a collective unless it says otherwise.
 pub fn run(dist: &Dist, s: &Settings, mode: Mode) -> Result<()> {
@@ -411,81 +405,6 @@ impl<'a> Trainer<'a> {
 
 /// The share of a GPU's step time spent waiting for batches above which the log says so.
 const GPU_DATA_WARN: f64 = 0.1;
-
-/// Threads that decode each batch: `configured`, or by default the rank's share of the node's
-/// cores on a GPU (the GPU computes, the cores decode) and one on the CPU (torch's threads take
-/// the cores there, and the loader thread decodes the next batch while they compute).
-pub fn loader_threads(configured: usize, device: tch::Device, cores_per_rank: usize) -> usize {
-    match configured {
-        0 if device.is_cuda() => cores_per_rank.max(1),
-        0 => 1,
-        n => n,
-    }
-}
-
-/// "cpu", "cuda:0": a device as PyTorch writes it.
-pub fn device_name(device: tch::Device) -> String {
-    match device {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        tch::Device::Mps => "mps".into(),
-        tch::Device::Vulkan => "vulkan".into(),
-        tch::Device::Cpu => "cpu".into(),
-    }
-}
-
-/// The precision and layout of this rank's arithmetic (`key` names the config key), the same on
-/// every rank: ranks whose hardware differs (a node without native bfloat16 under "auto") end the
-/// job with a message rather than train in two formats. A collective.
-pub fn agreed_numerics(
-    dist: &Dist,
-    key: &str,
-    precision: crate::precision::Precision,
-    channels_last: crate::precision::ChannelsLast,
-    device: tch::Device,
-) -> Result<crate::precision::Numerics> {
-    let n = crate::precision::resolve(key, precision, channels_last, device, || crate::precision::device_bf16(device));
-    let mine = f64::from(u8::from(n.bf16));
-    let (least, most) = (dist.min_f64(mine), -dist.min_f64(-mine));
-    if least != most {
-        bail!(
-            "{key} = \"auto\" resolved differently on the ranks (rank {}: {}); set {key} to \"f32\" or \"bf16\" \
-             for a job whose nodes differ",
-            dist.rank(),
-            n.reason
-        );
-    }
-    Ok(n)
-}
-
-/// The optimizer and its settings, for the log: `sgd (momentum 0.9, nesterov, weight decay 1e-4,
-/// 0 for batch norm and biases)`.
-fn stepper_text(tc: &TrainCfg) -> String {
-    let mut parts = Vec::new();
-    if tc.optimizer == OptimizerKind::Sgd {
-        parts.push(if tc.momentum > 0.0 { format!("momentum {}", tc.momentum) } else { "no momentum".into() });
-        if tc.nesterov {
-            parts.push("nesterov".into());
-        }
-    }
-    if tc.weight_decay > 0.0 || tc.norm_decay() > 0.0 {
-        parts.push(format!("weight decay {}", tc.weight_decay));
-        if tc.norm_decay() != tc.weight_decay {
-            parts.push(format!("{} for batch norm and biases", tc.norm_decay()));
-        }
-    }
-    if tc.label_smoothing > 0.0 {
-        parts.push(format!("label smoothing {}", tc.label_smoothing));
-    }
-    if tc.clip_grad_norm > 0.0 {
-        parts.push(format!("gradient norm clipped at {}", tc.clip_grad_norm));
-    }
-    let name = format!("{:?}", tc.optimizer).to_lowercase();
-    if parts.is_empty() {
-        format!("optimizer {name}")
-    } else {
-        format!("optimizer {name} ({})", parts.join(", "))
-    }
-}
 
 /// The end of a command on every rank: rank 0 logs each rank's peak memory and CPU time (a
 /// collective: call it where every rank arrives together).

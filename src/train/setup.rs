@@ -11,21 +11,31 @@ use tch::Device;
 use tracing::info;
 
 use super::augment::Augment;
+use super::auto_overlap;
 use super::ema::Ema;
 use super::epoch::Stepper;
 use super::exchange::{self, broadcast_tensors};
 use super::loader::Loader;
+use super::mix;
 use super::model::Model;
 use super::optim::{Hyper, Optimizer};
 use super::schedule::Schedule;
 use super::shard::{self, distribute, Shard};
-use super::{agreed_numerics, auto_overlap, device_name, loader_threads, mix, state, stepper_text};
+use super::state;
 use crate::checkpoint;
-use crate::config::Settings;
+use crate::config::{OptimizerKind, Settings, TrainCfg};
 use crate::data::{self, Geometry, ImageStore, Row};
 use crate::dist::Dist;
 use crate::precision::Numerics;
 use crate::record::State;
+
+/// How a run treats a checkpoint already in its directory: `--resume` continues it, `--overwrite`
+/// replaces it (its epochs are deleted once the new run saves its first); neither refuses to start.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mode {
+    pub resume: bool,
+    pub overwrite: bool,
+}
 
 /// What the whole run uses and never changes.
 pub(crate) struct Env {
@@ -44,7 +54,7 @@ pub(crate) struct Env {
 impl Env {
     /// Threads, device and numerics of this rank; refuses to replace a checkpoint the user did not
     /// name (rank 0); prepares the timeline's file; scatters the shards. Collectives.
-    pub fn prepare(dist: &Dist, s: &Settings, mode: super::Mode) -> Result<Env> {
+    pub fn prepare(dist: &Dist, s: &Settings, mode: Mode) -> Result<Env> {
         let (cfg, tc) = (&s.config, &s.config.train);
         let threads = crate::process::set_threads(tc.threads, dist.cores_per_rank());
         dist.log_placement(threads);
@@ -300,4 +310,79 @@ pub(crate) fn sampling_weights(s: &Settings, shard: &Shard) -> Option<Vec<f64>> 
         );
     }
     weights
+}
+
+/// Threads that decode each batch: `configured`, or by default the rank's share of the node's
+/// cores on a GPU (the GPU computes, the cores decode) and one on the CPU (torch's threads take
+/// the cores there, and the loader thread decodes the next batch while they compute).
+pub fn loader_threads(configured: usize, device: tch::Device, cores_per_rank: usize) -> usize {
+    match configured {
+        0 if device.is_cuda() => cores_per_rank.max(1),
+        0 => 1,
+        n => n,
+    }
+}
+
+/// "cpu", "cuda:0": a device as PyTorch writes it.
+pub fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        tch::Device::Mps => "mps".into(),
+        tch::Device::Vulkan => "vulkan".into(),
+        tch::Device::Cpu => "cpu".into(),
+    }
+}
+
+/// The precision and layout of this rank's arithmetic (`key` names the config key), the same on
+/// every rank: ranks whose hardware differs (a node without native bfloat16 under "auto") end the
+/// job with a message rather than train in two formats. A collective.
+pub fn agreed_numerics(
+    dist: &Dist,
+    key: &str,
+    precision: crate::precision::Precision,
+    channels_last: crate::precision::ChannelsLast,
+    device: tch::Device,
+) -> Result<crate::precision::Numerics> {
+    let n = crate::precision::resolve(key, precision, channels_last, device, || crate::precision::device_bf16(device));
+    let mine = f64::from(u8::from(n.bf16));
+    let (least, most) = (dist.min_f64(mine), -dist.min_f64(-mine));
+    if least != most {
+        bail!(
+            "{key} = \"auto\" resolved differently on the ranks (rank {}: {}); set {key} to \"f32\" or \"bf16\" \
+             for a job whose nodes differ",
+            dist.rank(),
+            n.reason
+        );
+    }
+    Ok(n)
+}
+
+/// The optimizer and its settings, for the log: `sgd (momentum 0.9, nesterov, weight decay 1e-4,
+/// 0 for batch norm and biases)`.
+fn stepper_text(tc: &TrainCfg) -> String {
+    let mut parts = Vec::new();
+    if tc.optimizer == OptimizerKind::Sgd {
+        parts.push(if tc.momentum > 0.0 { format!("momentum {}", tc.momentum) } else { "no momentum".into() });
+        if tc.nesterov {
+            parts.push("nesterov".into());
+        }
+    }
+    if tc.weight_decay > 0.0 || tc.norm_decay() > 0.0 {
+        parts.push(format!("weight decay {}", tc.weight_decay));
+        if tc.norm_decay() != tc.weight_decay {
+            parts.push(format!("{} for batch norm and biases", tc.norm_decay()));
+        }
+    }
+    if tc.label_smoothing > 0.0 {
+        parts.push(format!("label smoothing {}", tc.label_smoothing));
+    }
+    if tc.clip_grad_norm > 0.0 {
+        parts.push(format!("gradient norm clipped at {}", tc.clip_grad_norm));
+    }
+    let name = format!("{:?}", tc.optimizer).to_lowercase();
+    if parts.is_empty() {
+        format!("optimizer {name}")
+    } else {
+        format!("optimizer {name} ({})", parts.join(", "))
+    }
 }

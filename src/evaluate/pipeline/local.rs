@@ -4,8 +4,10 @@ use std::sync::mpsc::sync_channel;
 
 use anyhow::Result;
 
-use super::{decode, normalize, read, timed, Ctx, DecodedBatch, Outcome, RawBatch, ResultBatch, Stage, StageStats};
-use super::{TensorBatch, IN_FLIGHT};
+use super::stages::{
+    decode, normalize, read, timed, Ctx, DecodedBatch, Outcome, RawBatch, ResultBatch, Stage, StageStats,
+};
+use super::stages::{TensorBatch, IN_FLIGHT};
 use crate::data::Row;
 
 /// All four stages as threads of this process, joined by bounded channels.

@@ -6,11 +6,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::super::metrics::Prediction;
-use super::{decode, normalize, read, timed, Ctx, DecodedBatch, Meta, Outcome, RawBatch, ResultBatch, Stage};
-use super::{StageStats, TensorBatch, IN_FLIGHT};
+use super::stages::{decode, normalize, read, timed, Ctx, DecodedBatch, Meta, Outcome, RawBatch, ResultBatch, Stage};
+use super::stages::{StageStats, TensorBatch, IN_FLIGHT};
 use crate::data::Row;
 use crate::dist::Dist;
+use crate::evaluate::metrics::Prediction;
 
 const TAG_FORWARD: i32 = 10;
 const TAG_CREDIT: i32 = 11;
