@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use super::{Arch, Config, Sample};
+use super::schema::Config;
+use super::values::Sample;
+use crate::models::Arch;
 
 /// Overrides from dedicated flags; `None` leaves the config's value.
 #[derive(Debug, Default, Clone)]

@@ -3,10 +3,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Arch, Cache, ChannelsLast, DeviceKind, Exchange, Format, LrScaling, LrSchedule, OnBadImage, OnNonFinite,
-    OptimizerKind, Overlap, Place, Precision, ResizeMode, Sample, Sampler,
+use super::values::{
+    Cache, DeviceKind, Exchange, Format, LrScaling, LrSchedule, OnBadImage, OnNonFinite, OptimizerKind, Overlap, Place,
+    ResizeMode, Sample, Sampler,
 };
+use crate::models::Arch;
+use crate::precision::{ChannelsLast, Precision};
 
 /// The whole config file. Every section and key is optional; missing ones take the defaults.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

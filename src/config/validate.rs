@@ -3,7 +3,9 @@ use std::fmt;
 
 use anyhow::{bail, Result};
 
-use super::{Arch, AugmentCfg, Config, DatasetCfg, EvaluateCfg, ImageCfg, OptimizerKind, TimelineCfg, TrainCfg};
+use super::schema::{AugmentCfg, Config, DatasetCfg, EvaluateCfg, ImageCfg, TimelineCfg, TrainCfg};
+use super::values::OptimizerKind;
+use crate::models::Arch;
 
 impl Config {
     /// Range checks the types cannot express. Errors name the key.
