@@ -3,16 +3,23 @@
 //! backward where it can; rank 0's weights reach
 //! every rank by broadcast; batch-norm statistics are averaged.
 use std::cell::RefCell;
-use std::ops::Range;
 use std::rc::Rc;
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use super::auto_overlap::{self, AutoOverlap};
-use super::hooks::GradHooks;
+use crate::train::auto_overlap::{self, AutoOverlap};
+use crate::train::hooks::GradHooks;
+
+mod plan;
+mod tensors;
+
 use crate::config::Exchange;
 use crate::dist::{Dist, SumEngine};
+pub use plan::{backward_order, describe_buckets, layout, model_backward_order, Bucket, EDGE_BUCKET_FLOATS};
+pub(crate) use tensors::{
+    all_finite, average_tensors, broadcast_tensors, buffers_finite, copy_tensors, is_cpu_f32, views_into,
+};
 
 /// Averages gradients over the ranks, weighted by each rank's image count, so the result is the
 /// gradient of the mean loss over all ranks' images together. Callers back-propagate the *summed*
@@ -78,158 +85,6 @@ enum Grads {
     Device(Tensor),
     /// Anywhere else: each gradient copied into `send` after backward.
     Loose,
-}
-
-/// A bucket of the exchange: parameters `params` (indices, in the order backward completes
-/// them), whose gradients are the element ranges `runs` of the flat buffer (one allreduce each).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Bucket {
-    pub params: Vec<usize>,
-    pub runs: Vec<Range<usize>>,
-}
-
-impl Bucket {
-    pub fn floats(&self) -> usize {
-        self.runs.iter().map(Range::len).sum()
-    }
-}
-
-/// The largest first and last bucket, in floats (1 MiB, DDP's first bucket): the first starts as
-/// soon as backward has done the last layers; the last holds the first layers, whose gradients
-/// come at the very end of backward, so its sum is the part of the exchange nothing can hide.
-pub const EDGE_BUCKET_FLOATS: usize = 1 << 18;
-
-/// The buckets for parameters of `sizes` elements (in parameter order, which is the buffer's),
-/// in the order they are summed: `order` is the order in which backward completes the parameters'
-/// gradients (every index once). Each bucket takes the next parameters of `order` up to `cap`
-/// floats (`edge` for the first one) unless one parameter alone is larger, and the last
-/// parameters of `order` that fit in `edge` floats (at least one) form a bucket of their own at
-/// the end. The first bucket also carries the `extras` floats after the gradients.
-pub fn layout(sizes: &[usize], order: &[usize], cap: usize, edge: usize, extras: usize) -> Vec<Bucket> {
-    let n = sizes.len();
-    assert_eq!(order.len(), n, "the order names every parameter once");
-    let offsets: Vec<usize> = std::iter::once(0)
-        .chain(sizes.iter().scan(0, |acc, &k| {
-            *acc += k;
-            Some(*acc)
-        }))
-        .collect();
-    let total = offsets[n];
-    let bucket = |members: &[usize], first: bool| {
-        let mut params = members.to_vec();
-        let mut sorted = params.clone();
-        sorted.sort_unstable();
-        let mut runs: Vec<Range<usize>> = Vec::new();
-        let extra = first.then_some(total..total + extras).filter(|r| !r.is_empty());
-        for r in sorted.iter().map(|&i| offsets[i]..offsets[i + 1]).filter(|r| !r.is_empty()).chain(extra) {
-            match runs.last_mut() {
-                Some(last) if last.end == r.start => last.end = r.end,
-                _ => runs.push(r),
-            }
-        }
-        params.shrink_to_fit();
-        Bucket { params, runs }
-    };
-    if n == 0 {
-        return vec![bucket(&[], true)];
-    }
-    // The last parameters of `order` that fit in `edge` (at least one) form the last bucket.
-    let mut tail = n - 1;
-    let mut tail_floats = sizes[order[tail]];
-    while tail > 0 && tail_floats + sizes[order[tail - 1]] <= edge {
-        tail -= 1;
-        tail_floats += sizes[order[tail]];
-    }
-    let mut buckets = Vec::new();
-    let mut start = 0;
-    while start < tail {
-        let limit = if buckets.is_empty() { edge } else { cap };
-        let mut end = start + 1;
-        let mut floats = sizes[order[start]];
-        while end < tail && floats + sizes[order[end]] <= limit {
-            floats += sizes[order[end]];
-            end += 1;
-        }
-        buckets.push(bucket(&order[start..end], buckets.is_empty()));
-        start = end;
-    }
-    buckets.push(bucket(&order[tail..], buckets.is_empty()));
-    buckets
-}
-
-/// The order in which backward completes the gradients of `params`: `backward` runs a backward
-/// pass that reaches them (e.g. of a small batch through the model) while hooks record it.
-/// Parameters it leaves without a gradient come last, in reverse parameter order. The gradients
-/// it leaves behind are the caller's to zero. The order is a property of the model's graph, the
-/// same on every rank for the same model.
-pub fn backward_order(params: &[Tensor], backward: impl FnOnce()) -> Result<Vec<usize>> {
-    let seen = Rc::new(RefCell::new(Vec::with_capacity(params.len())));
-    let log = Rc::clone(&seen);
-    let hooks = GradHooks::install(params, move |i| log.borrow_mut().push(i))?;
-    backward();
-    hooks.check();
-    drop(hooks);
-    let mut order = Vec::with_capacity(params.len());
-    let mut placed = vec![false; params.len()];
-    for &i in seen.borrow().iter() {
-        if !std::mem::replace(&mut placed[i], true) {
-            order.push(i);
-        }
-    }
-    order.extend((0..params.len()).rev().filter(|&i| !placed[i]));
-    Ok(order)
-}
-
-/// The backward order ([`backward_order`]) of the trained parameters of `model`, from one
-/// backward pass of two blank `height` × `width` images in evaluation mode (batch-norm statistics
-/// stay as they are; the gradients it leaves are zeroed before every step). Rank 0 finds it and
-/// sends it to every rank, so all make the same buckets.
-pub fn model_backward_order(
-    dist: &Dist,
-    model: &super::model::Model,
-    height: u32,
-    width: u32,
-    device: Device,
-) -> Result<Vec<usize>> {
-    let params: Vec<Tensor> = model.params.iter().map(|(_, t)| t.shallow_clone()).collect();
-    let mut bytes = Vec::new();
-    if dist.is_root() {
-        let x = Tensor::zeros([2, 3, i64::from(height), i64::from(width)], (Kind::Float, device));
-        let order = backward_order(&params, || model.net.forward_t(&x, false).sum(Kind::Float).backward())?;
-        bytes = order.iter().flat_map(|&i| (i as u32).to_le_bytes()).collect();
-    }
-    dist.broadcast_bytes(0, &mut bytes);
-    let order: Vec<usize> =
-        bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize).collect();
-    anyhow::ensure!(
-        order.len() == params.len(),
-        "rank 0's gradient order names {} parameters, not {}",
-        order.len(),
-        params.len()
-    );
-    Ok(order)
-}
-
-/// One line for the log: the buckets and how they are exchanged.
-pub fn describe_buckets(buckets: &[Bucket], overlap: bool, threaded: bool, gpu: bool) -> String {
-    let mib: Vec<String> =
-        buckets.iter().map(|b| format!("{:.1}", (b.floats() * 4) as f64 / (1 << 20) as f64)).collect();
-    format!(
-        "gradient exchange: {} buckets in backward order ({} MiB), {}",
-        buckets.len(),
-        mib.join(", "),
-        if overlap && threaded {
-            "each summed as soon as backward has completed its gradients (train.overlap), moved by a progress thread"
-        } else if overlap {
-            "each summed as soon as backward has completed its gradients (train.overlap), moved by the gradient hooks \
-             (MPI does not offer MPI_THREAD_MULTIPLE for a progress thread)"
-        } else if gpu {
-            "summed after backward in page-locked host memory, one copy from and one to the GPU (on a GPU the \
-             exchange follows backward; train.overlap applies to the CPU)"
-        } else {
-            "summed after backward (train.overlap = false)"
-        }
-    )
 }
 
 /// The bucket state a step shares with the hooks.
@@ -362,10 +217,6 @@ pub struct Synced {
 /// and that nothing else reads or writes it while the slice lives.
 unsafe fn f32_slice_mut<'a>(t: &Tensor, n: usize) -> &'a mut [f32] {
     std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n)
-}
-
-pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
-    t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
 }
 
 impl GradSync {
@@ -563,10 +414,49 @@ impl GradSync {
         }
         let p = self.numel;
         let armed = self.armed(dist);
-        let mut launch = self.launch.borrow_mut();
+        let shared = Rc::clone(&self.launch);
+        let mut launch = shared.borrow_mut();
         launch.armed = None;
         // One rank on a GPU: the flat gradient stays where it is.
         let stays = dist.size() == 1 && matches!(self.grads, Grads::Device(_));
+        self.gradients_into_send(stays);
+        let (tensor, wait) = if dist.size() == 1 {
+            (&self.send, std::time::Duration::ZERO)
+        } else {
+            (&self.recv, self.sum_the_rest(dist, &armed, &mut launch))
+        };
+        // SAFETY: every sum is complete; `tensor` is one of the two buffers of p + EXTRAS floats.
+        let sums = unsafe { f32_slice_mut(tensor, p + EXTRAS) };
+        let total = sums[p + extra::IMAGES];
+        // The sum is the same on every rank, so every rank decides alike. One read of the buffer.
+        let (grad, grad_finite) = match &self.grads {
+            Grads::Device(flat) if stays => {
+                (flat.shallow_clone(), self.images == 0 || bool::try_from(flat.isfinite().all()).unwrap_or(false))
+            }
+            _ => (tensor.narrow(0, 0, p as i64), all_finite(&sums[..p])),
+        };
+        let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
+        let verdict = sums[p + extra::VERDICT];
+        let chose = self.auto.as_mut().and_then(|a| a.finished(self.active, verdict));
+        Synced {
+            grad,
+            scale,
+            images: total,
+            stop: sums[p + extra::STOP] > 0.0,
+            non_finite: sums[p + extra::BAD] > 0.0 || !grad_finite,
+            loss: f64::from(sums[p + extra::LOSS]),
+            wait,
+            overlapped: self.active,
+            chose,
+            early: launch.early,
+            buckets: launch.buckets.len(),
+        }
+    }
+
+    /// After backward: the gradients into the send buffer where they are not views of it (one
+    /// copy from a GPU's flat buffer; one per parameter when they are loose).
+    fn gradients_into_send(&self, stays: bool) {
+        let p = self.numel;
         match &self.grads {
             Grads::Device(flat) if self.images > 0 && !stays => {
                 // One copy to page-locked memory; it waits for backward's kernels.
@@ -597,54 +487,29 @@ impl GradSync {
                 off += n;
             }
         }
+    }
+
+    /// Starts the buckets not started yet and waits until every sum is complete (bfloat16 sums
+    /// decoded into `recv`); returns how long this rank waited for the others to arrive.
+    fn sum_the_rest(&self, dist: &Dist, armed: &Armed, launch: &mut Launch) -> std::time::Duration {
         let mut wait = std::time::Duration::ZERO;
-        let tensor = if dist.size() == 1 {
-            &self.send
-        } else {
-            if !self.active {
-                // No bucket started during backward: every rank arrives first (waiting ones sleep).
-                // (With hooks armed, a rank without images starts all buckets here while the others
-                // have started some already, so there is no barrier: the collectives must match.)
-                let t = std::time::Instant::now();
-                dist.barrier();
-                wait = t.elapsed();
-            }
-            while launch.next < launch.buckets.len() {
-                launch.start_next(&armed);
-            }
-            launch.engine.finish(dist, "gradient allreduce");
-            if let Some((_, recv16)) = &self.half {
-                // SAFETY: every sum is complete; `recv` holds p + EXTRAS floats.
-                crate::bf16::decode(recv16, &mut unsafe { f32_slice_mut(&self.recv, p + EXTRAS) }[..p]);
-            }
-            &self.recv
-        };
-        // SAFETY: every sum is complete; `tensor` is one of the two buffers of p + EXTRAS floats.
-        let sums = unsafe { f32_slice_mut(tensor, p + EXTRAS) };
-        let total = sums[p + extra::IMAGES];
-        // The sum is the same on every rank, so every rank decides alike. One read of the buffer.
-        let (grad, grad_finite) = match &self.grads {
-            Grads::Device(flat) if stays => {
-                (flat.shallow_clone(), self.images == 0 || bool::try_from(flat.isfinite().all()).unwrap_or(false))
-            }
-            _ => (tensor.narrow(0, 0, p as i64), all_finite(&sums[..p])),
-        };
-        let scale = if total > 0.0 { 1.0 / total } else { 0.0 };
-        let verdict = sums[p + extra::VERDICT];
-        let chose = self.auto.as_mut().and_then(|a| a.finished(self.active, verdict));
-        Synced {
-            grad,
-            scale,
-            images: total,
-            stop: sums[p + extra::STOP] > 0.0,
-            non_finite: sums[p + extra::BAD] > 0.0 || !grad_finite,
-            loss: f64::from(sums[p + extra::LOSS]),
-            wait,
-            overlapped: self.active,
-            chose,
-            early: launch.early,
-            buckets: launch.buckets.len(),
+        if !self.active {
+            // No bucket started during backward: every rank arrives first (waiting ones sleep).
+            // (With hooks armed, a rank without images starts all buckets here while the others
+            // have started some already, so there is no barrier: the collectives must match.)
+            let t = std::time::Instant::now();
+            dist.barrier();
+            wait = t.elapsed();
         }
+        while launch.next < launch.buckets.len() {
+            launch.start_next(armed);
+        }
+        launch.engine.finish(dist, "gradient allreduce");
+        if let Some((_, recv16)) = &self.half {
+            // SAFETY: every sum is complete; `recv` holds p + EXTRAS floats.
+            crate::bf16::decode(recv16, &mut unsafe { f32_slice_mut(&self.recv, self.numel + EXTRAS) }[..self.numel]);
+        }
+        wait
     }
 }
 
@@ -678,25 +543,6 @@ fn bind_grads(params: &[Tensor], flat: &Tensor) {
     });
 }
 
-/// Re-points each of `tensors` (keeping its shape and strides) at the next elements of `flat`'s
-/// storage, one after the other: the gradients of the exchange, the parameters of a GPU's
-/// optimizer. Call in no_grad.
-pub(crate) fn views_into(flat: &Tensor, tensors: &[Tensor]) {
-    let mut off = 0i64;
-    for t in tensors {
-        let _ = t.shallow_clone().set_source_tensor_storage_offset_(flat, off, t.size(), t.stride());
-        off += t.numel() as i64;
-    }
-}
-
-/// No NaN and no infinity in `v`: an exponent of all ones marks both. An OR of integer flags is
-/// associative, so the compiler vectorizes it (a float sum would be a serial chain of adds, ~4×
-/// slower on resnet18's 11 M gradients), and the read runs at memory speed.
-pub(crate) fn all_finite(v: &[f32]) -> bool {
-    const EXP: u32 = 0x7f80_0000;
-    v.chunks(4096).all(|c| c.iter().fold(0u32, |acc, x| acc | u32::from(x.to_bits() & EXP == EXP)) == 0)
-}
-
 /// Numbers after the gradients in the exchange buffer, summed with them: their offsets after the
 /// last gradient.
 mod extra {
@@ -715,135 +561,13 @@ mod extra {
 /// How many numbers follow the gradients (`extra`).
 const EXTRAS: usize = extra::VERDICT + 1;
 
-/// Flattens tensors into one f32 vector on the CPU.
-pub(crate) fn flatten(ts: &[Tensor]) -> Vec<f32> {
-    if ts.is_empty() {
-        return Vec::new();
-    }
-    let views: Vec<Tensor> = ts.iter().map(|t| t.detach().to_kind(Kind::Float).reshape([-1])).collect();
-    let flat = Tensor::cat(&views, 0).to_device(Device::Cpu);
-    Vec::<f32>::try_from(&flat).expect("float tensor")
-}
-
-/// Copies a flat vector back into the tensors, in order.
-pub(crate) fn unflatten(values: &[f32], ts: &[Tensor]) {
-    tch::no_grad(|| {
-        let mut off = 0;
-        for t in ts {
-            let n = t.numel();
-            let src = Tensor::from_slice(&values[off..off + n]).view(t.size().as_slice()).to_kind(t.kind());
-            t.shallow_clone().copy_(&src);
-            off += n;
-        }
-    });
-}
-
-/// Same values on every rank: rank 0's.
-pub(crate) fn broadcast_tensors(dist: &Dist, ts: &[Tensor]) {
-    if dist.size() == 1 {
-        return;
-    }
-    let mut flat = flatten(ts);
-    dist.broadcast_slice(0, &mut flat);
-    unflatten(&flat, ts);
-}
-
-/// Averages tensors (batch-norm statistics) over the ranks.
-pub(crate) fn average_tensors(dist: &Dist, ts: &[Tensor]) {
-    if dist.size() == 1 || ts.is_empty() {
-        return;
-    }
-    let mut flat = flatten(ts);
-    dist.allreduce_sum(&mut flat, &mut Vec::new());
-    let n = dist.size() as f32;
-    flat.iter_mut().for_each(|v| *v /= n);
-    unflatten(&flat, ts);
-}
-
-/// `dst[i] = src[i]` in place, outside autograd.
-pub(crate) fn copy_tensors(dst: &[Tensor], src: &[Tensor]) {
-    tch::no_grad(|| dst.iter().zip(src).for_each(|(d, s)| d.shallow_clone().copy_(s)));
-}
-
-/// Are all batch-norm statistics finite? (A few thousand numbers: cheap every step.) The
-/// per-tensor answers are gathered where the tensors live and read back once (on a GPU, one
-/// wait instead of one per tensor).
-pub(crate) fn buffers_finite(buffers: &[Tensor]) -> bool {
-    let flags: Vec<Tensor> = buffers.iter().filter(|t| t.is_floating_point()).map(|t| t.isfinite().all()).collect();
-    flags.is_empty() || bool::try_from(Tensor::stack(&flags, 0).all()).unwrap_or(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    #[allow(clippy::single_range_in_vec_init)]
-    fn buckets_follow_the_backward_order_with_small_edges() {
-        // Sizes in parameter order; backward completes them last to first; cap 100, edge 10.
-        let sizes = [4, 4, 50, 60, 3, 70, 2, 5];
-        let order: Vec<usize> = (0..8).rev().collect();
-        let b = layout(&sizes, &order, 100, 10, 4);
-        let params: Vec<_> = b.iter().map(|b| b.params.clone()).collect();
-        // First bucket: the last parameters up to 10 floats (5 + 2; adding 70 would pass it);
-        // then 70 + 3 (adding 60 would pass 100); 60; 50; then the first parameters that fit in
-        // 10 floats (4 + 4) on their own at the end.
-        assert_eq!(params, vec![vec![7, 6], vec![5, 4], vec![3], vec![2], vec![1, 0]]);
-        // The first bucket carries the 4 extras after the 198 gradients, in one run.
-        assert_eq!(b[0].runs, vec![191..202]);
-        assert_eq!(b[1].runs, vec![118..191]);
-        assert_eq!(b.last().unwrap().runs, vec![0..8]);
-        let floats: usize = b.iter().map(Bucket::floats).sum();
-        assert_eq!(floats, 198 + 4);
-    }
-
-    #[test]
-    #[allow(clippy::single_range_in_vec_init)]
-    fn buckets_out_of_parameter_order_sum_in_runs() {
-        // Backward completes parameter 1 (the head) first, then 4, 3, 2, 0.
-        let sizes = [8, 6, 50, 50, 50];
-        let b = layout(&sizes, &[1, 4, 3, 2, 0], 100, 60, 4);
-        let params: Vec<_> = b.iter().map(|b| b.params.clone()).collect();
-        // The last bucket: 0 and 2 (58 floats; with 3 it would pass the edge of 60).
-        assert_eq!(params, vec![vec![1, 4], vec![3], vec![2, 0]]);
-        // Parameters 1 and 4 are apart in the buffer: two runs, the extras joined to the second.
-        assert_eq!(b[0].runs, vec![8..14, 114..168]);
-        assert_eq!(b[1].runs, vec![64..114]);
-        assert_eq!(b[2].runs, vec![0..8, 14..64]);
-    }
-
-    #[test]
-    #[allow(clippy::single_range_in_vec_init)]
-    fn a_parameter_larger_than_a_bucket_gets_one_of_its_own() {
-        let b = layout(&[500, 20, 300], &[2, 1, 0], 100, 10, 0);
-        let params: Vec<_> = b.iter().map(|b| b.params.clone()).collect();
-        // The first parameter alone passes the edge: it is the last bucket anyway.
-        assert_eq!(params, vec![vec![2], vec![1], vec![0]]);
-        // A model within the edge is one bucket; no parameters still make one (for the extras).
-        assert_eq!(layout(&[3, 4], &[1, 0], 100, 10, 4), vec![Bucket { params: vec![1, 0], runs: vec![0..11] }]);
-        assert_eq!(layout(&[], &[], 100, 10, 4), vec![Bucket { params: vec![], runs: vec![0..4] }]);
-    }
-
     /// resnet18 for 10 classes, its trained parameters in name order as training keeps them.
     fn resnet18() -> crate::train::model::Model {
         crate::train::model::Model::new(crate::models::Arch::Resnet18, 10, Device::Cpu, false)
-    }
-
-    #[test]
-    fn the_backward_order_of_a_resnet_ends_with_its_stem_and_starts_at_its_head() {
-        let model = resnet18();
-        let params: Vec<Tensor> = model.params.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let x = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu));
-        let order = backward_order(&params, || {
-            model.net.forward_t(&x, false).sum(Kind::Float).backward();
-        })
-        .unwrap();
-        let name = |k: usize| model.params[order[k]].0.as_str();
-        assert!(name(0).starts_with("fc."), "{}", name(0));
-        assert!(name(order.len() - 1).starts_with("conv1") || name(order.len() - 1).starts_with("bn1"));
-        let mut sorted = order.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, (0..params.len()).collect::<Vec<_>>());
     }
 
     /// One rank, with the hooks installed and without: the same sums, and nothing starts early
@@ -868,20 +592,5 @@ mod tests {
             results.push(s.grad.copy());
         }
         assert!(results[0].equal(&results[1]));
-    }
-
-    #[test]
-    fn all_finite_finds_nan_and_both_infinities_anywhere() {
-        let mut v = vec![1.5f32; 10_000];
-        assert!(all_finite(&v));
-        v[0] = f32::MAX;
-        v[1] = -0.0;
-        v[2] = f32::MIN_POSITIVE / 2.0; // subnormal
-        assert!(all_finite(&v));
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            let mut w = v.clone();
-            w[9_999] = bad;
-            assert!(!all_finite(&w), "{bad}");
-        }
     }
 }
