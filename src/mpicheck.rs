@@ -259,6 +259,35 @@ pub fn run(
         Device::Cuda(_) => " on the ranks' GPUs (local rank mod GPU count; sums through host memory)".to_string(),
         _ => String::new(),
     };
+    check_both_exchanges(dist, batch, device, &on)?;
+    placement_and_links(dist, reps > 0);
+    if reps > 0 {
+        let x = time_exchange(dist, arch, classes, reps, device);
+        if dist.is_root() {
+            println!(
+                "{arch} with {classes} classes: gradients ({} tensors, {:.1} M floats, {} buckets of at most {:.1} M) \
+                 over {} rank(s){on}, ms per step: fused {:.1} (allreduce alone {:.1}), one allreduce per tensor {:.1}, \
+                 fused as bfloat16 {:.1}",
+                x.tensors,
+                x.numel as f64 / 1e6,
+                x.buckets,
+                crate::dist::bucket_floats() as f64 / 1e6,
+                dist.size(),
+                x.fused,
+                x.raw,
+                x.per_tensor,
+                x.fused_bf16
+            );
+        }
+        report_optimizer(dist, x.numel, reps, device);
+        info!("mpi-check timing done");
+    }
+    Ok(())
+}
+
+/// Exact averaging in f32 (and, on several ranks, within bfloat16's error when sent as such):
+/// rank 0 prints each result; a wrong one ends the command naming the rank.
+fn check_both_exchanges(dist: &Dist, batch: usize, device: Device, on: &str) -> Result<()> {
     let err = check_averaging(dist, batch, crate::config::Exchange::F32, device)?;
     let ok = dist.all_ok(err <= TOLERANCE);
     if dist.is_root() {
@@ -284,49 +313,31 @@ pub fn run(
             bail!("the bfloat16 gradient exchange is wrong on rank {} (relative error {err:.2e})", dist.rank());
         }
     }
-    placement_and_links(dist, reps > 0);
-    if reps > 0 {
-        let x = time_exchange(dist, arch, classes, reps, device);
-        if dist.is_root() {
-            println!(
-                "{arch} with {classes} classes: gradients ({} tensors, {:.1} M floats, {} buckets of at most {:.1} M) \
-                 over {} rank(s){on}, ms per step: fused {:.1} (allreduce alone {:.1}), one allreduce per tensor {:.1}, \
-                 fused as bfloat16 {:.1}",
-                x.tensors,
-                x.numel as f64 / 1e6,
-                x.buckets,
-                crate::dist::bucket_floats() as f64 / 1e6,
-                dist.size(),
-                x.fused,
-                x.raw,
-                x.per_tensor,
-                x.fused_bf16
-            );
-        }
-        // Every rank steps its optimizer at once, as in training.
-        let share = crate::process::set_threads(0, dist.cores_per_rank());
-        dist.barrier();
-        let one = time_optimizer(x.numel, 1, reps, device);
-        dist.barrier();
-        let many =
-            if share > 1 && !device.is_cuda() { Some(time_optimizer(x.numel, share, reps, device)) } else { None };
-        if dist.is_root() && device.is_cuda() {
-            println!(
-                "Adam step on the GPU over the same {:.1} M parameters (all of them as one buffer), ms per step \
-                 (all ranks at once): {one:.2}",
-                x.numel as f64 / 1e6
-            );
-        } else if dist.is_root() {
-            println!(
-                "fused Adam step over the same {:.1} M parameters, ms per step (all ranks at once): 1 thread {one:.1}{}",
-                x.numel as f64 / 1e6,
-                many.map_or_else(
-                    || " (the rank's share of the node's cores is 1 thread)".to_string(),
-                    |t| format!(", {share} threads {t:.1}")
-                )
-            );
-        }
-        info!("mpi-check timing done");
-    }
     Ok(())
+}
+
+/// The optimizer step over `numel` parameters, every rank at once as in training: on one thread
+/// and on the rank's share of the node's cores (the CPU), or on the GPU.
+fn report_optimizer(dist: &Dist, numel: usize, reps: usize, device: Device) {
+    let share = crate::process::set_threads(0, dist.cores_per_rank());
+    dist.barrier();
+    let one = time_optimizer(numel, 1, reps, device);
+    dist.barrier();
+    let many = if share > 1 && !device.is_cuda() { Some(time_optimizer(numel, share, reps, device)) } else { None };
+    if dist.is_root() && device.is_cuda() {
+        println!(
+            "Adam step on the GPU over the same {:.1} M parameters (all of them as one buffer), ms per step \
+             (all ranks at once): {one:.2}",
+            numel as f64 / 1e6
+        );
+    } else if dist.is_root() {
+        println!(
+            "fused Adam step over the same {:.1} M parameters, ms per step (all ranks at once): 1 thread {one:.1}{}",
+            numel as f64 / 1e6,
+            many.map_or_else(
+                || " (the rank's share of the node's cores is 1 thread)".to_string(),
+                |t| format!(", {share} threads {t:.1}")
+            )
+        );
+    }
 }

@@ -112,39 +112,41 @@ pub fn apply(op: Op, px: &mut [u8], w: usize, h: usize) {
                 *v = 255 - *v
             }
         }),
-        Op::AutoContrast => {
-            for c in 0..3 {
-                let channel = px.iter().skip(c).step_by(3);
-                let (lo, hi) = channel.fold((255u8, 0u8), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-                if hi > lo {
-                    let scale = 255.0 / f64::from(hi - lo);
-                    px.iter_mut().skip(c).step_by(3).for_each(|v| {
-                        *v = ((f64::from(*v - lo)) * scale).round().clamp(0.0, 255.0) as u8;
-                    });
-                }
-            }
-        }
-        Op::Equalize => {
-            for c in 0..3 {
-                let mut hist = [0usize; 256];
-                px.iter().skip(c).step_by(3).for_each(|&v| hist[v as usize] += 1);
-                // torchvision's _scale_channel (PIL's equalize): the last used value's count does
-                // not count towards the step.
-                let last = hist.iter().rposition(|&n| n > 0).map_or(0, |i| hist[i]);
-                let step = (hist.iter().sum::<usize>() - last) / 255;
-                if step == 0 {
-                    continue;
-                }
-                let mut lut = [0u8; 256];
-                let mut cum = step / 2;
-                for (v, &n) in hist.iter().enumerate() {
-                    lut[v] = (cum / step).min(255) as u8;
-                    cum += n;
-                }
-                px.iter_mut().skip(c).step_by(3).for_each(|v| *v = lut[*v as usize]);
-            }
-        }
+        Op::AutoContrast => (0..3).for_each(|c| autocontrast_channel(px, c)),
+        Op::Equalize => (0..3).for_each(|c| equalize_channel(px, c)),
     }
+}
+
+/// Stretches channel `c` of interleaved RGB `px` to the full 0..=255 range.
+fn autocontrast_channel(px: &mut [u8], c: usize) {
+    let channel = px.iter().skip(c).step_by(3);
+    let (lo, hi) = channel.fold((255u8, 0u8), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    if hi > lo {
+        let scale = 255.0 / f64::from(hi - lo);
+        px.iter_mut().skip(c).step_by(3).for_each(|v| {
+            *v = ((f64::from(*v - lo)) * scale).round().clamp(0.0, 255.0) as u8;
+        });
+    }
+}
+
+/// Equalizes the histogram of channel `c` of interleaved RGB `px`.
+fn equalize_channel(px: &mut [u8], c: usize) {
+    let mut hist = [0usize; 256];
+    px.iter().skip(c).step_by(3).for_each(|&v| hist[v as usize] += 1);
+    // torchvision's _scale_channel (PIL's equalize): the last used value's count does not count
+    // towards the step.
+    let last = hist.iter().rposition(|&n| n > 0).map_or(0, |i| hist[i]);
+    let step = (hist.iter().sum::<usize>() - last) / 255;
+    if step == 0 {
+        return;
+    }
+    let mut lut = [0u8; 256];
+    let mut cum = step / 2;
+    for (v, &n) in hist.iter().enumerate() {
+        lut[v] = (cum / step).min(255) as u8;
+        cum += n;
+    }
+    px.iter_mut().skip(c).step_by(3).for_each(|v| *v = lut[*v as usize]);
 }
 
 /// Luma as torchvision's `rgb_to_grayscale`.
