@@ -18,6 +18,56 @@ fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing directory {}", dir.display()))
 }
 
+/// What a checkpoint records of the run that wrote it, each part where it records it: the
+/// architecture's name, the class count and the class map (the category id of every label).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Recorded {
+    pub arch: Option<String>,
+    pub classes: Option<usize>,
+    pub class_map: Option<Vec<i64>>,
+}
+
+/// How a checkpoint differs from what a run needs; the first difference found, in this order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Difference {
+    Arch {
+        found: String,
+        wanted: String,
+    },
+    Classes {
+        found: usize,
+        wanted: usize,
+    },
+    /// Label `label` is category `found` in the checkpoint and `wanted` in the run (None: no such label).
+    ClassMap {
+        label: usize,
+        found: Option<i64>,
+        wanted: Option<i64>,
+    },
+}
+
+/// The one compatibility check of a checkpoint (`found`) against a run (`wanted`), for `train
+/// --resume` and for `evaluate` alike; each says the difference in its own words. A part either
+/// side does not record is not compared.
+pub fn difference(found: &Recorded, wanted: &Recorded) -> Option<Difference> {
+    if let (Some(f), Some(w)) = (&found.arch, &wanted.arch) {
+        if f != w {
+            return Some(Difference::Arch { found: f.clone(), wanted: w.clone() });
+        }
+    }
+    if let (Some(f), Some(w)) = (found.classes, wanted.classes) {
+        if f != w {
+            return Some(Difference::Classes { found: f, wanted: w });
+        }
+    }
+    let (Some(f), Some(w)) = (&found.class_map, &wanted.class_map) else { return None };
+    (0..f.len().max(w.len())).find(|&i| f.get(i) != w.get(i)).map(|label| Difference::ClassMap {
+        label,
+        found: f.get(label).copied(),
+        wanted: w.get(label).copied(),
+    })
+}
+
 /// Safetensors metadata key of a model checkpoint: the source's category ids in label order (JSON),
 /// which `evaluate` compares with `classes.csv`.
 pub const CATEGORY_IDS: &str = "category_ids";
@@ -361,6 +411,23 @@ pub fn with_batch_counters(vars: &BTreeMap<String, Tensor>, steps: i64) -> Vec<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_compatibility_check_names_the_first_difference_and_skips_what_is_not_recorded() {
+        let run = Recorded { arch: Some("resnet18".into()), classes: Some(3), class_map: Some(vec![5, 6, 7]) };
+        let mut ck = run.clone();
+        assert_eq!(difference(&ck, &run), None);
+        ck.class_map = Some(vec![5, 9, 7]);
+        assert_eq!(difference(&ck, &run), Some(Difference::ClassMap { label: 1, found: Some(9), wanted: Some(6) }));
+        ck.classes = Some(4);
+        assert_eq!(difference(&ck, &run), Some(Difference::Classes { found: 4, wanted: 3 }));
+        ck.arch = Some("vgg".into());
+        assert!(matches!(difference(&ck, &run), Some(Difference::Arch { .. })));
+        let unknown = Recorded::default();
+        assert_eq!(difference(&unknown, &run), None, "a checkpoint that records nothing is not refused here");
+        let shorter = Recorded { class_map: Some(vec![5, 6]), ..Recorded::default() };
+        assert_eq!(difference(&shorter, &run), Some(Difference::ClassMap { label: 2, found: None, wanted: Some(7) }));
+    }
 
     #[test]
     fn safetensors_round_trip_keeps_values_and_metadata() {

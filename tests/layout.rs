@@ -26,9 +26,9 @@ fn functions(lines: &[&str]) -> Vec<(String, usize, usize)> {
         let indent = &line[..line.len() - code.len()];
         let words: Vec<&str> = code.split_whitespace().collect();
         let Some(at) = words.iter().position(|w| *w == "fn") else { continue };
-        let head_ok =
-            words[..at].iter().all(|w| ["pub", "pub(crate)", "pub(super)", "const", "unsafe", "async"].contains(w)
-                || w.starts_with("extern"));
+        let head_ok = words[..at].iter().all(|w| {
+            ["pub", "pub(crate)", "pub(super)", "const", "unsafe", "async"].contains(w) || w.starts_with("extern")
+        });
         if !head_ok || code.ends_with(';') {
             continue;
         }

@@ -407,6 +407,24 @@ fn resume_refuses_a_checkpoint_of_another_class_count_naming_both_counts() {
 }
 
 #[test]
+fn resume_refuses_a_checkpoint_of_another_class_map_naming_the_label() {
+    let p = Project::new(2, 4, 0, 32);
+    assert_success(&p.train(&["--epochs", "1"]));
+    let model = p.model_dir("resnet18").join("model.safetensors");
+    let before = fs::read(&model).unwrap();
+    // As many classes, but label 1 is now another category (11, not 10): the same check as
+    // evaluate's (checkpoint::difference) refuses it.
+    let classes = p.data().join("classes.csv");
+    let text = fs::read_to_string(&classes).unwrap();
+    assert!(text.contains("\n1,10,"), "{text}");
+    fs::write(&classes, text.replace("\n1,10,", "\n1,11,")).unwrap();
+    let out = p.train(&["--resume", "--epochs", "2"]);
+    assert_fails_with(&out, &["another class map", "label 1 is category 10 there and 11 here"]);
+    assert_eq!(fs::read(&model).unwrap(), before, "the refused checkpoint is left as it was");
+    assert_eq!(u64_of(&p.state("resnet18"), "epoch"), 1);
+}
+
+#[test]
 fn resume_refuses_a_checkpoint_of_another_architecture_naming_both() {
     let p = Project::new(2, 4, 0, 32);
     assert_success(&p.train(&["--epochs", "1"]));

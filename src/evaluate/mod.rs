@@ -40,47 +40,50 @@ pub fn check_checkpoint(path: &Path, arch: Arch, classes: &[data::Class]) -> Res
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{} is not a safetensors checkpoint", path.display()))?;
     let meta = header.metadata().clone().unwrap_or_default();
-    if let Some(a) = meta.get("arch") {
-        if a != arch.name() {
-            bail!("checkpoint {} is a {a} model, the config asks for {arch} (model.name / --model)", path.display());
-        }
-    }
-    if let Some(k) = meta.get("num_classes") {
-        if k != &classes.len().to_string() {
-            bail!(
-                "checkpoint {} has {k} classes, classes.csv has {}: it was trained on another data set",
-                path.display(),
-                classes.len()
-            );
-        }
-    }
-    let theirs: Option<Vec<i64>> = match meta.get(checkpoint::CATEGORY_IDS) {
+    let class_map: Option<Vec<i64>> = match meta.get(checkpoint::CATEGORY_IDS) {
         Some(json) => Some(
             serde_json::from_str(json)
                 .with_context(|| format!("{}: its {} metadata is damaged", path.display(), checkpoint::CATEGORY_IDS))?,
         ),
         None => class_map_beside(path),
     };
-    let Some(theirs) = theirs else {
-        tracing::warn!(
-            "{} records no class map (not written by this sac): its labels are taken to be classes.csv's",
-            path.display()
-        );
-        return Ok(());
+    let found = checkpoint::Recorded {
+        arch: meta.get("arch").cloned(),
+        classes: meta.get("num_classes").and_then(|k| k.parse().ok()),
+        class_map,
     };
-    let ours: Vec<i64> = classes.iter().map(|c| c.category_id).collect();
-    if let Some(i) = (0..ours.len().max(theirs.len())).find(|&i| ours.get(i) != theirs.get(i)) {
-        let show = |v: Option<&i64>| v.map_or("none".to_string(), i64::to_string);
-        bail!(
-            "checkpoint {} was trained with another class map than classes.csv: label {i} is category {} there \
+    let wanted = checkpoint::Recorded {
+        arch: Some(arch.name().to_string()),
+        classes: Some(classes.len()),
+        class_map: Some(classes.iter().map(|c| c.category_id).collect()),
+    };
+    let show = |v: Option<i64>| v.map_or("none".to_string(), |c| c.to_string());
+    match checkpoint::difference(&found, &wanted) {
+        None => {
+            if found.class_map.is_none() {
+                tracing::warn!(
+                    "{} records no class map (not written by this sac): its labels are taken to be classes.csv's",
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+        Some(checkpoint::Difference::Arch { found, .. }) => {
+            bail!("checkpoint {} is a {found} model, the config asks for {arch} (model.name / --model)", path.display())
+        }
+        Some(checkpoint::Difference::Classes { found, wanted }) => bail!(
+            "checkpoint {} has {found} classes, classes.csv has {wanted}: it was trained on another data set",
+            path.display()
+        ),
+        Some(checkpoint::Difference::ClassMap { label, found, wanted }) => bail!(
+            "checkpoint {} was trained with another class map than classes.csv: label {label} is category {} there \
              and {} in classes.csv, so its predictions would name the wrong categories. Evaluate with the data \
              dir it was trained on (paths.data_dir), or train on this one",
             path.display(),
-            show(theirs.get(i)),
-            show(ours.get(i))
-        );
+            show(found),
+            show(wanted)
+        ),
     }
-    Ok(())
 }
 
 /// The class map of the `state.json` beside a checkpoint written before checkpoints carried one.

@@ -149,23 +149,31 @@ fn load_checkpoint_files(dir: &Path, model: &Model, opt: &mut Optimizer, fresh: 
     let text = std::fs::read_to_string(&state_file).with_context(|| format!("cannot read {}", state_file.display()))?;
     let state: State =
         serde_json::from_str(&text).with_context(|| format!("{} is not a sac training state", state_file.display()))?;
-    if state.arch != fresh.arch {
-        return Err(Mismatch(format!(
-            "--resume: {} holds a {} checkpoint, the config asks for {}",
+    let recorded = |s: &State| checkpoint::Recorded {
+        arch: Some(s.arch.name().to_string()),
+        classes: Some(s.num_classes),
+        class_map: Some(s.classes.iter().map(|c| c.category_id).collect()),
+    };
+    let show = |v: Option<i64>| v.map_or("none".to_string(), |c| c.to_string());
+    let mismatch = match checkpoint::difference(&recorded(&state), &recorded(fresh)) {
+        None => None,
+        Some(checkpoint::Difference::Arch { found, wanted }) => {
+            Some(format!("--resume: {} holds a {found} checkpoint, the config asks for {wanted}", dir.display()))
+        }
+        Some(checkpoint::Difference::Classes { found, wanted }) => Some(format!(
+            "--resume: the checkpoint in {} has {found} classes, the data dir has {wanted} (a different data set?)",
+            dir.display()
+        )),
+        Some(checkpoint::Difference::ClassMap { label, found, wanted }) => Some(format!(
+            "--resume: the checkpoint in {} was trained with another class map than the data dir's classes.csv: \
+             label {label} is category {} there and {} here (a different data set?)",
             dir.display(),
-            state.arch,
-            fresh.arch
-        ))
-        .into());
-    }
-    if state.num_classes != fresh.num_classes {
-        return Err(Mismatch(format!(
-            "--resume: the checkpoint in {} has {} classes, the data dir has {} (a different data set?)",
-            dir.display(),
-            state.num_classes,
-            fresh.num_classes
-        ))
-        .into());
+            show(found),
+            show(wanted)
+        )),
+    };
+    if let Some(m) = mismatch {
+        return Err(Mismatch(m).into());
     }
     let what = model_file(dir);
     let (tensors, meta) = checkpoint::read_safetensors(&what)?;
