@@ -29,8 +29,11 @@ pub enum Arch {
     Resnet50,
     /// torchvision alexnet
     Alexnet,
-    /// torchvision vgg11_bn
-    Vgg,
+    /// torchvision vgg11_bn; "vgg" in configs, on the command line and in checkpoints (the
+    /// original script's name)
+    #[serde(rename = "vgg")]
+    #[value(name = "vgg")]
+    Vgg11Bn,
     /// torchvision squeezenet1_0
     Squeezenet,
     /// torchvision densenet121
@@ -45,7 +48,7 @@ impl Arch {
         Arch::Resnet34,
         Arch::Resnet50,
         Arch::Alexnet,
-        Arch::Vgg,
+        Arch::Vgg11Bn,
         Arch::Squeezenet,
         Arch::Densenet,
         Arch::Inception,
@@ -57,7 +60,7 @@ impl Arch {
             Arch::Resnet34 => "resnet34",
             Arch::Resnet50 => "resnet50",
             Arch::Alexnet => "alexnet",
-            Arch::Vgg => "vgg",
+            Arch::Vgg11Bn => "vgg",
             Arch::Squeezenet => "squeezenet",
             Arch::Densenet => "densenet",
             Arch::Inception => "inception",
@@ -79,7 +82,7 @@ pub fn min_input_size(arch: Arch) -> (u32, u32) {
         Arch::Resnet18 | Arch::Resnet34 | Arch::Resnet50 => (8, 8),
         Arch::Squeezenet => (21, 21),
         Arch::Densenet => (29, 29),
-        Arch::Vgg => (32, 32),
+        Arch::Vgg11Bn => (32, 32),
         Arch::Alexnet => (63, 63),
         Arch::Inception => (75, 75),
     }
@@ -90,7 +93,7 @@ pub fn min_input_size(arch: Arch) -> (u32, u32) {
 pub fn head_prefix(arch: Arch) -> &'static str {
     match arch {
         Arch::Resnet18 | Arch::Resnet34 | Arch::Resnet50 | Arch::Inception => "fc.",
-        Arch::Alexnet | Arch::Vgg => "classifier.6.",
+        Arch::Alexnet | Arch::Vgg11Bn => "classifier.6.",
         Arch::Squeezenet => "classifier.1.",
         Arch::Densenet => "classifier.",
     }
@@ -104,7 +107,7 @@ pub fn build(p: &nn::Path, arch: Arch, classes: i64) -> Box<dyn ModuleT> {
         Arch::Resnet34 => Box::new(vision::resnet::resnet34(p, classes)),
         Arch::Resnet50 => Box::new(vision::resnet::resnet50(p, classes)),
         Arch::Alexnet => Box::new(alexnet(p, classes)),
-        Arch::Vgg => Box::new(vgg11_bn(p, classes)),
+        Arch::Vgg11Bn => Box::new(vgg11_bn(p, classes)),
         Arch::Squeezenet => Box::new(vision::squeezenet::v1_0(p, classes)),
         Arch::Densenet => Box::new(densenet121(p, classes)),
         Arch::Inception => Box::new(vision::inception::v3(p, classes)),
@@ -196,9 +199,9 @@ fn torchvision_init(arch: Arch, name: &str, role: Role) -> Option<Init> {
             Some(kaiming_normal(fan_out))
         }
         // The same for the convolutions (with bias 0); linear layers N(0, 0.01) with bias 0.
-        (Arch::Vgg, Role::ConvWeight { fan_out, .. }) => Some(kaiming_normal(fan_out)),
-        (Arch::Vgg, Role::ConvBias { .. } | Role::LinearBias { .. }) => Some(Init::Const(0.0)),
-        (Arch::Vgg, Role::LinearWeight { .. }) => Some(no_cut(0.01)),
+        (Arch::Vgg11Bn, Role::ConvWeight { fan_out, .. }) => Some(kaiming_normal(fan_out)),
+        (Arch::Vgg11Bn, Role::ConvBias { .. } | Role::LinearBias { .. }) => Some(Init::Const(0.0)),
+        (Arch::Vgg11Bn, Role::LinearWeight { .. }) => Some(no_cut(0.01)),
         // The final convolution N(0, 0.01), the others kaiming_uniform_ (U(±√(6/fan_in))); biases 0.
         (Arch::Squeezenet, Role::ConvWeight { .. }) if name == "classifier.1.weight" => Some(no_cut(0.01)),
         (Arch::Squeezenet, Role::ConvWeight { fan_in, .. }) => Some(Init::Uniform((6.0 / fan_in).sqrt())),

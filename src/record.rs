@@ -51,3 +51,45 @@ pub struct State {
     pub history: Vec<EpochRecord>,
     pub config: Config,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Format, OptimizerKind};
+    use crate::models::Arch;
+
+    /// The strings a checkpoint holds are the enums' serde names, and `name()` writes the same
+    /// ones: renaming a variant in the code (Vgg → Vgg11Bn) leaves every file readable.
+    #[test]
+    fn every_name_written_to_disk_is_the_serde_name() {
+        let serde_name = |v: serde_json::Value| v.as_str().unwrap().to_string();
+        for a in Arch::ALL {
+            assert_eq!(serde_name(serde_json::to_value(a).unwrap()), a.name());
+        }
+        assert_eq!(Arch::Vgg11Bn.name(), "vgg");
+        for o in [OptimizerKind::Adam, OptimizerKind::Sgd, OptimizerKind::AdamW] {
+            assert_eq!(serde_name(serde_json::to_value(o).unwrap()), o.name());
+        }
+        for f in [Format::Coco, Format::Folder, Format::Idx] {
+            assert_eq!(serde_name(serde_json::to_value(f).unwrap()), f.name());
+        }
+    }
+
+    /// A state.json written by sac before this module's names were pinned (commit 3742664: a
+    /// 2-rank run of 2 epochs) still reads, and writes back the same names.
+    #[test]
+    fn a_state_written_before_the_change_reads_and_writes_back_alike() {
+        let text = include_str!("../tests/fixtures/state-3742664.json");
+        let state: State = serde_json::from_str(text).unwrap();
+        assert_eq!((state.epoch, state.arch, state.num_classes, state.world_size), (2, Arch::Resnet18, 10, 2));
+        assert_eq!(state.config.train.optimizer, OptimizerKind::Adam);
+        assert_eq!(state.history.len(), 2);
+        let old: serde_json::Value = serde_json::from_str(text).unwrap();
+        let new = serde_json::to_value(&state).unwrap();
+        for key in ["arch", "num_classes", "classes", "history", "best_epoch"] {
+            assert_eq!(old[key], new[key], "{key}");
+        }
+        assert_eq!(old["config"]["train"]["optimizer"], new["config"]["train"]["optimizer"]);
+        assert_eq!(old["config"]["dataset"]["format"], new["config"]["dataset"]["format"]);
+    }
+}

@@ -124,7 +124,7 @@ mod tests {
         let sets = vec!["train.lr=0.01".into(), "model.name=vgg".into(), "image.mean=[0.5,0.5,0.5]".into()];
         let c = parse_with_sets("", &sets).unwrap();
         assert_eq!(c.train.lr, 0.01);
-        assert_eq!(c.model.name, Arch::Vgg);
+        assert_eq!(c.model.name, Arch::Vgg11Bn);
         assert_eq!(c.image.mean, [0.5; 3]);
     }
 

@@ -17,6 +17,17 @@ pub enum Format {
     Idx,
 }
 
+impl Format {
+    /// The name in the config (its serde name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Coco => "coco",
+            Format::Folder => "folder",
+            Format::Idx => "idx",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Place {
@@ -123,6 +134,17 @@ pub enum OptimizerKind {
     Sgd,
     /// Adam with decoupled weight decay (torch.optim.AdamW).
     AdamW,
+}
+
+impl OptimizerKind {
+    /// The name in the config and in the optimizer checkpoint's metadata (its serde name).
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::AdamW => "adamw",
+        }
+    }
 }
 
 /// How the learning rate moves over the run (after any warmup), updated every step.

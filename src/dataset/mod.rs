@@ -29,7 +29,7 @@ pub fn read_source(format: Format, path: &std::path::Path) -> Result<Source> {
 pub fn create(settings: &Settings) -> Result<()> {
     let cfg = &settings.config.dataset;
     let t0 = Instant::now();
-    let format = format!("{:?}", cfg.format).to_lowercase();
+    let format = cfg.format.name();
     info!("reading {format} source {}", cfg.source.display());
     let source = read_source(cfg.format, &cfg.source)
         .with_context(|| format!("reading the {format} source {} (dataset.source)", cfg.source.display()))?;

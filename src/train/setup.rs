@@ -379,7 +379,7 @@ fn stepper_text(tc: &TrainCfg) -> String {
     if tc.clip_grad_norm > 0.0 {
         parts.push(format!("gradient norm clipped at {}", tc.clip_grad_norm));
     }
-    let name = format!("{:?}", tc.optimizer).to_lowercase();
+    let name = tc.optimizer.name();
     if parts.is_empty() {
         format!("optimizer {name}")
     } else {

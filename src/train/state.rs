@@ -53,7 +53,7 @@ pub(crate) fn save(
     ]);
     let model_bytes = checkpoint::to_safetensors(&checkpoint::with_batch_counters(&model.vars, state.steps), &meta)?;
     let mut opt_meta = meta.clone();
-    opt_meta.insert("optimizer".into(), format!("{:?}", opt.kind).to_lowercase());
+    opt_meta.insert("optimizer".into(), opt.kind.name().to_string());
     opt_meta.insert("step".into(), opt.step.to_string());
     let opt_bytes = checkpoint::to_safetensors(&opt_tensors, &opt_meta)?;
     let state_bytes = (serde_json::to_string_pretty(state)? + "\n").into_bytes();
@@ -182,7 +182,7 @@ fn load_checkpoint_files(dir: &Path, model: &Model, opt: &mut Optimizer, fresh: 
     let opt_file = dir.join("optimizer.safetensors");
     let (ot, ometa) = checkpoint::read_safetensors(&opt_file)?;
     check_epoch(&ometa, state.epoch, &opt_file)?;
-    let kind = format!("{:?}", opt.kind).to_lowercase();
+    let kind = opt.kind.name().to_string();
     if ometa.get("optimizer") != Some(&kind) {
         return Err(Mismatch(format!(
             "{} holds {:?} state, the config asks for {kind}",
