@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Arch, DeviceKind, Sample, Split};
+use crate::config::{Arch, DeviceKind, EvalSplit, Sample};
 
 /// Train and evaluate CNN image classifiers with libtorch, in parallel over MPI.
 ///
@@ -142,8 +142,8 @@ pub struct EvaluateArgs {
     /// The split to run on: `test` scores test.csv; `predict` predicts the unlabeled predict.csv
     /// (written by create-dataset from dataset.predict_source) into <output_dir>/predict/predictions.csv
     /// (`Id,Predicted`: image id, category id; the Kaggle submission format).
-    #[arg(long, value_enum, default_value_t = Split::Test)]
-    pub split: Split,
+    #[arg(long, value_enum, default_value_t = EvalSplit::Test)]
+    pub split: EvalSplit,
     /// Evaluate the exponential moving average of the weights ([evaluate] ema):
     /// <checkpoint_dir>/<model>/model_ema.safetensors, kept when training with train.ema_decay > 0.
     #[arg(long)]

@@ -5,7 +5,7 @@
 //!
 //! - `mod.rs`: `Settings::load` (read, override, validate, resolve paths), the `Settings` helpers, re-exports.
 //! - `schema.rs`: `Config` and its sections (`[paths]`, `[dataset]`, ... `[timeline]`) with their defaults.
-//! - `values.rs`: the keys' value types (`Format`, `Sample`, `OptimizerKind`, `Cache`, `Split`, ...) and serde.
+//! - `values.rs`: the keys' value types (`Format`, `Sample`, `OptimizerKind`, `Cache`, `EvalSplit`, ...) and serde.
 //! - `overrides.rs`: `--set section.key=value` and the dedicated flags (`FlagOverrides`).
 //! - `validate.rs`: `Config::validate`, the range checks, one function per section.
 mod overrides;
@@ -25,8 +25,8 @@ pub use crate::models::Arch;
 pub use overrides::FlagOverrides;
 pub use schema::{AugmentCfg, Config, DatasetCfg, EvaluateCfg, ImageCfg, ModelCfg, Paths, TimelineCfg, TrainCfg};
 pub use values::{
-    Cache, DeviceKind, Exchange, Format, LrScaling, LrSchedule, OnBadImage, OnNonFinite, OptimizerKind, Overlap, Place,
-    ResizeMode, Sample, Sampler, Split,
+    Cache, DeviceKind, EvalSplit, Exchange, Format, ImagePlacement, LrScaling, LrSchedule, OnBadImage, OnNonFinite,
+    OptimizerKind, Overlap, ResizeMode, Sample, Sampler,
 };
 
 use overrides::parse_with_sets;

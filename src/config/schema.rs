@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::values::{
-    Cache, DeviceKind, Exchange, Format, LrScaling, LrSchedule, OnBadImage, OnNonFinite, OptimizerKind, Overlap, Place,
-    ResizeMode, Sample, Sampler,
+    Cache, DeviceKind, Exchange, Format, ImagePlacement, LrScaling, LrSchedule, OnBadImage, OnNonFinite, OptimizerKind,
+    Overlap, ResizeMode, Sample, Sampler,
 };
 use crate::models::Arch;
 use crate::precision::{ChannelsLast, Precision};
@@ -53,7 +53,7 @@ pub struct DatasetCfg {
     pub test_fraction: f64,
     pub stratify: bool,
     pub seed: u64,
-    pub place: Place,
+    pub place: ImagePlacement,
     /// An unlabeled FGVC/COCO metadata file (Herbarium's `test/metadata.json`) whose images become
     /// `predict.csv` and `img/predict/`; empty for none. Taken whole: no sampling, no split.
     pub predict_source: PathBuf,
@@ -68,7 +68,7 @@ impl Default for DatasetCfg {
             test_fraction: 0.2,
             stratify: false,
             seed: 0,
-            place: Place::Copy,
+            place: ImagePlacement::Copy,
             predict_source: PathBuf::new(),
         }
     }

@@ -1,4 +1,4 @@
-//! The value types of the keys (the enums, `Sample`, `Cache`, `Split`) and how they read and write.
+//! The value types of the keys (the enums, `Sample`, `Cache`, `EvalSplit`) and how they read and write.
 use std::fmt;
 use std::str::FromStr;
 
@@ -30,7 +30,7 @@ impl Format {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Place {
+pub enum ImagePlacement {
     Copy,
     Hardlink,
     Symlink,
@@ -320,18 +320,18 @@ impl<'de> Deserialize<'de> for Cache {
 /// Which split of the data dir `sac evaluate` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Split {
+pub enum EvalSplit {
     /// test.csv: labeled; predictions, metrics, per-class scores and the confusion picture.
     Test,
     /// predict.csv (from dataset.predict_source): unlabeled; predictions.csv only.
     Predict,
 }
 
-impl Split {
+impl EvalSplit {
     pub fn name(self) -> &'static str {
         match self {
-            Split::Test => "test",
-            Split::Predict => "predict",
+            EvalSplit::Test => "test",
+            EvalSplit::Predict => "predict",
         }
     }
 }

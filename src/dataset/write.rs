@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::sample::Split;
 use super::source::{ImageData, Item, PredictSet, Source};
-use crate::config::{Place, Settings};
+use crate::config::{ImagePlacement, Settings};
 
 /// The file that marks a data dir as written by `sac create-dataset` (and records how).
 pub const MARKER: &str = "dataset.json";
@@ -37,7 +37,7 @@ struct Record<'a> {
     seed: u64,
     test_fraction: f64,
     stratify: bool,
-    place: Place,
+    place: ImagePlacement,
     source_images: usize,
     train: usize,
     test: usize,
@@ -239,7 +239,7 @@ fn check_files_exist(source: &Source, split: &Split, predict: Option<&PredictSet
     Ok(())
 }
 
-fn place(source: &Source, item: &Item, dest: &Path, how: Place) -> Result<()> {
+fn place(source: &Source, item: &Item, dest: &Path, how: ImagePlacement) -> Result<()> {
     match &item.data {
         ImageData::Idx { set, index } => {
             create_parent(dest)?;
@@ -260,12 +260,12 @@ fn create_parent(dest: &Path) -> Result<()> {
 }
 
 /// Copies or links the file `src` to `dest`, creating `dest`'s directory.
-fn place_file(src: &Path, dest: &Path, how: Place) -> Result<()> {
+fn place_file(src: &Path, dest: &Path, how: ImagePlacement) -> Result<()> {
     create_parent(dest)?;
     let res = match how {
-        Place::Copy => fs::copy(src, dest).map(|_| ()),
-        Place::Hardlink => fs::hard_link(src, dest),
-        Place::Symlink => std::os::unix::fs::symlink(std::path::absolute(src)?, dest),
+        ImagePlacement::Copy => fs::copy(src, dest).map(|_| ()),
+        ImagePlacement::Hardlink => fs::hard_link(src, dest),
+        ImagePlacement::Symlink => std::os::unix::fs::symlink(std::path::absolute(src)?, dest),
     };
     res.with_context(|| format!("placing {} at {} ({how:?})", src.display(), dest.display()))
 }

@@ -17,7 +17,7 @@ use tch::Device;
 use tracing::info;
 
 use crate::checkpoint;
-use crate::config::{Arch, Settings, Split};
+use crate::config::{Arch, EvalSplit, Settings};
 use crate::data::{self, Geometry};
 use crate::dist::Dist;
 use crate::precision::Numerics;
@@ -119,7 +119,7 @@ impl Predictor {
 }
 
 /// The subcommand, on `split`: the job's outline.
-pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
+pub fn run(dist: &Dist, s: &Settings, split: EvalSplit) -> Result<()> {
     let t_start = Instant::now();
     let job = Job::prepare(dist, s, split)?;
     let model = job.predictor(dist)?;
@@ -141,7 +141,7 @@ pub fn run(dist: &Dist, s: &Settings, split: Split) -> Result<()> {
 /// What every rank knows of the evaluation before it starts; `classes` and `rows` on rank 0 only.
 struct Job<'a> {
     s: &'a Settings,
-    split: Split,
+    split: EvalSplit,
     threads: usize,
     device: Device,
     numerics: Numerics,
@@ -160,7 +160,7 @@ struct Job<'a> {
 impl<'a> Job<'a> {
     /// Threads, device and numerics of this rank; rank 0 reads the CSVs and checks the checkpoint
     /// before any rank starts working, and tells the others the class count. Collectives.
-    fn prepare(dist: &Dist, s: &'a Settings, split: Split) -> Result<Job<'a>> {
+    fn prepare(dist: &Dist, s: &'a Settings, split: EvalSplit) -> Result<Job<'a>> {
         let cfg = &s.config;
         let threads = crate::process::set_threads(cfg.train.threads, dist.cores_per_rank());
         dist.log_placement(threads);
@@ -307,10 +307,10 @@ impl<'a> Job<'a> {
 
 /// Rank 0: the class list and the split's rows, checked against each other and the checkpoint;
 /// prepares the timeline's file.
-fn read_inputs(s: &Settings, split: Split, csv: &str, ckpt: &Path) -> Result<(Vec<data::Class>, Vec<data::Row>)> {
+fn read_inputs(s: &Settings, split: EvalSplit, csv: &str, ckpt: &Path) -> Result<(Vec<data::Class>, Vec<data::Row>)> {
     let test_file = s.data_dir().join(csv);
     let classes = data::read_classes(&s.data_dir().join("classes.csv"))?;
-    if split == Split::Predict && !test_file.is_file() {
+    if split == EvalSplit::Predict && !test_file.is_file() {
         bail!(
             "{} not found: --split predict needs an unlabeled set; set dataset.predict_source (e.g. Herbarium's \
              test/metadata.json) and run `sac create-dataset`",
@@ -318,8 +318,8 @@ fn read_inputs(s: &Settings, split: Split, csv: &str, ckpt: &Path) -> Result<(Ve
         );
     }
     let rows = match split {
-        Split::Test => data::read_rows(&test_file)?,
-        Split::Predict => data::read_unlabeled_rows(&test_file)?,
+        EvalSplit::Test => data::read_rows(&test_file)?,
+        EvalSplit::Predict => data::read_unlabeled_rows(&test_file)?,
     };
     if rows.is_empty() {
         bail!("{} has no rows", test_file.display());

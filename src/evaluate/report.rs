@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::metrics;
 use super::pipeline::{Outcome, RankReport, Stage, StageStats};
-use crate::config::{Settings, Split};
+use crate::config::{EvalSplit, Settings};
 use crate::data::{Class, Row};
 use crate::files::write_atomic;
 
@@ -23,7 +23,7 @@ pub struct Run {
     pub total_seconds: f64,
     pub checkpoint: PathBuf,
     pub batch_size: usize,
-    pub split: Split,
+    pub split: EvalSplit,
 }
 
 #[derive(Serialize)]
@@ -52,10 +52,10 @@ fn remove_stale(path: &std::path::Path) -> Result<()> {
 }
 
 /// Where a run on `split` writes: `<output_dir>/`, or `<output_dir>/predict/` for the predict split.
-pub fn output_dir(s: &Settings, split: Split) -> std::path::PathBuf {
+pub fn output_dir(s: &Settings, split: EvalSplit) -> std::path::PathBuf {
     match split {
-        Split::Test => s.config.paths.output_dir.clone(),
-        Split::Predict => s.config.paths.output_dir.join("predict"),
+        EvalSplit::Test => s.config.paths.output_dir.clone(),
+        EvalSplit::Predict => s.config.paths.output_dir.join("predict"),
     }
 }
 
@@ -76,13 +76,13 @@ pub fn write(
     let stages = stage_figures(&outcome, reports, run.pipelined);
     let cpu_seconds: f64 = reports.iter().map(|r| r.cpu_seconds).sum();
     let m = metrics::compute(&outcome.preds, classes.len());
-    if run.split == Split::Test {
+    if run.split == EvalSplit::Test {
         let json = metrics_json(rows, &outcome, m.as_ref(), &stages, cpu_seconds, run);
         write_atomic(&dir.join(METRICS_FILE), &(serde_json::to_string_pretty(&json)? + "\n").into_bytes())?;
     }
     if let Some(m) = &m {
         write_per_class(dir, classes, m)?;
-    } else if run.split == Split::Test {
+    } else if run.split == EvalSplit::Test {
         info!("test.csv has no labels: wrote predictions only (no accuracy, per-class figures or confusion matrix)");
     }
     print_summary(dir, &outcome, m.as_ref(), &stages, cpu_seconds, run);
@@ -99,7 +99,7 @@ pub const SKIPPED_FILE: &str = "skipped.csv";
 /// predictions.csv first, so that nothing after it can cost the predictions: Id = image id,
 /// Predicted = category id of the top-1 class. A test run removes a previous run's figures; a
 /// predict run lists the images it could not read in skipped.csv.
-fn write_predictions(dir: &Path, classes: &[Class], rows: &[Row], outcome: &Outcome, split: Split) -> Result<()> {
+fn write_predictions(dir: &Path, classes: &[Class], rows: &[Row], outcome: &Outcome, split: EvalSplit) -> Result<()> {
     let mut preds = df!(
         "Id" => outcome.preds.iter().map(|p| rows[p.row].image_id).collect::<Vec<_>>(),
         "Predicted" => outcome.preds.iter().map(|p| classes[p.top[0]].category_id).collect::<Vec<_>>(),
@@ -108,13 +108,13 @@ fn write_predictions(dir: &Path, classes: &[Class], rows: &[Row], outcome: &Outc
     match split {
         // A previous run's figures must not stand beside these predictions if this run fails
         // before writing its own, or has no labels to compute them from.
-        Split::Test => {
+        EvalSplit::Test => {
             for stale in [METRICS_FILE, PER_CLASS_FILE, CONFUSION_FILE] {
                 remove_stale(&dir.join(stale))?;
             }
         }
         // A submission must name every image: say which are missing and why.
-        Split::Predict => {
+        EvalSplit::Predict => {
             let skipped = dir.join(SKIPPED_FILE);
             if outcome.failed.is_empty() {
                 remove_stale(&skipped)?;
@@ -250,7 +250,7 @@ fn print_summary(
         );
     }
     if !outcome.failed.is_empty() {
-        let listed = if run.split == Split::Test { METRICS_FILE } else { SKIPPED_FILE };
+        let listed = if run.split == EvalSplit::Test { METRICS_FILE } else { SKIPPED_FILE };
         println!("  skipped {} unreadable image(s) (listed in {listed})", outcome.failed.len());
     }
     println!(

@@ -37,11 +37,11 @@ pub mod metrics;
 pub mod mix;
 pub mod model;
 pub mod optim;
+pub mod persist;
 pub mod progress;
 pub mod schedule;
 mod setup;
 pub mod shard;
-pub mod state;
 pub mod trivial;
 pub mod validate;
 
@@ -361,7 +361,7 @@ impl<'a> Trainer<'a> {
         if self.dist.is_root() {
             let t = Instant::now();
             let metrics_file = self.reporter.as_ref().and_then(Reporter::file).map(Path::to_path_buf);
-            state::save(
+            persist::save(
                 &self.env.store,
                 self.model,
                 &self.stepper.opt,

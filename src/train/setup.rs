@@ -19,9 +19,9 @@ use super::loader::Loader;
 use super::mix;
 use super::model::Model;
 use super::optim::{Hyper, Optimizer};
+use super::persist;
 use super::schedule::Schedule;
 use super::shard::{self, distribute, Shard};
-use super::state;
 use crate::checkpoint;
 use crate::config::{OptimizerKind, Settings, TrainCfg};
 use crate::data::{self, Geometry, ImageStore, Row};
@@ -124,12 +124,12 @@ pub(crate) fn restore(dist: &Dist, s: &Settings, env: &Env, resume: bool) -> Res
     let mut header = Vec::new();
     if dist.is_root() {
         if resume {
-            let (loaded, from) = state::load_for_resume(&env.store, &model, &mut opt, &state)?;
+            let (loaded, from) = persist::load_for_resume(&env.store, &model, &mut opt, &state)?;
             log_world_change(&loaded, dist.size(), tc.batch_size);
             state = loaded;
             resumed_from = Some(from);
         } else if let Some(p) = s.pretrained() {
-            state::load_pretrained(p, &model, cfg.model.name)?;
+            persist::load_pretrained(p, &model, cfg.model.name)?;
         }
         header = serde_json::to_vec(&state)?;
     }
@@ -146,7 +146,7 @@ pub(crate) fn restore(dist: &Dist, s: &Settings, env: &Env, resume: bool) -> Res
     let ema = (tc.ema_decay > 0.0).then(|| Ema::new(&model, tc.ema_decay));
     if let Some(e) = &ema {
         if let Some(from) = &resumed_from {
-            state::load_ema(from, e)?;
+            persist::load_ema(from, e)?;
         }
         broadcast_tensors(dist, &e.all());
     }
