@@ -10,8 +10,8 @@ use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use tch::{Device, Kind, Tensor};
 
-/// Checkpoint files are written atomically, as every output (`crate::files`).
-pub use crate::files::write_atomic;
+/// Checkpoint files are written atomically, as every output (`crate::infra::files`).
+pub use crate::infra::files::write_atomic;
 
 /// fsync of a directory, so the renames inside it survive a crash.
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -159,7 +159,7 @@ impl Store {
             for (name, bytes) in files {
                 write_synced(&tmp.join(name), bytes)?;
                 manifest.push(ManifestEntry { name: name.to_string(), bytes: bytes.len() as u64, crc32: crc32(bytes) });
-                crate::fault::point("save-between-files");
+                crate::infra::fault::point("save-between-files");
             }
             write_synced(&tmp.join(MANIFEST), &serde_json::to_vec_pretty(&manifest)?)?;
             sync_dir(&tmp)?;

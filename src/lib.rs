@@ -9,21 +9,19 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod dataset;
-pub mod dist;
 pub mod evaluate;
-pub mod fault;
-pub mod files;
+pub mod infra;
 pub mod jpeg;
-pub mod logging;
 pub mod models;
 pub mod mpicheck;
 pub mod plot;
 pub mod precision;
-pub mod process;
 pub mod record;
 pub mod switch;
-pub mod timeline;
 pub mod train;
+
+// The infrastructure's modules by their short names too (`sac::logging`, as tests and benches use them).
+pub use infra::{dist, fault, files, logging, process, timeline};
 
 use std::process::ExitCode;
 
@@ -31,7 +29,7 @@ use anyhow::Result;
 
 use crate::cli::{Cli, Command};
 use crate::config::{FlagOverrides, Settings};
-use crate::dist::Dist;
+use crate::infra::dist::Dist;
 
 pub fn run(cli: Cli) -> ExitCode {
     dist::install_panic_hook();
@@ -54,8 +52,8 @@ pub fn run(cli: Cli) -> ExitCode {
         // Every rank agreed to stop at the same step: leave without MPI_Abort.
         Err(err) if err.is::<train::Interrupted>() => {
             eprintln!("{err}");
-            crate::dist::set_exit_code(crate::dist::EXIT_STOPPED);
-            ExitCode::from(crate::dist::EXIT_STOPPED as u8)
+            crate::infra::dist::set_exit_code(crate::infra::dist::EXIT_STOPPED);
+            ExitCode::from(crate::infra::dist::EXIT_STOPPED as u8)
         }
         Err(err) => {
             let mut msg = format!("{err}");

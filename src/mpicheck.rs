@@ -27,7 +27,7 @@ use tch::{Device, Kind, Tensor};
 use tracing::info;
 
 use crate::config::Arch;
-use crate::dist::Dist;
+use crate::infra::dist::Dist;
 use crate::train::exchange::{GradSync, StepInfo};
 
 /// Relative error allowed between the averaged and the single-process gradient.
@@ -61,8 +61,8 @@ fn mean_loss_grad(net: &impl Module, params: &[Tensor], sync: &mut GradSync, x: 
 pub fn placement_and_links(dist: &Dist, measure: bool) {
     let places = dist.places(dist.cores_per_rank());
     if dist.is_root() {
-        println!("placement: {}", crate::dist::describe_placement(&places));
-        if let Some(w) = crate::dist::grouping_mismatch(&places) {
+        println!("placement: {}", crate::infra::dist::describe_placement(&places));
+        if let Some(w) = crate::infra::dist::grouping_mismatch(&places) {
             println!("warning: {w}");
         }
         let ucx: Vec<String> = ["UCX_TLS", "UCX_NET_DEVICES", "FI_PROVIDER"]
@@ -254,7 +254,7 @@ pub fn run(
     device: crate::config::DeviceKind,
 ) -> Result<()> {
     tch::set_num_threads(1);
-    let device = crate::process::pick_device("mpi-check --device", device, dist.local_rank())?;
+    let device = crate::infra::process::pick_device("mpi-check --device", device, dist.local_rank())?;
     let on = match device {
         Device::Cuda(_) => " on the ranks' GPUs (local rank mod GPU count; sums through host memory)".to_string(),
         _ => String::new(),
@@ -271,7 +271,7 @@ pub fn run(
                 x.tensors,
                 x.numel as f64 / 1e6,
                 x.buckets,
-                crate::dist::bucket_floats() as f64 / 1e6,
+                crate::infra::dist::bucket_floats() as f64 / 1e6,
                 dist.size(),
                 x.fused,
                 x.raw,
@@ -319,7 +319,7 @@ fn check_both_exchanges(dist: &Dist, batch: usize, device: Device, on: &str) -> 
 /// The optimizer step over `numel` parameters, every rank at once as in training: on one thread
 /// and on the rank's share of the node's cores (the CPU), or on the GPU.
 fn report_optimizer(dist: &Dist, numel: usize, reps: usize, device: Device) {
-    let share = crate::process::set_threads(0, dist.cores_per_rank());
+    let share = crate::infra::process::set_threads(0, dist.cores_per_rank());
     dist.barrier();
     let one = time_optimizer(numel, 1, reps, device);
     dist.barrier();

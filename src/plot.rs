@@ -94,7 +94,7 @@ fn epoch_panel(
 /// training loss within epochs as a thin line.
 pub fn training_curves(path: &Path, history: &[EpochRecord], intervals: &[(f64, f64)]) -> Result<()> {
     ensure_font()?;
-    crate::files::replace_with(path, |tmp| {
+    crate::infra::files::replace_with(path, |tmp| {
         let root = BitMapBackend::new(tmp, (1200, 450)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let (left, right) = root.split_horizontally(600);
@@ -148,7 +148,7 @@ pub fn confusion(
     };
     let label_w = 170;
     let side = (n as u32) * cell;
-    crate::files::replace_with(path, |tmp| {
+    crate::infra::files::replace_with(path, |tmp| {
         let root = BitMapBackend::new(tmp, (side + label_w + 40, side + label_w + 60)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let title = if classes_present > n {

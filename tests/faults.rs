@@ -6,7 +6,7 @@
 //! loads and resumes to the same weights as an uninterrupted run.
 //!
 //! Faults come from the `fault-injection` feature (`SAC_FAULT=point:action[@rank][#n]`, see
-//! src/fault.rs), from signals the test sends, from a full file system (a small tmpfs) and from
+//! src/infra/fault.rs), from signals the test sends, from a full file system (a small tmpfs) and from
 //! damaged files. Fixture: 2 classes, 16 training images of 32×32, batch 4 per rank: with 2 ranks,
 //! 2 steps per epoch, so `#3` is the first step of epoch 2.
 mod common;

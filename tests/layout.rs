@@ -74,3 +74,34 @@ fn the_counter_finds_a_long_function_and_skips_declarations() {
     let found = functions(&text);
     assert_eq!(found, vec![("long".to_string(), 1, 92), ("short".to_string(), 94, 2)]);
 }
+
+/// README's "How the code is laid out" names every folder of `src/` (one line each), and every
+/// folder it names exists.
+#[test]
+fn the_readme_lays_out_every_source_folder() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section =
+        readme.split("## How the code is laid out").nth(1).expect("the section").split("\n## ").next().unwrap();
+    let named: Vec<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("- `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|p| p.starts_with("src/") && p.ends_with('/') && *p != "src/")
+        .map(|p| p.trim_end_matches('/').to_string())
+        .collect();
+    let mut folders = Vec::new();
+    let mut stack = vec![root.join("src")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            if e.path().is_dir() {
+                folders.push(e.path().strip_prefix(root).unwrap().display().to_string());
+                stack.push(e.path());
+            }
+        }
+    }
+    folders.sort();
+    let mut sorted = named.clone();
+    sorted.sort();
+    assert_eq!(sorted, folders, "README's layout against the tree");
+}

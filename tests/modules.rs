@@ -225,7 +225,7 @@ fn circle(edges: &BTreeMap<String, BTreeSet<String>>, start: &str) -> Option<Vec
 #[test]
 fn no_module_imports_a_module_that_imports_it() {
     let edges = graph();
-    assert!(edges.contains_key("train") && edges.contains_key("dist"), "modules found: {:?}", edges.keys());
+    assert!(edges.contains_key("train") && edges.contains_key("infra::dist"), "modules found: {:?}", edges.keys());
     let circles: Vec<String> = edges.keys().filter_map(|m| circle(&edges, m)).map(|c| c.join(" -> ")).collect();
     assert!(circles.is_empty(), "modules in a circle:\n{}", circles.join("\n"));
 }
@@ -235,10 +235,14 @@ fn no_module_imports_a_module_that_imports_it() {
 fn the_graph_sees_crate_super_and_child_paths() {
     let edges = graph();
     let uses = |a: &str, b: &str| edges.get(a).is_some_and(|s| s.contains(b));
-    assert!(uses("evaluate", "dist"), "crate::dist::Dist in evaluate/mod.rs: {:?}", edges.get("evaluate"));
+    assert!(
+        uses("evaluate", "infra::dist"),
+        "crate::infra::dist::Dist in evaluate/mod.rs: {:?}",
+        edges.get("evaluate")
+    );
     assert!(uses("evaluate::report", "evaluate::metrics"), "use super::metrics: {:?}", edges.get("evaluate::report"));
     assert!(uses("train", "train::loader"), "a child by name: {:?}", edges.get("train"));
-    assert!(uses("crate", "dist"), "lib.rs: {:?}", edges.get("crate"));
+    assert!(uses("crate", "infra::dist"), "lib.rs: {:?}", edges.get("crate"));
     let mut toy = BTreeMap::new();
     toy.insert("a".to_string(), BTreeSet::from(["b".to_string()]));
     toy.insert("b".to_string(), BTreeSet::from(["a".to_string()]));

@@ -281,7 +281,7 @@ impl fmt::Display for Cache {
             Cache::Off => f.write_str("false"),
             Cache::All => f.write_str("true"),
             Cache::Auto => f.write_str("auto"),
-            Cache::Bytes(b) => write!(f, "{}", crate::logging::bytes(*b)),
+            Cache::Bytes(b) => write!(f, "{}", crate::infra::logging::bytes(*b)),
         }
     }
 }

@@ -57,7 +57,7 @@ pub fn create(settings: &Settings) -> Result<()> {
             sample::MIN_TO_SPLIT
         );
     }
-    let stop = crate::process::stop_on_signals()?;
+    let stop = crate::infra::process::stop_on_signals()?;
     let summary = write::write_data_dir(settings, &source, &split, predict.as_ref(), &stop)?;
     info!(
         "wrote {} ({} train, {} test, {} predict, {} classes) in {:.1} s; peak memory {:.0} MiB",
@@ -67,7 +67,7 @@ pub fn create(settings: &Settings) -> Result<()> {
         summary.predict,
         summary.classes,
         t0.elapsed().as_secs_f64(),
-        crate::process::resource_usage().0
+        crate::infra::process::resource_usage().0
     );
     Ok(())
 }

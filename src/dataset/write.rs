@@ -91,7 +91,7 @@ pub fn write_data_dir(
     let n_predict = predict.map_or(0, |p| p.images.len());
     let total = (split.train.len() + split.test.len() + n_predict) as u64;
     let every = settings.config.train.log_interval();
-    let mut pb = crate::logging::Progress::new("create-dataset: writing", "images", total, true, every);
+    let mut pb = crate::infra::logging::Progress::new("create-dataset: writing", "images", total, true, every);
     let interrupted = || bail!("interrupted by a signal: nothing was written, {} is as it was", target.display());
     for (split_name, indices) in [("train", &split.train), ("test", &split.test)] {
         for &i in indices.iter() {

@@ -19,7 +19,7 @@ use tracing::info;
 use crate::checkpoint;
 use crate::config::{Arch, EvalSplit, Settings};
 use crate::data::{self, Geometry};
-use crate::dist::Dist;
+use crate::infra::dist::Dist;
 use crate::precision::Numerics;
 use pipeline::{Ctx, Outcome, RankReport, Stage};
 
@@ -127,13 +127,13 @@ pub fn run(dist: &Dist, s: &Settings, split: EvalSplit) -> Result<()> {
     let (outcome, mine) = job.execute(dist, model.as_ref())?;
     let reports = job.gather(dist, &mine)?;
     // No collective after this: ranks without work leave while rank 0 writes the report.
-    let (rss, cpu) = crate::process::resource_usage();
+    let (rss, cpu) = crate::infra::process::resource_usage();
     tracing::debug!("done: this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
     if let (Some((outcome, wall)), Some(reports)) = (outcome, reports) {
         let mut ranks: Vec<(f64, f64)> = reports.iter().map(|r| (r.peak_rss_mib, r.process_cpu_seconds)).collect();
         job.write_report(outcome, &reports, wall, t_start)?;
-        ranks[0] = crate::process::resource_usage();
-        crate::logging::done(&format!("outputs in {}", report::output_dir(s, split).display()), &ranks);
+        ranks[0] = crate::infra::process::resource_usage();
+        crate::infra::logging::done(&format!("outputs in {}", report::output_dir(s, split).display()), &ranks);
     }
     Ok(())
 }
@@ -162,9 +162,9 @@ impl<'a> Job<'a> {
     /// before any rank starts working, and tells the others the class count. Collectives.
     fn prepare(dist: &Dist, s: &'a Settings, split: EvalSplit) -> Result<Job<'a>> {
         let cfg = &s.config;
-        let threads = crate::process::set_threads(cfg.train.threads, dist.cores_per_rank());
+        let threads = crate::infra::process::set_threads(cfg.train.threads, dist.cores_per_rank());
         dist.log_placement(threads);
-        let device = crate::process::pick_device("train.device", cfg.train.device, dist.local_rank())?;
+        let device = crate::infra::process::pick_device("train.device", cfg.train.device, dist.local_rank())?;
         let ec = &cfg.evaluate;
         let numerics =
             crate::train::agreed_numerics(dist, "evaluate.precision", ec.precision, ec.channels_last, device)?;
@@ -247,12 +247,12 @@ impl<'a> Job<'a> {
         };
         dist.barrier();
         let t0 = Instant::now();
-        let cpu0 = crate::process::resource_usage().1;
+        let cpu0 = crate::infra::process::resource_usage().1;
         let every = cfg.train.log_interval();
-        crate::logging::progress_clock(if dist.is_root() { every } else { Duration::ZERO });
+        crate::infra::logging::progress_clock(if dist.is_root() { every } else { Duration::ZERO });
         let mut progress =
-            crate::logging::Progress::new("evaluate", "images", self.rows.len() as u64, dist.is_root(), every);
-        crate::timeline::set_recording(timeline.is_some());
+            crate::infra::logging::Progress::new("evaluate", "images", self.rows.len() as u64, dist.is_root(), every);
+        crate::infra::timeline::set_recording(timeline.is_some());
         let (rows, batch) = (&self.rows, cfg.evaluate.batch_size);
         let (outcome, stats) = if self.pipelined {
             pipeline::mpi_pipeline(dist, &ctx, rows, batch, &mut predict, &mut progress)?
@@ -262,9 +262,9 @@ impl<'a> Job<'a> {
             (None, Default::default())
         };
         progress.finish();
-        crate::logging::progress_clock(Duration::ZERO);
+        crate::infra::logging::progress_clock(Duration::ZERO);
         let wall = t0.elapsed().as_secs_f64();
-        let (rss, cpu) = crate::process::resource_usage();
+        let (rss, cpu) = crate::infra::process::resource_usage();
         let mine = RankReport {
             stage: self.pipelined.then(|| Stage::of_rank(dist.rank())),
             stats,
@@ -280,10 +280,10 @@ impl<'a> Job<'a> {
         let reports = dist.gather_bytes(0, serde_json::to_vec(mine)?);
         let cfg = &self.s.config;
         if let Some(path) = cfg.timeline.path() {
-            if let Some(parts) = dist.gather_bytes(0, crate::timeline::take(dist.rank())) {
+            if let Some(parts) = dist.gather_bytes(0, crate::infra::timeline::take(dist.rank())) {
                 let window =
                     format!("the first {} batch(es) of {} images", cfg.timeline.steps, cfg.evaluate.batch_size);
-                crate::timeline::write(path, &parts, "evaluate", &window)?;
+                crate::infra::timeline::write(path, &parts, "evaluate", &window)?;
             }
         }
         let Some(reports) = reports else { return Ok(None) };
@@ -327,7 +327,7 @@ fn read_inputs(s: &Settings, split: EvalSplit, csv: &str, ckpt: &Path) -> Result
     data::check_labels(&rows, classes.len(), &test_file)?;
     check_checkpoint(ckpt, s.config.model.name, &classes)?;
     if let Some(path) = s.config.timeline.path() {
-        crate::timeline::prepare(path)?;
+        crate::infra::timeline::prepare(path)?;
     }
     Ok((classes, rows))
 }

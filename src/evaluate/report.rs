@@ -13,7 +13,7 @@ use super::metrics;
 use super::pipeline::{Outcome, RankReport, Stage, StageStats};
 use crate::config::{EvalSplit, Settings};
 use crate::data::{Class, Row};
-use crate::files::write_atomic;
+use crate::infra::files::write_atomic;
 
 /// How the evaluation ran.
 pub struct Run {

@@ -19,7 +19,7 @@ use super::progress::{Reporter, Times};
 use super::schedule::Schedule;
 use crate::config::{OnNonFinite, Overlap, TrainCfg};
 use crate::data::Row;
-use crate::dist::Dist;
+use crate::infra::dist::Dist;
 use crate::precision::Numerics;
 use crate::record::State;
 
@@ -133,10 +133,10 @@ impl<'a> Stepper<'a> {
     ) -> Result<EpochSteps> {
         let steps = batches.len();
         let t_epoch = Instant::now();
-        let pb = crate::logging::progress_bar(
+        let pb = crate::infra::logging::progress_bar(
             steps as u64,
             &format!("epoch {epoch}/{}", self.tc.epochs),
-            self.dist.is_root() && !crate::logging::progress_as_lines(),
+            self.dist.is_root() && !crate::infra::logging::progress_as_lines(),
         );
         if let Some(r) = reporter.as_deref_mut() {
             r.start_epoch(epoch, steps);
@@ -144,13 +144,13 @@ impl<'a> Stepper<'a> {
         let mut done = EpochSteps::default();
         with_batches(loader, rows, batches, self.device, |next_batch| {
             for step in 0..steps {
-                crate::fault::point("step");
+                crate::infra::fault::point("step");
                 let at = At { epoch, step, steps };
                 let t = u64::from(epoch - 1) * steps as u64 + step as u64;
                 self.opt.lr = self.schedule.lr(t);
                 let lr = self.opt.lr;
                 if traced_from == Some(step) {
-                    crate::timeline::set_recording(true);
+                    crate::infra::timeline::set_recording(true);
                 }
                 let (outcome, times) = self.step(&at, t, next_batch, &mut done)?;
                 done.times.add(&times);
@@ -200,7 +200,7 @@ impl<'a> Stepper<'a> {
         let t0 = Instant::now();
         let (batch, skipped) = next_batch()?;
         done.skipped += skipped;
-        let t1 = crate::timeline::since("data", "load batch", t0, mark);
+        let t1 = crate::infra::timeline::since("data", "load batch", t0, mark);
         let mut times = Times { data: t1 - t0, ..Times::default() };
         let (synced, mine, t2) = self.forward_backward(batch, t1, mark)?;
         times.compute = t2 - t1;
@@ -219,11 +219,11 @@ impl<'a> Stepper<'a> {
         if synced.non_finite {
             self.leave_out(at, mine.bad)?;
             done.nonfinite_steps += 1;
-            times.comm = crate::timeline::since("exchange", "allreduce", t2, mark) - t2;
+            times.comm = crate::infra::timeline::since("exchange", "allreduce", t2, mark) - t2;
             return Ok((Outcome::LeftOut, times));
         }
         let g = synced.grad.to_device(self.device);
-        let t3 = crate::timeline::since("exchange", "allreduce", t2, mark);
+        let t3 = crate::infra::timeline::since("exchange", "allreduce", t2, mark);
         times.comm = t3 - t2;
         let mut scale = synced.scale;
         if self.tc.clip_grad_norm > 0.0 {
@@ -235,7 +235,7 @@ impl<'a> Stepper<'a> {
         if let Some(ema) = self.ema.as_mut() {
             ema.update(self.model, self.schedule.in_warmup(t));
         }
-        times.optim = crate::timeline::since("optimizer", "optimizer step", t3, mark) - t3;
+        times.optim = crate::infra::timeline::since("optimizer", "optimizer step", t3, mark) - t3;
         Ok((Outcome::Taken { images: f64::from(synced.images), loss_sum: synced.loss, mine }, times))
     }
 
@@ -249,7 +249,7 @@ impl<'a> Stepper<'a> {
     ) -> Result<(Synced, Local, Instant)> {
         let stop = self.stop.load(Ordering::Relaxed);
         let Some((x, y)) = batch else {
-            let t2 = crate::timeline::since("compute", "forward + backward", t1, mark);
+            let t2 = crate::infra::timeline::since("compute", "forward + backward", t1, mark);
             let synced = self.sync.step(self.dist, StepInfo { stop, ..StepInfo::default() }, || {});
             return Ok((synced, Local::default(), t2));
         };
@@ -265,7 +265,7 @@ impl<'a> Stepper<'a> {
         };
         let logits = self.numerics.forward(self.model.net.as_ref(), &x, true)?;
         let mut loss = training_loss(&logits, soft.as_ref().unwrap_or(&y), self.tc.label_smoothing);
-        if crate::fault::poison("loss") {
+        if crate::infra::fault::poison("loss") {
             loss *= f64::NAN;
         }
         let images = y.size()[0] as usize;
@@ -283,7 +283,7 @@ impl<'a> Stepper<'a> {
                 // Backward's kernels end here, not in the exchange that waits for them.
                 tch::Cuda::synchronize(i as i64);
             }
-            t2 = crate::timeline::since("compute", "forward + backward", t1, mark);
+            t2 = crate::infra::timeline::since("compute", "forward + backward", t1, mark);
         });
         Ok((synced, Local { images, loss: mean, bad }, t2))
     }

@@ -178,11 +178,11 @@ pub fn with_batches<R>(
         // One batch is being built while `ahead - 1` wait in the channel.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(ahead - 1);
         scope.spawn(move || {
-            crate::timeline::name_thread(1, "loader");
+            crate::infra::timeline::name_thread(1, "loader");
             for idx in list {
                 let t = std::time::Instant::now();
                 let batch = loader.batch(rows, idx, device);
-                crate::timeline::since("loader", "decode + batch", t, None);
+                crate::infra::timeline::since("loader", "decode + batch", t, None);
                 let failed = batch.is_err();
                 if tx.send(batch).is_err() || failed {
                     break;

@@ -122,7 +122,7 @@ impl Stream {
             text.push_str(&serde_json::to_string(l)?);
             text.push('\n');
         }
-        crate::files::replace_with(&path, |tmp| Ok(std::fs::write(tmp, &text)?))?;
+        crate::infra::files::replace_with(&path, |tmp| Ok(std::fs::write(tmp, &text)?))?;
         let file =
             OpenOptions::new().append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
         Ok(match defer {

@@ -14,7 +14,7 @@ use anyhow::Result;
 use tracing::{info, warn};
 
 use crate::config::{Settings, TrainCfg};
-use crate::dist::Dist;
+use crate::infra::dist::Dist;
 use crate::record::{EpochRecord, State};
 use ema::Ema;
 pub use epoch::Interrupted;
@@ -76,7 +76,7 @@ pub fn run(dist: &Dist, s: &Settings, mode: Mode) -> Result<()> {
             return Err(Interrupted.into());
         }
     }
-    crate::logging::progress_clock(Duration::ZERO);
+    crate::infra::logging::progress_clock(Duration::ZERO);
     log_done(dist, &format!("checkpoints in {}", env.dir.display()));
     Ok(())
 }
@@ -353,9 +353,9 @@ impl<'a> Trainer<'a> {
         }
         if self.traced(epoch).is_some() {
             // Validation stopped recording after its first `timeline.steps` batches.
-            crate::timeline::set_recording(true);
+            crate::infra::timeline::set_recording(true);
             if self.tc.validate {
-                crate::timeline::span("validation", "validation", v.started, v.ended, None);
+                crate::infra::timeline::span("validation", "validation", v.started, v.ended, None);
             }
         }
         if self.dist.is_root() {
@@ -371,7 +371,7 @@ impl<'a> Trainer<'a> {
                 metrics_file.as_deref(),
                 self.stepper.ema.as_ref(),
             )?;
-            crate::timeline::since("checkpoint", "write checkpoint", t, None);
+            crate::infra::timeline::since("checkpoint", "write checkpoint", t, None);
             if let (true, Some(r)) = (self.first_save, self.reporter.as_mut()) {
                 r.publish();
             }
@@ -386,9 +386,9 @@ impl<'a> Trainer<'a> {
     fn agree_to_stop(&mut self, epoch: u32) -> Result<bool> {
         let t = Instant::now();
         let stop_now = self.dist.any(self.env.stop.load(Ordering::Relaxed));
-        crate::timeline::since("exchange", "end of epoch (waits for the checkpoint)", t, None);
+        crate::infra::timeline::since("exchange", "end of epoch (waits for the checkpoint)", t, None);
         if let Some((path, from)) = self.traced(epoch) {
-            let parts = self.dist.gather_bytes(0, crate::timeline::take(self.dist.rank()));
+            let parts = self.dist.gather_bytes(0, crate::infra::timeline::take(self.dist.rank()));
             if let Some(parts) = parts {
                 let window = format!(
                     "epoch {epoch}: steps {}-{steps} of {steps}{}, checkpoint",
@@ -396,7 +396,7 @@ impl<'a> Trainer<'a> {
                     if self.tc.validate { ", validation" } else { "" },
                     steps = self.steps
                 );
-                crate::timeline::write(path, &parts, "train", &window)?;
+                crate::infra::timeline::write(path, &parts, "train", &window)?;
             }
         }
         Ok(stop_now)
@@ -409,14 +409,14 @@ const GPU_DATA_WARN: f64 = 0.1;
 /// The end of a command on every rank: rank 0 logs each rank's peak memory and CPU time (a
 /// collective: call it where every rank arrives together).
 pub fn log_done(dist: &Dist, what: &str) {
-    let (rss, cpu) = crate::process::resource_usage();
+    let (rss, cpu) = crate::infra::process::resource_usage();
     tracing::debug!("done: this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
     let mut all = vec![0f64; 2 * dist.size()];
     all[2 * dist.rank()] = rss;
     all[2 * dist.rank() + 1] = cpu;
     dist.allreduce_sum(&mut all, &mut Vec::new());
     if dist.is_root() {
-        crate::logging::done(what, &all.chunks(2).map(|p| (p[0], p[1])).collect::<Vec<_>>());
+        crate::infra::logging::done(what, &all.chunks(2).map(|p| (p[0], p[1])).collect::<Vec<_>>());
     }
 }
 
@@ -429,18 +429,18 @@ fn log_cache(dist: &Dist, budget: u64, loaders: &[&Loader], images: usize) {
     let budget_text = match budget {
         0 => "off".to_string(),
         u64::MAX => "unbounded".to_string(),
-        b => format!("{} per rank", crate::logging::bytes(b)),
+        b => format!("{} per rank", crate::infra::logging::bytes(b)),
     };
     if budget == 0 {
         info!("decode cache off (train.cache): every image is decoded every epoch");
     } else {
         info!(
             "decode cache ({budget_text}): this rank holds {} ({} images); all ranks {} of {images} images ({:.1} %) in {}",
-            crate::logging::bytes(bytes),
+            crate::infra::logging::bytes(bytes),
             held,
             sums[1] as u64,
             100.0 * sums[1] / images.max(1) as f64,
-            crate::logging::bytes(sums[0] as u64)
+            crate::infra::logging::bytes(sums[0] as u64)
         );
     }
 }

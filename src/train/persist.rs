@@ -31,7 +31,7 @@ pub(crate) fn save(
     metrics_file: Option<&Path>,
     ema: Option<&Ema>,
 ) -> Result<()> {
-    crate::fault::point("save");
+    crate::infra::fault::point("save");
     // Never save a NaN: name the first tensor that holds one.
     let opt_tensors = opt.tensors();
     if let Some(name) = checkpoint::first_non_finite(model.vars.iter().chain(opt_tensors.iter().map(|(n, t)| (n, t)))) {

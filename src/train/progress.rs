@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::metrics::{self, Line, Shares, Stream};
-use crate::logging::duration;
+use crate::infra::logging::duration;
 use crate::record::EpochRecord;
 
 /// Where the time of steps went, summed over them (each rank its own).
@@ -89,8 +89,8 @@ impl Reporter {
     /// `every`: the interval (zero: only the end of each epoch's steps is recorded, and no lines).
     pub fn new(stream: Stream, every: Duration, epochs: u32) -> Reporter {
         let now = Instant::now();
-        let lines = crate::logging::progress_as_lines() && !every.is_zero();
-        crate::logging::progress_clock(every);
+        let lines = crate::infra::logging::progress_as_lines() && !every.is_zero();
+        crate::infra::logging::progress_clock(every);
         Reporter {
             every,
             lines,
@@ -119,7 +119,7 @@ impl Reporter {
         }
         (self.epoch, self.steps, self.epoch_start, self.epoch_images, self.done) = (epoch, steps, now, 0.0, 0);
         (self.since, self.since_step, self.images, self.loss, self.times) = (now, 0, 0.0, 0.0, Times::default());
-        crate::logging::progress_spoken();
+        crate::infra::logging::progress_spoken();
     }
 
     /// One more step done: `images` of all ranks with summed loss `loss_sum` (0 images: a step left
@@ -216,7 +216,7 @@ impl Reporter {
             );
         }
         // Reported (a line, or on a terminal the bar and metrics.jsonl): not a silence.
-        crate::logging::progress_spoken();
+        crate::infra::logging::progress_spoken();
         self.append(&Line::Interval(iv));
         (self.since, self.since_step, self.images, self.loss, self.times) =
             (now, self.done, 0.0, 0.0, Times::default());
@@ -232,6 +232,6 @@ impl Reporter {
             validation_seconds,
             shares,
         }));
-        crate::logging::progress_spoken();
+        crate::infra::logging::progress_spoken();
     }
 }

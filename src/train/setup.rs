@@ -25,7 +25,7 @@ use super::shard::{self, distribute, Shard};
 use crate::checkpoint;
 use crate::config::{OptimizerKind, Settings, TrainCfg};
 use crate::data::{self, Geometry, ImageStore, Row};
-use crate::dist::Dist;
+use crate::infra::dist::Dist;
 use crate::precision::Numerics;
 use crate::record::State;
 
@@ -56,11 +56,11 @@ impl Env {
     /// name (rank 0); prepares the timeline's file; scatters the shards. Collectives.
     pub fn prepare(dist: &Dist, s: &Settings, mode: Mode) -> Result<Env> {
         let (cfg, tc) = (&s.config, &s.config.train);
-        let threads = crate::process::set_threads(tc.threads, dist.cores_per_rank());
+        let threads = crate::infra::process::set_threads(tc.threads, dist.cores_per_rank());
         dist.log_placement(threads);
-        let device = crate::process::pick_device("train.device", tc.device, dist.local_rank())?;
+        let device = crate::infra::process::pick_device("train.device", tc.device, dist.local_rank())?;
         let numerics = agreed_numerics(dist, "train.precision", tc.precision, tc.channels_last, device)?;
-        let stop = crate::process::stop_on_signals()?;
+        let stop = crate::infra::process::stop_on_signals()?;
         let dir = s.model_dir();
         let store = checkpoint::Store::new(&dir);
         if dist.is_root() && !mode.resume && !mode.overwrite && store.holds_checkpoint() {
@@ -72,7 +72,7 @@ impl Env {
             );
         }
         if let (true, Some(path)) = (dist.is_root(), cfg.timeline.path()) {
-            crate::timeline::prepare(path)?;
+            crate::infra::timeline::prepare(path)?;
         }
         let shard = distribute(dist, s)?;
         info!(

@@ -9,7 +9,7 @@ use tracing::info;
 
 use crate::config::{Sampler, Settings};
 use crate::data::{self, Class, Row};
-use crate::dist::Dist;
+use crate::infra::dist::Dist;
 
 /// What rank 0 sends each rank.
 #[derive(Serialize, Deserialize)]

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use super::loader::{with_batches, Loader};
 use super::model::Model;
 use crate::data::Row;
-use crate::dist::Dist;
+use crate::infra::dist::Dist;
 
 /// Validation on every rank's share of test.csv, summed with one allreduce: (loss, top-1, top-5),
 /// or None when a stop signal cut it short on some rank. The timeline (if recording) takes the
@@ -28,15 +28,15 @@ pub(crate) fn validate(
     every: Duration,
 ) -> Result<Option<(f64, f64, f64)>> {
     let what = format!("validation (rank {}'s share)", dist.rank());
-    let mut progress = crate::logging::Progress::new(&what, "images", rows.len() as u64, dist.is_root(), every);
+    let mut progress = crate::infra::logging::Progress::new(&what, "images", rows.len() as u64, dist.is_root(), every);
     let mut sums = [0f64; 5]; // loss * n, top-1 hits, top-5 hits, n, stopped
     let idx: Vec<usize> = (0..rows.len()).collect();
     let batches: Vec<&[usize]> = idx.chunks(batch).collect();
     with_batches(loader, rows, &batches, device, |next_batch| {
         for (i, idx) in batches.iter().enumerate() {
-            crate::fault::point("validate");
-            if i == traced && crate::timeline::recording() {
-                crate::timeline::set_recording(false);
+            crate::infra::fault::point("validate");
+            if i == traced && crate::infra::timeline::recording() {
+                crate::infra::timeline::set_recording(false);
             }
             if stop.load(Ordering::Relaxed) {
                 sums[4] = 1.0;
@@ -47,8 +47,8 @@ pub(crate) fn validate(
             let (batch, _) = next_batch()?;
             progress.inc(idx.len() as u64);
             let Some((x, y)) = batch else { continue };
-            let t = crate::timeline::since("data", "load batch", t, at);
-            let _forward = crate::timeline::Span::new("validation", "forward (validation)", t, at);
+            let t = crate::infra::timeline::since("data", "load batch", t, at);
+            let _forward = crate::infra::timeline::Span::new("validation", "forward (validation)", t, at);
             tch::no_grad(|| -> Result<()> {
                 let logits = numerics.forward(model.net.as_ref(), &x, false)?;
                 let n = y.size()[0] as f64;
@@ -65,7 +65,7 @@ pub(crate) fn validate(
     progress.finish();
     let t = Instant::now();
     dist.allreduce_sum(&mut sums, &mut Vec::new());
-    crate::timeline::since("exchange", "allreduce", t, None);
+    crate::infra::timeline::since("exchange", "allreduce", t, None);
     if sums[4] > 0.0 {
         return Ok(None);
     }

@@ -16,7 +16,7 @@ pub fn local_pipeline(
     rows: &[Row],
     batch: usize,
     predictor: &mut dyn FnMut(TensorBatch) -> ResultBatch,
-    progress: &mut crate::logging::Progress,
+    progress: &mut crate::infra::logging::Progress,
 ) -> Result<Outcome> {
     let batches: Vec<Vec<usize>> = (0..rows.len()).collect::<Vec<_>>().chunks(batch).map(<[usize]>::to_vec).collect();
     let (tx_raw, rx_raw) = sync_channel::<RawBatch>(IN_FLIGHT);
@@ -26,7 +26,7 @@ pub fn local_pipeline(
     let mut predict_stats = StageStats::default();
     let (read_stats, decode_stats, normalize_stats) = std::thread::scope(|s| -> Result<_> {
         let reader = s.spawn(move || -> Result<StageStats> {
-            crate::timeline::name_thread(1, "read");
+            crate::infra::timeline::name_thread(1, "read");
             let mut st = StageStats::default();
             for (seq, idx) in batches.iter().enumerate() {
                 let seq = seq as u64;
@@ -38,7 +38,7 @@ pub fn local_pipeline(
             Ok(st)
         });
         let decoder = s.spawn(move || -> Result<StageStats> {
-            crate::timeline::name_thread(2, "decode");
+            crate::infra::timeline::name_thread(2, "decode");
             let mut st = StageStats::default();
             for b in rx_raw {
                 let (n, seq) = (b.files.len(), b.meta.seq);
@@ -50,7 +50,7 @@ pub fn local_pipeline(
             Ok(st)
         });
         let normalizer = s.spawn(move || -> Result<StageStats> {
-            crate::timeline::name_thread(3, "normalize");
+            crate::infra::timeline::name_thread(3, "normalize");
             let mut st = StageStats::default();
             for b in rx_dec {
                 let (n, seq) = (b.meta.rows.len(), b.meta.seq);
@@ -61,7 +61,7 @@ pub fn local_pipeline(
             }
             Ok(st)
         });
-        crate::timeline::name_thread(0, "predict");
+        crate::infra::timeline::name_thread(0, "predict");
         for b in rx_norm {
             let (n, seq) = (b.meta.rows.len(), b.meta.seq);
             let r = timed(ctx, &mut predict_stats, Stage::Predict, seq, n, || predictor(b));

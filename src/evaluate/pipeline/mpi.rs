@@ -9,8 +9,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use super::stages::{decode, normalize, read, timed, Ctx, DecodedBatch, Meta, Outcome, RawBatch, ResultBatch, Stage};
 use super::stages::{StageStats, TensorBatch, IN_FLIGHT};
 use crate::data::Row;
-use crate::dist::Dist;
 use crate::evaluate::metrics::Prediction;
+use crate::infra::dist::Dist;
 
 const TAG_FORWARD: i32 = 10;
 const TAG_CREDIT: i32 = 11;
@@ -84,7 +84,7 @@ pub fn mpi_pipeline(
     rows: &[Row],
     batch: usize,
     predictor: &mut dyn FnMut(TensorBatch) -> ResultBatch,
-    progress: &mut crate::logging::Progress,
+    progress: &mut crate::infra::logging::Progress,
 ) -> Result<(Option<Outcome>, StageStats)> {
     let mut st = StageStats::default();
     let outcome = match Stage::of_rank(dist.rank()) {
@@ -101,7 +101,7 @@ pub fn mpi_pipeline(
 struct Results<'p> {
     out: Outcome,
     ended: usize,
-    progress: &'p mut crate::logging::Progress,
+    progress: &'p mut crate::infra::logging::Progress,
     failed: Option<anyhow::Error>,
 }
 
@@ -150,7 +150,7 @@ fn reader(
     ctx: &Ctx,
     rows: &[Row],
     batch: usize,
-    progress: &mut crate::logging::Progress,
+    progress: &mut crate::infra::logging::Progress,
     st: &mut StageStats,
 ) -> Result<Outcome> {
     let batches: Vec<Vec<usize>> = (0..rows.len()).collect::<Vec<_>>().chunks(batch).map(<[usize]>::to_vec).collect();
@@ -292,7 +292,7 @@ fn predictor_rank(
         };
         let (images, seq) = (meta.rows.len(), meta.seq);
         ctx.mark("wait", "receive from the normalizer", t, seq);
-        crate::fault::point("predict");
+        crate::infra::fault::point("predict");
         let r =
             timed(ctx, st, Stage::Predict, seq, images, || predictor(TensorBatch { meta, values: bytes_f32(payload) }));
         let t = Instant::now();

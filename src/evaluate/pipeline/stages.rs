@@ -143,7 +143,7 @@ impl Ctx<'_> {
     /// now (when the batch is in the window); returns now.
     pub(super) fn mark(&self, cat: &str, name: &str, start: Instant, seq: u64) -> Instant {
         if seq < self.trace_batches {
-            crate::timeline::since(cat, name, start, Some(seq + 1))
+            crate::infra::timeline::since(cat, name, start, Some(seq + 1))
         } else {
             Instant::now()
         }

@@ -15,7 +15,7 @@ mod plan;
 mod tensors;
 
 use crate::config::Exchange;
-use crate::dist::{Dist, SumEngine};
+use crate::infra::dist::{Dist, SumEngine};
 pub use plan::{backward_order, describe_buckets, layout, model_backward_order, Bucket, EDGE_BUCKET_FLOATS};
 pub(crate) use tensors::{
     all_finite, average_tensors, broadcast_tensors, buffers_finite, copy_tensors, is_cpu_f32, views_into,
@@ -248,7 +248,7 @@ impl GradSync {
         };
         let sizes: Vec<usize> = params.iter().map(Tensor::numel).collect();
         let order = order.unwrap_or_else(|| (0..params.len()).rev().collect());
-        let buckets = layout(&sizes, &order, crate::dist::bucket_floats(), EDGE_BUCKET_FLOATS, EXTRAS);
+        let buckets = layout(&sizes, &order, crate::infra::dist::bucket_floats(), EDGE_BUCKET_FLOATS, EXTRAS);
         let mut sync = GradSync {
             params: params.iter().map(Tensor::shallow_clone).collect(),
             numel,

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::dist::Dist;
+use crate::infra::dist::Dist;
 use crate::train::hooks::GradHooks;
 use crate::train::model::Model;
 

@@ -2,7 +2,7 @@
 //! rank 0's weights to every rank, batch-norm statistics averaged, finiteness checks.
 use tch::{Device, Kind, Tensor};
 
-use crate::dist::Dist;
+use crate::infra::dist::Dist;
 
 /// A contiguous f32 tensor on the CPU (whose elements MPI can read and write in place).
 pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {

@@ -103,7 +103,7 @@ impl Dist {
     /// After a stop signal: asks the peers what they wait in, and ends the job once the wait
     /// outlasts `STOP_GRACE` from the signal.
     fn end_after_stop(&self, m: &Mpi, op: Op, waited: Duration, watch: &mut StallWatch) {
-        if crate::process::stop_requested() {
+        if crate::infra::process::stop_requested() {
             let seen = *watch.stop_seen.get_or_insert_with(Instant::now);
             if watch.query.is_none() {
                 self.send_query(m, watch, waited);
@@ -126,7 +126,7 @@ impl Dist {
     /// peers, so routine waits stay quiet whatever the interval.
     fn report_silence(&self, m: &Mpi, op: Op, waited: Duration, watch: &mut StallWatch, limits: StallLimits) {
         if self.rank == 0 && waited < limits.warn {
-            if let Some((silent, every)) = crate::logging::progress_silence() {
+            if let Some((silent, every)) = crate::infra::logging::progress_silence() {
                 let due = every * 2;
                 let asked = watch.query.map(|(_, at)| waited.saturating_sub(at));
                 let lasts = waited >= ANSWER_WINDOW / 2;
@@ -135,11 +135,11 @@ impl Dist {
                 } else if silent >= due && asked.is_some_and(|age| age >= ANSWER_WINDOW) {
                     tracing::warn!(
                         "no progress for {}: rank 0 has waited {} in {op}: {}",
-                        crate::logging::duration(silent.as_secs_f64()),
-                        crate::logging::duration(waited.as_secs_f64()),
+                        crate::infra::logging::duration(silent.as_secs_f64()),
+                        crate::infra::logging::duration(waited.as_secs_f64()),
                         self.missing(op, watch)
                     );
-                    crate::logging::progress_spoken();
+                    crate::infra::logging::progress_spoken();
                 }
             }
         }

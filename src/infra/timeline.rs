@@ -146,7 +146,7 @@ pub fn take(rank: usize) -> Vec<u8> {
     let threads = THREADS.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let trace = RankTrace {
         rank,
-        host: crate::process::hostname(),
+        host: crate::infra::process::hostname(),
         threads,
         events,
         dropped: DROPPED.swap(0, Ordering::Relaxed),
@@ -209,7 +209,7 @@ pub fn prepare(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {} (timeline.file)", dir.display()))?;
     }
-    let tmp = crate::files::temp_beside(path);
+    let tmp = crate::infra::files::temp_beside(path);
     std::fs::write(&tmp, b"")
         .with_context(|| format!("cannot write the timeline {} (timeline.file)", path.display()))?;
     let _ = std::fs::remove_file(&tmp);
@@ -222,7 +222,8 @@ pub fn write(path: &Path, parts: &[Vec<u8>], command: &str, window: &str) -> Res
     let events = doc["traceEvents"].as_array().map_or(0, Vec::len);
     let dropped = doc["otherData"]["dropped_events"].as_u64().unwrap_or(0);
     let bytes = serde_json::to_vec(&doc)?;
-    crate::files::replace_with(path, |tmp| Ok(std::fs::write(tmp, &bytes)?)).context("the timeline (timeline.file)")?;
+    crate::infra::files::replace_with(path, |tmp| Ok(std::fs::write(tmp, &bytes)?))
+        .context("the timeline (timeline.file)")?;
     if dropped > 0 {
         tracing::warn!(
             "timeline: {dropped} span(s) past {MAX_EVENTS} per rank were left out; use a smaller timeline.steps"

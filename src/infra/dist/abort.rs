@@ -75,7 +75,7 @@ pub fn install_panic_hook() {
 
 /// An error line to the log (when logging is set up) or stderr.
 fn report_fatal(text: &str) {
-    if crate::logging::is_on() {
+    if crate::infra::logging::is_on() {
         tracing::error!("{text}");
     } else {
         eprintln!("error: {text}");

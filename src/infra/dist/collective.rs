@@ -59,7 +59,7 @@ impl Dist {
         };
         let t0 = Instant::now();
         let op = self.arrive(m, "allreduce");
-        let mut t = crate::timeline::since("exchange", "arrival (waits for every rank)", t0, None);
+        let mut t = crate::infra::timeline::since("exchange", "arrival (waits for every rank)", t0, None);
         mpi::request::scope(|scope| {
             let reqs: Vec<_> = send
                 .chunks(bucket_floats())
@@ -69,9 +69,14 @@ impl Dist {
             let n = reqs.len();
             for (i, (len, req)) in reqs.into_iter().enumerate() {
                 self.wait(op, Wait::Eager, req);
-                if crate::timeline::recording() {
+                if crate::infra::timeline::recording() {
                     let mib = (len * std::mem::size_of::<T>()) as f64 / (1 << 20) as f64;
-                    t = crate::timeline::since("exchange", format!("bucket {}/{n} ({mib:.1} MiB)", i + 1), t, None);
+                    t = crate::infra::timeline::since(
+                        "exchange",
+                        format!("bucket {}/{n} ({mib:.1} MiB)", i + 1),
+                        t,
+                        None,
+                    );
                 }
             }
         });

@@ -86,7 +86,8 @@ impl Dist {
     /// Every rank's place (host, local rank, node size, `threads`), on every rank: a gather at
     /// rank 0 and a broadcast.
     pub fn places(&self, threads: usize) -> Vec<Place> {
-        let mine = format!("{}\t{}\t{}\t{threads}", crate::process::hostname(), self.local_rank, self.local_size);
+        let mine =
+            format!("{}\t{}\t{}\t{threads}", crate::infra::process::hostname(), self.local_rank, self.local_size);
         let mut all = self.gather_bytes(0, mine.into_bytes()).map(|parts| parts.join(&b'\n')).unwrap_or_default();
         self.broadcast_bytes(0, &mut all);
         String::from_utf8_lossy(&all)

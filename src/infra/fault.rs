@@ -63,7 +63,7 @@ mod imp {
             .into_iter()
             .find(|f| f.point == point && f.nth == n && f.rank.is_none_or(|r| r == rank))
             .map(|f| f.action)?;
-        if crate::logging::is_on() {
+        if crate::infra::logging::is_on() {
             tracing::warn!("fault injection: {action} at {point}");
         } else {
             eprintln!("fault injection: {action} at {point}");
