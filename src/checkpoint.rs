@@ -79,7 +79,14 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// The files of one epoch's checkpoint, in the order they are written.
-pub const EPOCH_FILES: [&str; 3] = ["model.safetensors", "optimizer.safetensors", "state.json"];
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "state.json";
+pub const EPOCH_FILES: [&str; 3] = [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE];
+/// The best epoch's model (by validation top-1), a hard link to that epoch's model file.
+pub const BEST_FILE: &str = "best.safetensors";
+/// The training curves beside the checkpoints.
+pub const CURVES_FILE: &str = "training.png";
 
 /// The moving average of the weights (`train.ema_decay`), in an epoch when training keeps one;
 /// published beside the others.
@@ -141,7 +148,7 @@ impl Store {
 
     /// Does the directory hold any checkpoint (of this layout or of the older flat one)?
     pub fn holds_checkpoint(&self) -> bool {
-        !self.epochs().is_empty() || self.dir.join("state.json").exists() || self.dir.join("model.safetensors").exists()
+        !self.epochs().is_empty() || self.dir.join(STATE_FILE).exists() || self.dir.join(MODEL_FILE).exists()
     }
 
     /// Writes one epoch's files into a fresh directory, fsynced, with the manifest last, and renames
@@ -214,13 +221,13 @@ impl Store {
 
     /// `best.safetensors` becomes (a hard link to) `epoch`'s model file, by a rename.
     pub fn set_best(&self, epoch: u32) -> Result<()> {
-        let src = self.epoch_dir(epoch).join("model.safetensors");
+        let src = self.epoch_dir(epoch).join(MODEL_FILE);
         let tmp = self.dir.join(format!(".best.safetensors.tmp-{}", std::process::id()));
         let _ = fs::remove_file(&tmp);
         fs::hard_link(&src, &tmp)
             .or_else(|_| fs::copy(&src, &tmp).map(|_| ()))
             .with_context(|| format!("linking {} as the best model", src.display()))?;
-        fs::rename(&tmp, self.dir.join("best.safetensors")).context("replacing best.safetensors")?;
+        fs::rename(&tmp, self.dir.join(BEST_FILE)).context("replacing best.safetensors")?;
         Ok(())
     }
 

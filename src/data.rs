@@ -84,6 +84,9 @@ pub fn read_unlabeled_rows(path: &Path) -> Result<Vec<Row>> {
         .collect())
 }
 
+/// The data dir's class list: label, category id, name, image count.
+pub const CLASSES_FILE: &str = "classes.csv";
+
 /// Reads `classes.csv` and checks that labels are 0..K-1 in order.
 pub fn read_classes(path: &Path) -> Result<Vec<Class>> {
     let df = read_csv(path)?;

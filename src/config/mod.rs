@@ -73,7 +73,11 @@ impl Settings {
     /// The checkpoint `evaluate` reads.
     pub fn eval_checkpoint(&self) -> PathBuf {
         if self.config.evaluate.checkpoint.as_os_str().is_empty() {
-            self.model_dir().join(if self.config.evaluate.ema { "model_ema.safetensors" } else { "model.safetensors" })
+            self.model_dir().join(if self.config.evaluate.ema {
+                crate::checkpoint::EMA_FILE
+            } else {
+                crate::checkpoint::MODEL_FILE
+            })
         } else {
             self.config.evaluate.checkpoint.clone()
         }

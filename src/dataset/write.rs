@@ -170,7 +170,7 @@ pub fn write_csvs(dir: &Path, source: &Source, split: &Split) -> Result<Summary>
         "name" => counts.keys().map(|c| names.get(c).map_or_else(|| c.to_string(), |n| n.to_string())).collect::<Vec<_>>(),
         "count" => counts.values().map(|&n| n as i64).collect::<Vec<_>>(),
     )?;
-    write_csv(&mut classes, &dir.join("classes.csv"))?;
+    write_csv(&mut classes, &dir.join(crate::data::CLASSES_FILE))?;
     Ok(Summary { train: split.train.len(), test: split.test.len(), predict: 0, classes: counts.len() })
 }
 

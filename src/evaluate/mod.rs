@@ -88,7 +88,7 @@ pub fn check_checkpoint(path: &Path, arch: Arch, classes: &[data::Class]) -> Res
 
 /// The class map of the `state.json` beside a checkpoint written before checkpoints carried one.
 fn class_map_beside(path: &Path) -> Option<Vec<i64>> {
-    let text = std::fs::read_to_string(path.parent()?.join("state.json")).ok()?;
+    let text = std::fs::read_to_string(path.parent()?.join(checkpoint::STATE_FILE)).ok()?;
     let state: serde_json::Value = serde_json::from_str(&text).ok()?;
     state["classes"].as_array()?.iter().map(|c| c["category_id"].as_i64()).collect()
 }
@@ -309,7 +309,7 @@ impl<'a> Job<'a> {
 /// prepares the timeline's file.
 fn read_inputs(s: &Settings, split: EvalSplit, csv: &str, ckpt: &Path) -> Result<(Vec<data::Class>, Vec<data::Row>)> {
     let test_file = s.data_dir().join(csv);
-    let classes = data::read_classes(&s.data_dir().join("classes.csv"))?;
+    let classes = data::read_classes(&s.data_dir().join(data::CLASSES_FILE))?;
     if split == EvalSplit::Predict && !test_file.is_file() {
         bail!(
             "{} not found: --split predict needs an unlabeled set; set dataset.predict_source (e.g. Herbarium's \

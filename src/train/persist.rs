@@ -17,7 +17,7 @@ use crate::record::State;
 
 /// Checkpoint files in `dir`.
 pub fn model_file(dir: &Path) -> PathBuf {
-    dir.join("model.safetensors")
+    dir.join(checkpoint::MODEL_FILE)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -58,9 +58,9 @@ pub(crate) fn save(
     let opt_bytes = checkpoint::to_safetensors(&opt_tensors, &opt_meta)?;
     let state_bytes = (serde_json::to_string_pretty(state)? + "\n").into_bytes();
     let mut files: Vec<(&str, &[u8])> = vec![
-        ("model.safetensors", &model_bytes[..]),
-        ("optimizer.safetensors", &opt_bytes[..]),
-        ("state.json", &state_bytes[..]),
+        (checkpoint::MODEL_FILE, &model_bytes[..]),
+        (checkpoint::OPTIMIZER_FILE, &opt_bytes[..]),
+        (checkpoint::STATE_FILE, &state_bytes[..]),
     ];
     let ema_bytes = ema
         .map(|e| {
@@ -81,14 +81,14 @@ pub(crate) fn save(
     store.write_epoch(state.epoch, &files)?;
     store.publish(state.epoch)?;
     if replace_old_run {
-        let _ = std::fs::remove_file(store.dir.join("best.safetensors"));
+        let _ = std::fs::remove_file(store.dir.join(checkpoint::BEST_FILE));
     }
     if best {
         store.set_best(state.epoch)?;
     }
     store.prune(state.epoch, 2, replace_old_run)?;
     let intervals = metrics_file.map(|f| metrics::loss_points(&metrics::read(f))).unwrap_or_default();
-    if let Err(e) = crate::plot::training_curves(&store.dir.join("training.png"), &state.history, &intervals) {
+    if let Err(e) = crate::plot::training_curves(&store.dir.join(checkpoint::CURVES_FILE), &state.history, &intervals) {
         warn!("training.png not drawn: {e:#}");
     }
     info!("checkpoint of epoch {} written to {}", state.epoch, store.epoch_dir(state.epoch).display());
@@ -107,7 +107,7 @@ pub(crate) fn load_for_resume(
     let dir = &store.dir;
     let epochs = store.epochs();
     if epochs.is_empty() {
-        if dir.join("state.json").is_file() {
+        if dir.join(checkpoint::STATE_FILE).is_file() {
             let state = load_checkpoint_files(dir, model, opt, fresh)?;
             info!(
                 "resuming after epoch {} from {} (a checkpoint of the older flat layout)",
@@ -145,7 +145,7 @@ struct Mismatch(String);
 
 /// Loads `state.json`, the model and the optimizer state from `dir` (one epoch's files).
 fn load_checkpoint_files(dir: &Path, model: &Model, opt: &mut Optimizer, fresh: &State) -> Result<State> {
-    let state_file = dir.join("state.json");
+    let state_file = dir.join(checkpoint::STATE_FILE);
     let text = std::fs::read_to_string(&state_file).with_context(|| format!("cannot read {}", state_file.display()))?;
     let state: State =
         serde_json::from_str(&text).with_context(|| format!("{} is not a sac training state", state_file.display()))?;
@@ -179,7 +179,7 @@ fn load_checkpoint_files(dir: &Path, model: &Model, opt: &mut Optimizer, fresh: 
     let (tensors, meta) = checkpoint::read_safetensors(&what)?;
     check_epoch(&meta, state.epoch, &what)?;
     checkpoint::load_into(&model.vars, &tensors, &|_| false, &what.display().to_string())?;
-    let opt_file = dir.join("optimizer.safetensors");
+    let opt_file = dir.join(checkpoint::OPTIMIZER_FILE);
     let (ot, ometa) = checkpoint::read_safetensors(&opt_file)?;
     check_epoch(&ometa, state.epoch, &opt_file)?;
     let kind = opt.kind.name().to_string();

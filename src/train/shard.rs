@@ -46,7 +46,7 @@ pub(crate) fn steps_per_epoch(total: usize, ranks: usize, batch: usize) -> usize
 pub(crate) fn distribute(dist: &Dist, s: &Settings) -> Result<Shard> {
     let parts = if dist.is_root() {
         let dir = s.data_dir();
-        let classes = data::read_classes(&dir.join("classes.csv"))?;
+        let classes = data::read_classes(&dir.join(data::CLASSES_FILE))?;
         let train_file = dir.join("train.csv");
         let test_file = dir.join("test.csv");
         let train = data::read_rows(&train_file)?;
