@@ -366,8 +366,7 @@ impl<'a> Trainer<'a> {
                 self.model,
                 &self.stepper.opt,
                 &self.state,
-                improved,
-                self.first_save && self.overwrite,
+                persist::SaveAs { best: improved, replace_old_run: self.first_save && self.overwrite },
                 metrics_file.as_deref(),
                 self.stepper.ema.as_ref(),
             )?;

@@ -20,17 +20,25 @@ pub fn model_file(dir: &Path) -> PathBuf {
     dir.join(checkpoint::MODEL_FILE)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a save does besides writing the epoch.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SaveAs {
+    /// The epoch is the best so far: `best.safetensors` becomes its model.
+    pub best: bool,
+    /// The first save of an `--overwrite` run: the old run's epochs are deleted.
+    pub replace_old_run: bool,
+}
+
 pub(crate) fn save(
     store: &checkpoint::Store,
     model: &Model,
     opt: &Optimizer,
     state: &State,
-    best: bool,
-    replace_old_run: bool,
+    how: SaveAs,
     metrics_file: Option<&Path>,
     ema: Option<&Ema>,
 ) -> Result<()> {
+    let SaveAs { best, replace_old_run } = how;
     crate::infra::fault::point("save");
     // Never save a NaN: name the first tensor that holds one.
     let opt_tensors = opt.tensors();

@@ -266,9 +266,15 @@ pub(crate) fn stepper<'a>(
 /// The exchange's buckets, the gradients' way off a GPU, and `train.overlap = "auto"`'s trial.
 fn log_exchange(dist: &Dist, device: Device, stepper: &Stepper) {
     let sync = &stepper.sync;
+    let way = match (sync.overlaps(), sync.threaded(), device.is_cuda()) {
+        (true, true, _) => exchange::Way::DuringBackwardByThread,
+        (true, false, _) => exchange::Way::DuringBackwardByHooks,
+        (false, _, true) => exchange::Way::AfterBackwardFromGpu,
+        (false, _, false) => exchange::Way::AfterBackward,
+    };
     info!(
         "{}{}",
-        exchange::describe_buckets(&sync.buckets(), sync.overlaps(), sync.threaded(), device.is_cuda()),
+        exchange::describe_buckets(&sync.buckets(), way),
         if sync.bf16() {
             "; gradients sent as bfloat16, summed in f32 pair by pair (train.exchange = \"bf16\")"
         } else {

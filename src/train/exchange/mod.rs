@@ -16,7 +16,7 @@ mod tensors;
 
 use crate::config::Exchange;
 use crate::infra::dist::{Dist, SumEngine};
-pub use plan::{backward_order, describe_buckets, layout, model_backward_order, Bucket, EDGE_BUCKET_FLOATS};
+pub use plan::{backward_order, describe_buckets, layout, model_backward_order, Bucket, Way, EDGE_BUCKET_FLOATS};
 pub(crate) use tensors::{
     all_finite, average_tensors, broadcast_tensors, buffers_finite, copy_tensors, is_cpu_f32, views_into,
 };

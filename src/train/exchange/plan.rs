@@ -136,23 +136,36 @@ pub fn model_backward_order(dist: &Dist, model: &Model, height: u32, width: u32,
 }
 
 /// One line for the log: the buckets and how they are exchanged.
-pub fn describe_buckets(buckets: &[Bucket], overlap: bool, threaded: bool, gpu: bool) -> String {
+/// How a step's buckets are summed, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// During backward, moved along by a progress thread.
+    DuringBackwardByThread,
+    /// During backward, moved along by the gradient hooks.
+    DuringBackwardByHooks,
+    /// After backward, in page-locked host memory (a GPU's gradients).
+    AfterBackwardFromGpu,
+    /// After backward (`train.overlap = false`).
+    AfterBackward,
+}
+
+pub fn describe_buckets(buckets: &[Bucket], way: Way) -> String {
     let mib: Vec<String> =
         buckets.iter().map(|b| format!("{:.1}", (b.floats() * 4) as f64 / (1 << 20) as f64)).collect();
     format!(
         "gradient exchange: {} buckets in backward order ({} MiB), {}",
         buckets.len(),
         mib.join(", "),
-        if overlap && threaded {
-            "each summed as soon as backward has completed its gradients (train.overlap), moved by a progress thread"
-        } else if overlap {
-            "each summed as soon as backward has completed its gradients (train.overlap), moved by the gradient hooks \
-             (MPI does not offer MPI_THREAD_MULTIPLE for a progress thread)"
-        } else if gpu {
-            "summed after backward in page-locked host memory, one copy from and one to the GPU (on a GPU the \
-             exchange follows backward; train.overlap applies to the CPU)"
-        } else {
-            "summed after backward (train.overlap = false)"
+        match way {
+            Way::DuringBackwardByThread =>
+                "each summed as soon as backward has completed its gradients (train.overlap), moved by a progress thread",
+            Way::DuringBackwardByHooks =>
+                "each summed as soon as backward has completed its gradients (train.overlap), moved by the gradient \
+                 hooks (MPI does not offer MPI_THREAD_MULTIPLE for a progress thread)",
+            Way::AfterBackwardFromGpu =>
+                "summed after backward in page-locked host memory, one copy from and one to the GPU (on a GPU the \
+                 exchange follows backward; train.overlap applies to the CPU)",
+            Way::AfterBackward => "summed after backward (train.overlap = false)",
         }
     )
 }
