@@ -2,21 +2,13 @@
 //! lines and no file longer than `MAX_FILE_LINES` (each without its `#[cfg(test)]` module), unless
 //! the file says at its top why (a line starting `//! Long because`). Counted on rustfmt's layout:
 //! a function runs from its `fn` line to the `}` at the same indentation.
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
 
 const MAX_FN_LINES: usize = 80;
 const MAX_FILE_LINES: usize = 600;
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
 
 /// `(name, first line, lines)` of every function with a body in `lines`.
 fn functions(lines: &[&str]) -> Vec<(String, usize, usize)> {
@@ -44,11 +36,8 @@ fn functions(lines: &[&str]) -> Vec<(String, usize, usize)> {
 #[test]
 fn functions_and_files_stay_short() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
-    files.sort();
     let mut long = Vec::new();
-    for file in &files {
+    for file in &common::rust_files_below(&src) {
         let text = std::fs::read_to_string(file).unwrap();
         let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
         let lines: Vec<&str> = code.lines().collect();
@@ -90,17 +79,14 @@ fn the_readme_lays_out_every_source_folder() {
         .filter(|p| p.starts_with("src/") && p.ends_with('/') && *p != "src/")
         .map(|p| p.trim_end_matches('/').to_string())
         .collect();
-    let mut folders = Vec::new();
-    let mut stack = vec![root.join("src")];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).unwrap().flatten() {
-            if e.path().is_dir() {
-                folders.push(e.path().strip_prefix(root).unwrap().display().to_string());
-                stack.push(e.path());
-            }
-        }
-    }
-    folders.sort();
+    // Every folder of src/ holds Rust files: the folders are theirs.
+    let folders: Vec<String> = common::files_below(&root.join("src"))
+        .iter()
+        .filter_map(|f| Path::new("src").join(f).parent().map(|d| d.display().to_string()))
+        .filter(|d| d != "src")
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let mut sorted = named.clone();
     sorted.sort();
     assert_eq!(sorted, folders, "README's layout against the tree");

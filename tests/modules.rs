@@ -3,8 +3,10 @@
 //! crate root); it uses another when its code (outside `#[cfg(test)]`) names it by a
 //! `crate::…` path, a `super::…` path, or a child module's name (`loader::…` in `train/mod.rs`).
 //! `mod x;` declarations are not uses. A circle is printed module by module.
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// `src/train/mod.rs` → `train`, `src/train/loader.rs` → `train::loader`, `src/lib.rs` → `crate`.
 fn module_name(src: &Path, file: &Path) -> String {
@@ -17,17 +19,6 @@ fn module_name(src: &Path, file: &Path) -> String {
         return "crate".into();
     }
     parts.join("::")
-}
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
 }
 
 /// The code of a file without its `#[cfg(test)]` module (by convention the file's end), its
@@ -137,8 +128,7 @@ fn inline_modules(text: &str) -> Vec<std::ops::Range<usize>> {
 
 fn graph() -> BTreeMap<String, BTreeSet<String>> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut files = Vec::new();
-    rust_files(&src, &mut files);
+    let mut files = common::rust_files_below(&src);
     files.retain(|f| !f.ends_with("main.rs"));
     let modules: BTreeSet<String> = files.iter().map(|f| module_name(&src, f)).collect();
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();

@@ -551,6 +551,11 @@ pub fn files_below(dir: &Path) -> Vec<String> {
     out
 }
 
+/// The Rust sources below `dir` (e.g. `src/`), sorted.
+pub fn rust_files_below(dir: &Path) -> Vec<PathBuf> {
+    files_below(dir).into_iter().filter(|f| f.ends_with(".rs")).map(|f| dir.join(f)).collect()
+}
+
 // ------------------------------------------------------------------------------------------------
 // Training fixtures: a data dir written directly, the venv's python, JSON files
 // ------------------------------------------------------------------------------------------------
