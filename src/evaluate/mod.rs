@@ -127,12 +127,15 @@ pub fn run(dist: &Dist, s: &Settings, split: EvalSplit) -> Result<()> {
     let (outcome, mine) = job.execute(dist, model.as_ref())?;
     let reports = job.gather(dist, &mine)?;
     // No collective after this: ranks without work leave while rank 0 writes the report.
+    let mut ranks = None;
+    if let (Some((outcome, wall)), Some(reports)) = (outcome, reports) {
+        job.write_report(outcome, &reports, wall, t_start)?;
+        ranks = Some(reports.iter().map(|r| (r.peak_rss_mib, r.process_cpu_seconds)).collect::<Vec<_>>());
+    }
     let (rss, cpu) = crate::infra::process::resource_usage();
     tracing::debug!("done: this rank's peak memory {rss:.0} MiB, CPU {cpu:.1} s");
-    if let (Some((outcome, wall)), Some(reports)) = (outcome, reports) {
-        let mut ranks: Vec<(f64, f64)> = reports.iter().map(|r| (r.peak_rss_mib, r.process_cpu_seconds)).collect();
-        job.write_report(outcome, &reports, wall, t_start)?;
-        ranks[0] = crate::infra::process::resource_usage();
+    if let Some(mut ranks) = ranks {
+        ranks[0] = (rss, cpu);
         crate::infra::logging::done(&format!("outputs in {}", report::output_dir(s, split).display()), &ranks);
     }
     Ok(())

@@ -102,7 +102,6 @@ struct Trainer<'a> {
     timeline: Option<(PathBuf, usize)>,
     /// `--overwrite`: the first save deletes the old run's epochs.
     overwrite: bool,
-    first_save: bool,
 }
 
 /// One epoch's steps, summed over the ranks where every rank needs the sum.
@@ -171,7 +170,6 @@ impl<'a> Trainer<'a> {
             first_epoch,
             timeline,
             overwrite: mode.overwrite,
-            first_save: true,
         })
     }
 
@@ -341,6 +339,8 @@ impl<'a> Trainer<'a> {
     /// checkpoint and metrics.jsonl's epoch line. Not a collective.
     fn save(&mut self, record: EpochRecord, t: &Trained, v: &Validated) -> Result<()> {
         let (epoch, state) = (record.epoch, &mut self.state);
+        // Every epoch of the run is saved, so its first save is its first epoch's.
+        let first_save = epoch == self.first_epoch;
         state.epoch = epoch;
         state.history.push(record.clone());
         let improved = v.top1.is_some_and(|t| state.best_top1.is_none_or(|b| t > b));
@@ -366,16 +366,15 @@ impl<'a> Trainer<'a> {
                 self.model,
                 &self.stepper.opt,
                 &self.state,
-                persist::SaveAs { best: improved, replace_old_run: self.first_save && self.overwrite },
+                persist::SaveAs { best: improved, replace_old_run: first_save && self.overwrite },
                 metrics_file.as_deref(),
                 self.stepper.ema.as_ref(),
             )?;
             crate::infra::timeline::since("checkpoint", "write checkpoint", t, None);
-            if let (true, Some(r)) = (self.first_save, self.reporter.as_mut()) {
+            if let (true, Some(r)) = (first_save, self.reporter.as_mut()) {
                 r.publish();
             }
         }
-        self.first_save = false;
         Ok(())
     }
 
