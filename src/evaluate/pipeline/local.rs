@@ -1,16 +1,17 @@
 //! The pipeline's stages as threads of one process (fewer than 4 ranks), joined by bounded
 //! channels.
 use std::sync::mpsc::sync_channel;
+use std::thread::ScopedJoinHandle;
 
 use anyhow::Result;
 
-use super::stages::{
-    decode, normalize, read, timed, Ctx, DecodedBatch, Outcome, RawBatch, ResultBatch, Stage, StageStats,
-};
-use super::stages::{TensorBatch, IN_FLIGHT};
+use super::link::{run_decode, run_normalize, run_predict, run_read, ChannelOutlet, Collect};
+use super::stages::{Ctx, DecodedBatch, Outcome, RawBatch, ResultBatch, Stage, StageStats, TensorBatch, IN_FLIGHT};
 use crate::data::Row;
+use crate::infra::timeline::name_thread;
 
-/// All four stages as threads of this process, joined by bounded channels.
+/// All four stages as threads of this process, joined by bounded channels: read, decode and
+/// normalize on threads of their own, predict on the calling thread.
 pub fn local_pipeline(
     ctx: &Ctx,
     rows: &[Row],
@@ -18,67 +19,34 @@ pub fn local_pipeline(
     predictor: &mut dyn FnMut(TensorBatch) -> ResultBatch,
     progress: &mut crate::infra::logging::Progress,
 ) -> Result<Outcome> {
-    let batches: Vec<Vec<usize>> = (0..rows.len()).collect::<Vec<_>>().chunks(batch).map(<[usize]>::to_vec).collect();
-    let (tx_raw, rx_raw) = sync_channel::<RawBatch>(IN_FLIGHT);
-    let (tx_dec, rx_dec) = sync_channel::<DecodedBatch>(IN_FLIGHT);
+    let (tx_raw, mut rx_raw) = sync_channel::<RawBatch>(IN_FLIGHT);
+    let (tx_dec, mut rx_dec) = sync_channel::<DecodedBatch>(IN_FLIGHT);
     let (tx_norm, rx_norm) = sync_channel::<TensorBatch>(IN_FLIGHT);
     let mut out = Outcome::default();
-    let mut predict_stats = StageStats::default();
-    let (read_stats, decode_stats, normalize_stats) = std::thread::scope(|s| -> Result<_> {
-        let reader = s.spawn(move || -> Result<StageStats> {
-            crate::infra::timeline::name_thread(1, "read");
-            let mut st = StageStats::default();
-            for (seq, idx) in batches.iter().enumerate() {
-                let seq = seq as u64;
-                let b = timed(ctx, &mut st, Stage::Read, seq, idx.len(), || read(ctx, rows, seq, idx))?;
-                if tx_raw.send(b).is_err() {
-                    break; // a later stage stopped: its error is reported
-                }
-            }
-            Ok(st)
+    let (read, decode, normalize, predict) = std::thread::scope(|s| -> Result<_> {
+        let reader = s.spawn(move || {
+            name_thread(1, "read");
+            run_read(ctx, rows, batch, &mut ChannelOutlet::new(tx_raw))
         });
-        let decoder = s.spawn(move || -> Result<StageStats> {
-            crate::infra::timeline::name_thread(2, "decode");
-            let mut st = StageStats::default();
-            for b in rx_raw {
-                let (n, seq) = (b.files.len(), b.meta.seq);
-                let d = timed(ctx, &mut st, Stage::Decode, seq, n, || decode(ctx, b))?;
-                if tx_dec.send(d).is_err() {
-                    break;
-                }
-            }
-            Ok(st)
+        let decoder = s.spawn(move || {
+            name_thread(2, "decode");
+            run_decode(ctx, &mut rx_raw, &mut ChannelOutlet::new(tx_dec))
         });
-        let normalizer = s.spawn(move || -> Result<StageStats> {
-            crate::infra::timeline::name_thread(3, "normalize");
-            let mut st = StageStats::default();
-            for b in rx_dec {
-                let (n, seq) = (b.meta.rows.len(), b.meta.seq);
-                let t = timed(ctx, &mut st, Stage::Normalize, seq, n, || normalize(ctx, b));
-                if tx_norm.send(t).is_err() {
-                    break;
-                }
-            }
-            Ok(st)
+        let normalizer = s.spawn(move || {
+            name_thread(3, "normalize");
+            run_normalize(ctx, &mut rx_dec, &mut ChannelOutlet::new(tx_norm))
         });
-        crate::infra::timeline::name_thread(0, "predict");
-        for b in rx_norm {
-            let (n, seq) = (b.meta.rows.len(), b.meta.seq);
-            let r = timed(ctx, &mut predict_stats, Stage::Predict, seq, n, || predictor(b));
-            progress.inc((r.meta.failed.len() + r.preds.len()) as u64);
-            out.failed.extend(r.meta.failed);
-            out.preds.extend(r.preds);
-        }
-        let join = |h: std::thread::ScopedJoinHandle<'_, Result<StageStats>>| -> Result<StageStats> {
+        name_thread(0, "predict");
+        let predict = {
+            let mut rx_norm = rx_norm; // dropped on the way out, error or not: no thread stays blocked
+            run_predict(ctx, &mut rx_norm, predictor, &mut Collect { out: &mut out, progress })?
+        };
+        let join = |h: ScopedJoinHandle<'_, Result<StageStats>>| -> Result<StageStats> {
             h.join().map_err(|_| anyhow::anyhow!("a pipeline thread panicked"))?
         };
-        Ok((join(reader)?, join(decoder)?, join(normalizer)?))
+        Ok((join(reader)?, join(decoder)?, join(normalizer)?, predict))
     })?;
-    out.stats = vec![
-        (Stage::Read, read_stats),
-        (Stage::Decode, decode_stats),
-        (Stage::Normalize, normalize_stats),
-        (Stage::Predict, predict_stats),
-    ];
+    out.stats =
+        vec![(Stage::Read, read), (Stage::Decode, decode), (Stage::Normalize, normalize), (Stage::Predict, predict)];
     Ok(out)
 }

@@ -6,8 +6,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::stages::{decode, normalize, read, timed, Ctx, DecodedBatch, Meta, Outcome, RawBatch, ResultBatch, Stage};
-use super::stages::{StageStats, TensorBatch, IN_FLIGHT};
+use super::link::{run_decode, run_normalize, run_predict, run_read, Inlet, Outlet};
+use super::stages::{Batch, Ctx, DecodedBatch, Meta, Outcome, RawBatch, ResultBatch, Stage, StageStats};
+use super::stages::{TensorBatch, IN_FLIGHT};
 use crate::data::Row;
 use crate::evaluate::metrics::Prediction;
 use crate::infra::dist::Dist;
@@ -19,10 +20,10 @@ const KIND_DATA: u8 = 1;
 const KIND_END: u8 = 2;
 
 /// `[kind][header length u32][header JSON][payload]`.
-fn encode<H: Serialize>(kind: u8, header: &H, payload: &[u8]) -> Vec<u8> {
+fn encode<H: Serialize>(header: &H, payload: &[u8]) -> Vec<u8> {
     let h = serde_json::to_vec(header).expect("serializable header");
     let mut out = Vec::with_capacity(5 + h.len() + payload.len());
-    out.push(kind);
+    out.push(KIND_DATA);
     out.extend_from_slice(&(h.len() as u32).to_le_bytes());
     out.extend_from_slice(&h);
     out.extend_from_slice(payload);
@@ -41,8 +42,11 @@ fn decode_msg<H: DeserializeOwned>(bytes: &[u8]) -> Result<Option<(H, &[u8])>> {
     Ok(Some((header, &bytes[5 + len..])))
 }
 
-fn end_msg() -> Vec<u8> {
-    vec![KIND_END]
+/// A batch as one message between ranks, and back.
+trait Wire: Batch + Sized {
+    fn to_message(self) -> Vec<u8>;
+    /// None for the end of the stream.
+    fn from_message(bytes: &[u8]) -> Result<Option<Self>>;
 }
 
 #[derive(Serialize, Deserialize)]
@@ -51,12 +55,50 @@ struct RawHeader {
     lens: Vec<usize>,
 }
 
+impl Wire for RawBatch {
+    fn to_message(self) -> Vec<u8> {
+        let lens = self.files.iter().map(Vec::len).collect();
+        encode(&RawHeader { meta: self.meta, lens }, &self.files.concat())
+    }
+
+    fn from_message(bytes: &[u8]) -> Result<Option<Self>> {
+        let Some((h, payload)) = decode_msg::<RawHeader>(bytes)? else { return Ok(None) };
+        let mut files = Vec::with_capacity(h.lens.len());
+        let mut off = 0;
+        for len in h.lens {
+            files.push(payload.get(off..off + len).context("short message")?.to_vec());
+            off += len;
+        }
+        Ok(Some(RawBatch { meta: h.meta, files }))
+    }
+}
+
+impl Wire for DecodedBatch {
+    fn to_message(self) -> Vec<u8> {
+        encode(&self.meta, &self.pixels)
+    }
+
+    fn from_message(bytes: &[u8]) -> Result<Option<Self>> {
+        Ok(decode_msg::<Meta>(bytes)?.map(|(meta, payload)| DecodedBatch { meta, pixels: payload.to_vec() }))
+    }
+}
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 fn bytes_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+}
+
+impl Wire for TensorBatch {
+    fn to_message(self) -> Vec<u8> {
+        encode(&self.meta, &f32_bytes(&self.values))
+    }
+
+    fn from_message(bytes: &[u8]) -> Result<Option<Self>> {
+        Ok(decode_msg::<Meta>(bytes)?.map(|(meta, payload)| TensorBatch { meta, values: bytes_f32(payload) }))
+    }
 }
 
 /// A `Prediction` on the wire: (row, label, top-k labels, loss).
@@ -68,13 +110,177 @@ struct ResultMsg {
     preds: Vec<WirePrediction>,
 }
 
-/// Receives one credit (or predictor request) from `src`: returns the sender.
-fn take_credit(dist: &Dist, src: Option<usize>) -> usize {
-    dist.recv_bytes(src, TAG_CREDIT).0
+impl Wire for ResultBatch {
+    fn to_message(self) -> Vec<u8> {
+        let preds = self.preds.into_iter().map(|p| (p.row, p.label, p.top, p.loss)).collect();
+        encode(&ResultMsg { meta: self.meta, preds }, &[])
+    }
+
+    fn from_message(bytes: &[u8]) -> Result<Option<Self>> {
+        Ok(decode_msg::<ResultMsg>(bytes)?.map(|(m, _)| ResultBatch {
+            meta: m.meta,
+            preds: m.preds.into_iter().map(|(row, label, top, loss)| Prediction { row, label, top, loss }).collect(),
+        }))
+    }
 }
 
-fn give_credit(dist: &Dist, dest: usize) {
-    dist.send_bytes(dest, TAG_CREDIT, &[]);
+/// The sending end of a link to one rank or several (the predictors: the first to ask gets the
+/// batch). With credits, a batch goes to a rank only against a credit it gave: `IN_FLIGHT` up
+/// front and one per batch it has finished, so a link holds at most `IN_FLIGHT` batches.
+struct ToRanks<'a> {
+    dist: &'a Dist,
+    ctx: &'a Ctx<'a>,
+    peers: Vec<usize>,
+    /// The next stage, for the timeline: "the decoder", "a predictor".
+    who: &'static str,
+    tag: i32,
+    credits: bool,
+    /// Credits taken and batches sent, per rank.
+    taken: Vec<usize>,
+    sent: Vec<usize>,
+    /// The rank a `reserve` took a credit of.
+    reserved: Option<usize>,
+    /// Work to do in every wait (rank 0 collects results): no cycle of ranks can then block each
+    /// other whatever the MPI library's eager limit.
+    meanwhile: Option<&'a mut dyn FnMut() -> Result<()>>,
+}
+
+impl<'a> ToRanks<'a> {
+    fn new(dist: &'a Dist, ctx: &'a Ctx<'a>, peers: Vec<usize>, who: &'static str, tag: i32) -> Self {
+        let n = dist.size();
+        ToRanks {
+            dist,
+            ctx,
+            peers,
+            who,
+            tag,
+            credits: true,
+            taken: vec![0; n],
+            sent: vec![0; n],
+            reserved: None,
+            meanwhile: None,
+        }
+    }
+
+    /// Sends without credits (results to rank 0, which takes whatever comes).
+    fn without_credits(mut self) -> Self {
+        self.credits = false;
+        self
+    }
+
+    fn meanwhile(mut self, work: &'a mut dyn FnMut() -> Result<()>) -> Self {
+        self.meanwhile = Some(work);
+        self
+    }
+
+    /// Waits for a credit from `from` (any peer if None): returns who gave it.
+    fn take_credit(&mut self, from: Option<usize>) -> Result<usize> {
+        let dist = self.dist;
+        let giver = match self.meanwhile.as_mut() {
+            None => dist.recv_bytes(from, TAG_CREDIT).0,
+            Some(work) => dist.poll_recv(from, TAG_CREDIT, || match dist.try_recv_bytes(from, TAG_CREDIT) {
+                Some((giver, _, _)) => Some(Ok(giver)),
+                None => work().err().map(Err),
+            })?,
+        };
+        self.taken[giver] += 1;
+        Ok(giver)
+    }
+
+    /// A credit for batch `seq`, from the one peer or the first of several that gives one.
+    fn credit_for(&mut self, seq: u64) -> Result<usize> {
+        let t = Instant::now();
+        let from = if self.peers.len() == 1 { Some(self.peers[0]) } else { None };
+        let giver = self.take_credit(from)?;
+        self.ctx.mark("wait", &format!("wait for {}", self.who), t, seq);
+        Ok(giver)
+    }
+
+    fn send_message(&mut self, dest: usize, msg: &[u8]) -> Result<()> {
+        let mut failed = None;
+        match self.meanwhile.as_mut() {
+            None => self.dist.send_bytes(dest, self.tag, msg),
+            Some(work) => self.dist.send_bytes_while(dest, self.tag, msg, || {
+                if failed.is_none() {
+                    failed = work().err();
+                }
+            }),
+        }
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+impl<T: Wire> Outlet<T> for ToRanks<'_> {
+    fn reserve(&mut self, seq: u64) -> Result<()> {
+        if self.credits && self.reserved.is_none() {
+            self.reserved = Some(self.credit_for(seq)?);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, item: T) -> Result<bool> {
+        let seq = item.meta().seq;
+        let dest = match self.reserved.take() {
+            Some(rank) => rank,
+            None if self.credits => self.credit_for(seq)?,
+            None => self.peers[0],
+        };
+        let t = Instant::now();
+        self.send_message(dest, &item.to_message())?;
+        self.sent[dest] += 1;
+        self.ctx.mark("send", &format!("send to {} (until it takes the batch)", self.who), t, seq);
+        Ok(true)
+    }
+
+    /// The end of the stream to every peer, then their last credits, so that no message is left
+    /// unmatched.
+    fn end(&mut self) -> Result<()> {
+        for p in self.peers.clone() {
+            self.send_message(p, &[KIND_END])?;
+        }
+        if self.credits {
+            for p in self.peers.clone() {
+                while self.taken[p] < IN_FLIGHT + self.sent[p] {
+                    self.take_credit(Some(p))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The receiving end of a link from one rank: gives it `IN_FLIGHT` credits up front and one for
+/// each batch once this stage has finished it (when it asks for the next).
+struct FromRank<'a> {
+    dist: &'a Dist,
+    ctx: &'a Ctx<'a>,
+    peer: usize,
+    /// The previous stage, for the timeline: "the reader".
+    who: &'static str,
+    owed: bool,
+}
+
+impl<'a> FromRank<'a> {
+    fn new(dist: &'a Dist, ctx: &'a Ctx<'a>, peer: usize, who: &'static str) -> Self {
+        for _ in 0..IN_FLIGHT {
+            dist.send_bytes(peer, TAG_CREDIT, &[]);
+        }
+        FromRank { dist, ctx, peer, who, owed: false }
+    }
+}
+
+impl<T: Wire> Inlet<T> for FromRank<'_> {
+    fn recv(&mut self) -> Result<Option<T>> {
+        if std::mem::take(&mut self.owed) {
+            self.dist.send_bytes(self.peer, TAG_CREDIT, &[]);
+        }
+        let t = Instant::now();
+        let (_, _, bytes) = self.dist.recv_bytes(Some(self.peer), TAG_FORWARD);
+        let Some(item) = T::from_message(&bytes)? else { return Ok(None) };
+        self.ctx.mark("wait", &format!("receive from {}", self.who), t, item.meta().seq);
+        self.owed = true;
+        Ok(Some(item))
+    }
 }
 
 /// This rank's part of the MPI pipeline (N ≥ 4). Rank 0 returns the outcome, others None.
@@ -86,223 +292,75 @@ pub fn mpi_pipeline(
     predictor: &mut dyn FnMut(TensorBatch) -> ResultBatch,
     progress: &mut crate::infra::logging::Progress,
 ) -> Result<(Option<Outcome>, StageStats)> {
-    let mut st = StageStats::default();
-    let outcome = match Stage::of_rank(dist.rank()) {
-        Stage::Read => Some(reader(dist, ctx, rows, batch, progress, &mut st)?),
-        Stage::Decode => decoder(dist, ctx, &mut st).map(|()| None)?,
-        Stage::Normalize => normalizer(dist, ctx, &mut st).map(|()| None)?,
-        Stage::Predict => predictor_rank(dist, ctx, predictor, &mut st).map(|()| None)?,
-    };
-    Ok((outcome, st))
+    let last = dist.size() - 1;
+    Ok(match Stage::of_rank(dist.rank()) {
+        Stage::Read => {
+            let (outcome, st) = reader_rank(dist, ctx, rows, batch, progress)?;
+            (Some(outcome), st)
+        }
+        Stage::Decode => {
+            let mut from = FromRank::new(dist, ctx, 0, "the reader");
+            (None, run_decode(ctx, &mut from, &mut ToRanks::new(dist, ctx, vec![2], "the normalizer", TAG_FORWARD))?)
+        }
+        Stage::Normalize => {
+            let mut from = FromRank::new(dist, ctx, 1, "the decoder");
+            let mut to = ToRanks::new(dist, ctx, (3..=last).collect(), "a predictor", TAG_FORWARD);
+            (None, run_normalize(ctx, &mut from, &mut to)?)
+        }
+        Stage::Predict => {
+            let mut from = FromRank::new(dist, ctx, 2, "the normalizer");
+            let mut to = ToRanks::new(dist, ctx, vec![0], "rank 0", TAG_RESULT).without_credits();
+            (None, run_predict(ctx, &mut from, predictor, &mut to)?)
+        }
+    })
 }
 
-/// Rank 0's results from the predictors: what has arrived, how many predictors have ended, and
-/// the first error met while collecting inside a wait (returned once the wait is over).
+/// Rank 0's results from the predictors: what has arrived and how many predictors have ended.
 struct Results<'p> {
     out: Outcome,
     ended: usize,
+    predictors: usize,
     progress: &'p mut crate::infra::logging::Progress,
-    failed: Option<anyhow::Error>,
 }
 
 impl Results<'_> {
-    /// Drains whatever results have arrived; true if something was received.
-    fn collect(&mut self, dist: &Dist) -> Result<bool> {
-        let mut got = false;
+    /// Takes in whatever results have arrived.
+    fn collect(&mut self, dist: &Dist) -> Result<()> {
         while let Some((_, _, bytes)) = dist.try_recv_bytes(None, TAG_RESULT) {
-            got = true;
-            let Some((msg, _)) = decode_msg::<ResultMsg>(&bytes)? else {
-                self.ended += 1;
-                continue;
-            };
-            self.progress.inc((msg.meta.failed.len() + msg.preds.len()) as u64);
-            self.out.failed.extend(msg.meta.failed);
-            self.out.preds.extend(msg.preds.into_iter().map(|(row, label, top, loss)| Prediction {
-                row,
-                label,
-                top,
-                loss,
-            }));
-        }
-        Ok(got)
-    }
-
-    /// `collect` inside a wait: keeps the first error; true once there is one.
-    fn collect_in_wait(&mut self, dist: &Dist) -> bool {
-        if self.failed.is_none() {
-            if let Err(e) = self.collect(dist) {
-                self.failed = Some(e);
+            match ResultBatch::from_message(&bytes)? {
+                Some(r) => self.out.absorb(r, self.progress),
+                None => self.ended += 1,
             }
         }
-        self.failed.is_some()
+        Ok(())
     }
 
-    /// The error a wait met, if any.
-    fn check(&mut self) -> Result<()> {
-        self.failed.take().map_or(Ok(()), Err)
+    /// Waits for the rest, until every predictor has ended.
+    fn finish(&mut self, dist: &Dist) -> Result<()> {
+        dist.poll_recv(None, TAG_RESULT, || match self.collect(dist) {
+            Err(e) => Some(Err(e)),
+            Ok(()) => (self.ended >= self.predictors).then_some(Ok(())),
+        })
     }
 }
 
-/// Rank 0: reads the batches' files and sends them to the decoder against its credits, and
-/// collects the predictors' results the while, until every predictor has ended.
-fn reader(
+/// Rank 0: reads the batches' files and sends them to the decoder against its credits,
+/// collecting the predictors' results in every wait, then the rest of them.
+fn reader_rank(
     dist: &Dist,
     ctx: &Ctx,
     rows: &[Row],
     batch: usize,
     progress: &mut crate::infra::logging::Progress,
-    st: &mut StageStats,
-) -> Result<Outcome> {
-    let batches: Vec<Vec<usize>> = (0..rows.len()).collect::<Vec<_>>().chunks(batch).map(<[usize]>::to_vec).collect();
-    let mut results = Results { out: Outcome::default(), ended: 0, progress, failed: None };
-    let mut credits_left = IN_FLIGHT + batches.len(); // the decoder sends this many in all
-    for (seq, idx) in batches.iter().enumerate() {
-        let seq = seq as u64;
-        // Wait for room at the decoder, collecting results meanwhile.
-        let t = Instant::now();
-        dist.poll_recv(Some(1), TAG_CREDIT, || {
-            if dist.try_recv_bytes(Some(1), TAG_CREDIT).is_some() {
-                return Some(());
-            }
-            results.collect_in_wait(dist).then_some(())
-        });
-        results.check()?;
-        credits_left -= 1;
-        ctx.mark("wait", "wait for the decoder", t, seq);
-        let b = timed(ctx, st, Stage::Read, seq, idx.len(), || read(ctx, rows, seq, idx))?;
-        let lens = b.files.iter().map(Vec::len).collect();
-        let payload: Vec<u8> = b.files.concat();
-        let msg = encode(KIND_DATA, &RawHeader { meta: b.meta, lens }, &payload);
-        // Keep taking results while the batch goes out. Above the MPI library's eager limit a send
-        // completes only once the decoder receives it; were rank 0 to wait without receiving, a
-        // predictor blocked in sending its result to rank 0 would give no credit back, and
-        // decoder, normalizer, predictors and rank 0 could wait on each other in a circle.
-        let t = Instant::now();
-        dist.send_bytes_while(1, TAG_FORWARD, &msg, || {
-            results.collect_in_wait(dist);
-        });
-        ctx.mark("send", "send to the decoder (until it takes the batch)", t, seq);
-        results.check()?;
-    }
-    dist.send_bytes(1, TAG_FORWARD, &end_msg());
-    let predictors = dist.size() - 3;
-    dist.poll_recv(None, TAG_RESULT, || (results.collect_in_wait(dist) || results.ended >= predictors).then_some(()));
-    results.check()?;
-    // The decoder's last credits: take them so no message is left unmatched.
-    for _ in 0..credits_left {
-        take_credit(dist, Some(1));
-    }
-    Ok(results.out)
-}
-
-/// Rank 1: decodes and resizes each batch from the reader and passes it to the normalizer.
-fn decoder(dist: &Dist, ctx: &Ctx, st: &mut StageStats) -> Result<()> {
-    for _ in 0..IN_FLIGHT {
-        give_credit(dist, 0);
-    }
-    loop {
-        let t = Instant::now();
-        let (_, _, bytes) = dist.recv_bytes(Some(0), TAG_FORWARD);
-        let Some((h, payload)) = decode_msg::<RawHeader>(&bytes)? else {
-            dist.send_bytes(2, TAG_FORWARD, &end_msg());
-            break;
-        };
-        let mut files = Vec::with_capacity(h.lens.len());
-        let mut off = 0;
-        for len in h.lens {
-            files.push(payload[off..off + len].to_vec());
-            off += len;
-        }
-        let (images, seq) = (files.len(), h.meta.seq);
-        ctx.mark("wait", "receive from the reader", t, seq);
-        let d = timed(ctx, st, Stage::Decode, seq, images, || decode(ctx, RawBatch { meta: h.meta, files }))?;
-        let t = Instant::now();
-        take_credit(dist, Some(2));
-        let t = ctx.mark("wait", "wait for the normalizer", t, seq);
-        dist.send_bytes(2, TAG_FORWARD, &encode(KIND_DATA, &d.meta, &d.pixels));
-        ctx.mark("send", "send to the normalizer (until it takes the batch)", t, seq);
-        give_credit(dist, 0);
-    }
-    // The normalizer gives IN_FLIGHT credits up front and one per batch; `batches` were used.
-    for _ in 0..IN_FLIGHT {
-        take_credit(dist, Some(2));
-    }
-    Ok(())
-}
-
-/// Rank 2: normalizes each decoded batch and gives it to the first predictor that asks.
-fn normalizer(dist: &Dist, ctx: &Ctx, st: &mut StageStats) -> Result<()> {
-    let n = dist.size();
-    for _ in 0..IN_FLIGHT {
-        give_credit(dist, 1);
-    }
-    let predictors: Vec<usize> = (3..n).collect();
-    let mut sent = vec![0usize; n];
-    let mut requests = vec![0usize; n];
-    loop {
-        let t = Instant::now();
-        let (_, _, bytes) = dist.recv_bytes(Some(1), TAG_FORWARD);
-        let Some((meta, payload)) = decode_msg::<Meta>(&bytes)? else {
-            for &p in &predictors {
-                dist.send_bytes(p, TAG_FORWARD, &end_msg());
-            }
-            break;
-        };
-        let (images, seq) = (meta.rows.len(), meta.seq);
-        ctx.mark("wait", "receive from the decoder", t, seq);
-        let b = timed(ctx, st, Stage::Normalize, seq, images, || {
-            normalize(ctx, DecodedBatch { meta, pixels: payload.to_vec() })
-        });
-        // Work on demand: the first predictor that asks gets the batch.
-        let t = Instant::now();
-        let p = take_credit(dist, None);
-        requests[p] += 1;
-        sent[p] += 1;
-        let t = ctx.mark("wait", "wait for a predictor", t, seq);
-        dist.send_bytes(p, TAG_FORWARD, &encode(KIND_DATA, &b.meta, &f32_bytes(&b.values)));
-        ctx.mark("send", "send to a predictor (until it takes the batch)", t, seq);
-        give_credit(dist, 1);
-    }
-    // Each predictor asks IN_FLIGHT times up front and once per batch it finishes.
-    for &p in &predictors {
-        while requests[p] < IN_FLIGHT + sent[p] {
-            take_credit(dist, Some(p));
-            requests[p] += 1;
-        }
-    }
-    Ok(())
-}
-
-/// Ranks 3..: predict each batch the normalizer hands them and send the results to rank 0.
-fn predictor_rank(
-    dist: &Dist,
-    ctx: &Ctx,
-    predictor: &mut dyn FnMut(TensorBatch) -> ResultBatch,
-    st: &mut StageStats,
-) -> Result<()> {
-    for _ in 0..IN_FLIGHT {
-        give_credit(dist, 2);
-    }
-    loop {
-        let t = Instant::now();
-        let (_, _, bytes) = dist.recv_bytes(Some(2), TAG_FORWARD);
-        let Some((meta, payload)) = decode_msg::<Meta>(&bytes)? else {
-            dist.send_bytes(0, TAG_RESULT, &end_msg());
-            break;
-        };
-        let (images, seq) = (meta.rows.len(), meta.seq);
-        ctx.mark("wait", "receive from the normalizer", t, seq);
-        crate::infra::fault::point("predict");
-        let r =
-            timed(ctx, st, Stage::Predict, seq, images, || predictor(TensorBatch { meta, values: bytes_f32(payload) }));
-        let t = Instant::now();
-        let msg =
-            ResultMsg { preds: r.preds.into_iter().map(|p| (p.row, p.label, p.top, p.loss)).collect(), meta: r.meta };
-        dist.send_bytes(0, TAG_RESULT, &encode(KIND_DATA, &msg, &[]));
-        give_credit(dist, 2);
-        ctx.mark("send", "send the result to rank 0", t, seq);
-    }
-    Ok(())
+) -> Result<(Outcome, StageStats)> {
+    let mut results = Results { out: Outcome::default(), ended: 0, predictors: dist.size() - 3, progress };
+    let st = {
+        let mut collect = || results.collect(dist);
+        let mut to = ToRanks::new(dist, ctx, vec![1], "the decoder", TAG_FORWARD).meanwhile(&mut collect);
+        run_read(ctx, rows, batch, &mut to)?
+    };
+    results.finish(dist)?;
+    Ok((results.out, st))
 }
 
 #[cfg(test)]
@@ -310,11 +368,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn messages_round_trip() {
+    fn batches_round_trip_as_messages() {
         let meta = Meta { seq: 3, rows: vec![4, 5], labels: vec![1, -1], ..Default::default() };
-        let bytes = encode(KIND_DATA, &meta, &f32_bytes(&[1.5, -2.0]));
-        let (m, payload) = decode_msg::<Meta>(&bytes).unwrap().unwrap();
-        assert_eq!((m.rows, bytes_f32(payload)), (vec![4, 5], vec![1.5, -2.0]));
-        assert!(decode_msg::<Meta>(&end_msg()).unwrap().is_none());
+        let b = TensorBatch { meta: meta.clone(), values: vec![1.5, -2.0] }.to_message();
+        let back = TensorBatch::from_message(&b).unwrap().unwrap();
+        assert_eq!((back.meta.rows, back.values), (vec![4, 5], vec![1.5, -2.0]));
+        let raw = RawBatch { meta: meta.clone(), files: vec![vec![1, 2, 3], vec![], vec![9]] }.to_message();
+        assert_eq!(RawBatch::from_message(&raw).unwrap().unwrap().files, vec![vec![1, 2, 3], vec![], vec![9]]);
+        let p = Prediction { row: 4, label: Some(1), top: vec![1, 0], loss: Some(0.25) };
+        let r = ResultBatch { meta, preds: vec![p.clone()] }.to_message();
+        assert_eq!(ResultBatch::from_message(&r).unwrap().unwrap().preds, vec![p]);
+        assert!(TensorBatch::from_message(&[KIND_END]).unwrap().is_none());
+        assert!(RawBatch::from_message(&raw[..raw.len() - 1]).is_err(), "a short message is an error, not a panic");
     }
 }

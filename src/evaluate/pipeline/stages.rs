@@ -74,6 +74,22 @@ pub struct ResultBatch {
     pub preds: Vec<Prediction>,
 }
 
+/// What every batch has: its `Meta`.
+pub trait Batch {
+    fn meta(&self) -> &Meta;
+}
+
+macro_rules! batch_with_meta {
+    ($($t:ty),*) => {$(
+        impl Batch for $t {
+            fn meta(&self) -> &Meta {
+                &self.meta
+            }
+        }
+    )*};
+}
+batch_with_meta!(RawBatch, DecodedBatch, TensorBatch, ResultBatch);
+
 /// Busy time and images of one stage.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct StageStats {
@@ -268,6 +284,15 @@ pub struct Outcome {
     pub preds: Vec<Prediction>,
     pub failed: Vec<Failure>,
     pub stats: Vec<(Stage, StageStats)>,
+}
+
+impl Outcome {
+    /// Takes in one batch's results (and its failed images), counting them on `progress`.
+    pub fn absorb(&mut self, r: ResultBatch, progress: &mut crate::infra::logging::Progress) {
+        progress.inc((r.meta.failed.len() + r.preds.len()) as u64);
+        self.failed.extend(r.meta.failed);
+        self.preds.extend(r.preds);
+    }
 }
 
 /// Runs a stage's work on batch `seq`: its busy time and images go into `stats`, and a span named
