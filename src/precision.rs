@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 
+use crate::models::Arch;
+
 /// `precision`: the number format of the model's arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -33,7 +35,7 @@ pub enum Precision {
 }
 
 /// `channels_last`: batches in channels-last memory format (`true`, `false`, or `"auto"`: on for
-/// CUDA devices, off on the CPU until measured per architecture there).
+/// CUDA devices; on a CPU where `cpu_channels_last_pays` measured it faster).
 pub type ChannelsLast = crate::switch::Switch;
 
 /// What a run computes in, resolved for its device.
@@ -136,13 +138,31 @@ pub fn cuda_capability(index: usize) -> Option<(i32, i32)> {
     ok.then_some((major, minor))
 }
 
-/// Resolves the settings for `device`: `key` names the config key in the log
+/// What a run computes on: the device, the architecture and the input's smaller side (pixels).
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    pub device: Device,
+    pub arch: Arch,
+    pub side: i64,
+}
+
+/// Whether channels-last batches make training faster on a CPU, in f32 and in bf16 alike, as
+/// measured with bench/channels_last.py (forward + backward, one thread; BENCHMARKS.md
+/// "Channels-last on the CPU"). At 64 px the median gain was at least 4 % in both precisions for
+/// squeezenet1_0 (1.5-1.6x), inception_v3 (1.2x), densenet121 (1.2-1.3x), vgg11_bn and resnet50
+/// (1.04-1.1x), while resnet18, resnet34 and alexnet stayed within the rounds' noise (0.9-1.06x);
+/// at 128 px those three gained too (1.05-1.13x).
+pub fn cpu_channels_last_pays(arch: Arch, side: i64) -> bool {
+    side >= 128 || matches!(arch, Arch::Resnet50 | Arch::Vgg11Bn | Arch::Squeezenet | Arch::Densenet | Arch::Inception)
+}
+
+/// Resolves the settings of `arch` on `device`: `key` names the config key in the log
 /// (`train.precision`), `support` is the device's bfloat16 (asked only for `"auto"`).
 pub fn resolve(
     key: &str,
     precision: Precision,
     channels_last: ChannelsLast,
-    device: Device,
+    on: Workload,
     support: impl FnOnce() -> Bf16Support,
 ) -> Numerics {
     let (bf16, reason) = match precision {
@@ -157,13 +177,28 @@ pub fn resolve(
             }
         }
     };
-    let channels_last = match channels_last {
-        ChannelsLast::On => true,
-        ChannelsLast::Off => false,
-        ChannelsLast::Auto => device.is_cuda(),
+    let (channels_last, why) = match channels_last {
+        ChannelsLast::On => (true, ""),
+        ChannelsLast::Off => (false, ""),
+        ChannelsLast::Auto if on.device.is_cuda() => (true, " (\"auto\": a GPU)"),
+        ChannelsLast::Auto => (
+            cpu_channels_last_pays(on.arch, on.side),
+            " (\"auto\": measured faster for this architecture and input size on the CPU)",
+        ),
     };
-    let reason = if channels_last { format!("{reason}, channels-last batches") } else { reason };
+    let reason = if channels_last { format!("{reason}, channels-last batches{why}") } else { reason };
     Numerics { bf16, channels_last, reason }
+}
+
+/// The settings of a resumed run: its recorded number format (`was_bf16`, epoch `epoch`) in place of
+/// what `key` resolved to, with the same layout as `now`.
+pub fn kept(key: &str, was_bf16: bool, epoch: u32, now: &Numerics) -> Numerics {
+    let name = if was_bf16 { "bf16 autocast" } else { "f32" };
+    let mut reason = format!("{name} (kept from epoch {epoch}, the run being resumed; --set {key}=... changes it)");
+    if now.channels_last {
+        reason.push_str(", channels-last batches");
+    }
+    Numerics { bf16: was_bf16, channels_last: now.channels_last, reason }
 }
 
 /// The device's bfloat16 support: the CPU's flags, or the GPU's compute capability.
@@ -252,35 +287,80 @@ pub fn is_channels_last(t: &Tensor) -> bool {
 mod tests {
     use super::*;
 
+    fn w(device: Device, arch: Arch) -> Workload {
+        Workload { device, arch, side: 64 }
+    }
+
     #[test]
     fn auto_takes_bf16_only_where_the_cpu_has_it_and_says_why() {
         let amd = "fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni";
         let intel = "fpu avx512f amx_bf16 amx_tile amx_int8";
         let old = "fpu sse2 avx2 fma";
-        let n = resolve("train.precision", Precision::Auto, ChannelsLast::Auto, Device::Cpu, || cpu_bf16(amd));
+        let n = resolve("train.precision", Precision::Auto, ChannelsLast::Auto, w(Device::Cpu, Arch::Resnet18), || {
+            cpu_bf16(amd)
+        });
         assert!(n.bf16 && !n.channels_last);
         assert!(n.reason.contains("avx512_bf16") && n.reason.contains("\"auto\""), "{}", n.reason);
-        assert!(resolve("p", Precision::Auto, ChannelsLast::Auto, Device::Cpu, || cpu_bf16(intel)).bf16);
-        let n = resolve("train.precision", Precision::Auto, ChannelsLast::Auto, Device::Cpu, || cpu_bf16(old));
+        assert!(
+            resolve("p", Precision::Auto, ChannelsLast::Auto, w(Device::Cpu, Arch::Resnet18), || cpu_bf16(intel)).bf16
+        );
+        let n = resolve("train.precision", Precision::Auto, ChannelsLast::Auto, w(Device::Cpu, Arch::Resnet18), || {
+            cpu_bf16(old)
+        });
         assert!(!n.bf16);
         assert!(n.reason.starts_with("f32") && n.reason.contains("neither avx512_bf16 nor amx_bf16"), "{}", n.reason);
         // f32 and bf16 do not ask the hardware.
-        assert!(!resolve("p", Precision::F32, ChannelsLast::Off, Device::Cpu, || unreachable!()).bf16);
-        assert!(resolve("p", Precision::Bf16, ChannelsLast::Off, Device::Cpu, || unreachable!()).bf16);
+        assert!(
+            !resolve("p", Precision::F32, ChannelsLast::Off, w(Device::Cpu, Arch::Resnet18), || unreachable!()).bf16
+        );
+        assert!(
+            resolve("p", Precision::Bf16, ChannelsLast::Off, w(Device::Cpu, Arch::Resnet18), || unreachable!()).bf16
+        );
     }
 
     #[test]
     fn auto_on_a_gpu_follows_its_compute_capability() {
         let gpu = |cc| move || gpu_bf16(cc, 0);
-        assert!(resolve("p", Precision::Auto, ChannelsLast::Auto, Device::Cuda(0), gpu(Some((9, 0)))).bf16);
-        assert!(resolve("p", Precision::Auto, ChannelsLast::Auto, Device::Cuda(0), gpu(Some((8, 0)))).bf16);
-        let v100 = resolve("p", Precision::Auto, ChannelsLast::Auto, Device::Cuda(0), gpu(Some((7, 0))));
+        assert!(
+            resolve("p", Precision::Auto, ChannelsLast::Auto, w(Device::Cuda(0), Arch::Resnet18), gpu(Some((9, 0))))
+                .bf16
+        );
+        assert!(
+            resolve("p", Precision::Auto, ChannelsLast::Auto, w(Device::Cuda(0), Arch::Resnet18), gpu(Some((8, 0))))
+                .bf16
+        );
+        let v100 =
+            resolve("p", Precision::Auto, ChannelsLast::Auto, w(Device::Cuda(0), Arch::Resnet18), gpu(Some((7, 0))));
         assert!(!v100.bf16 && v100.reason.contains("7.0, below 8.0"), "{}", v100.reason);
-        assert!(!resolve("p", Precision::Auto, ChannelsLast::Auto, Device::Cuda(0), gpu(None)).bf16);
+        assert!(!resolve("p", Precision::Auto, ChannelsLast::Auto, w(Device::Cuda(0), Arch::Resnet18), gpu(None)).bf16);
         // Channels-last: "auto" is on for a GPU, off on the CPU; true and false are what they say.
-        assert!(resolve("p", Precision::F32, ChannelsLast::Auto, Device::Cuda(0), gpu(None)).channels_last);
-        assert!(!resolve("p", Precision::F32, ChannelsLast::Off, Device::Cuda(0), gpu(None)).channels_last);
-        assert!(resolve("p", Precision::F32, ChannelsLast::On, Device::Cpu, gpu(None)).channels_last);
+        assert!(
+            resolve("p", Precision::F32, ChannelsLast::Auto, w(Device::Cuda(0), Arch::Resnet18), gpu(None))
+                .channels_last
+        );
+        assert!(
+            !resolve("p", Precision::F32, ChannelsLast::Off, w(Device::Cuda(0), Arch::Resnet18), gpu(None))
+                .channels_last
+        );
+        assert!(
+            resolve("p", Precision::F32, ChannelsLast::On, w(Device::Cpu, Arch::Resnet18), gpu(None)).channels_last
+        );
+    }
+
+    #[test]
+    fn auto_channels_last_on_the_cpu_is_on_where_measured_faster() {
+        let cl = |arch| resolve("p", Precision::F32, ChannelsLast::Auto, w(Device::Cpu, arch), || unreachable!());
+        for arch in [Arch::Resnet50, Arch::Vgg11Bn, Arch::Squeezenet, Arch::Densenet, Arch::Inception] {
+            let n = cl(arch);
+            assert!(n.channels_last && n.reason.contains("measured faster"), "{arch}: {}", n.reason);
+        }
+        for arch in [Arch::Resnet18, Arch::Resnet34, Arch::Alexnet] {
+            assert!(!cl(arch).channels_last, "{arch}");
+        }
+        let off = resolve("p", Precision::F32, ChannelsLast::Off, w(Device::Cpu, Arch::Densenet), || unreachable!());
+        assert!(!off.channels_last, "false is false");
+        let big = Workload { device: Device::Cpu, arch: Arch::Resnet18, side: 128 };
+        assert!(resolve("p", Precision::F32, ChannelsLast::Auto, big, || unreachable!()).channels_last, "128 px");
     }
 
     #[test]

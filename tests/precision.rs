@@ -122,3 +122,35 @@ fn an_unknown_precision_is_refused_naming_the_key() {
     assert_fails_with(&out, &["train.precision", "fp16"]);
     assert!(!p.model_dir("resnet18").exists(), "nothing written");
 }
+
+#[test]
+fn resume_keeps_the_runs_bf16_unless_told_otherwise_and_is_exact() {
+    // Run a trains 2 epochs in bf16; run b trains 1 in bf16 and resumes for the second with
+    // `--resume` alone (the config file says f32): it goes on in bf16 and ends with a's weights.
+    let p = Project::new(2, 12, 0, 32);
+    let bf16 = "train.precision=\"bf16\"";
+    assert_success(&p.train_mpi(2, &["--epochs", "2", "--set", "paths.checkpoint_dir=a", "--set", bf16]));
+    assert_success(&p.train_mpi(2, &["--epochs", "1", "--set", "paths.checkpoint_dir=b", "--set", bf16]));
+    let out = p.train_mpi(2, &["--resume", "--epochs", "2", "--set", "paths.checkpoint_dir=b"]);
+    assert_success(&out);
+    let err = stderr(&out);
+    assert!(err.contains("resuming in bf16 autocast (kept from epoch 1, the run being resumed"), "{err}");
+    let (a, b) = (p.model_dir_in("a", "resnet18"), p.model_dir_in("b", "resnet18"));
+    let (sa, sb) = (read_json(&a.join("state.json")), read_json(&b.join("state.json")));
+    assert_eq!(sb["history"][1]["precision"], "bf16", "{sb}");
+    assert_eq!(sa["history"][1]["train_loss"], sb["history"][1]["train_loss"], "epoch 2's training loss");
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let cmp = compare_safetensors(&a.join(file), &b.join(file));
+        eprintln!("{file}: uninterrupted vs resumed, bf16: {cmp:?}");
+        assert!(cmp.bitwise, "{file} differs after resuming in bf16: {cmp:?}");
+    }
+    // Told otherwise: this command line sets the key, and epoch 3 computes in f32.
+    let out = p.train_mpi(
+        2,
+        &["--resume", "--epochs", "3", "--set", "paths.checkpoint_dir=b", "--set", "train.precision=\"f32\""],
+    );
+    assert_success(&out);
+    assert!(!stderr(&out).contains("kept from epoch"), "{}", stderr(&out));
+    let sb = read_json(&b.join("state.json"));
+    assert_eq!((&sb["history"][1]["precision"], &sb["history"][2]["precision"]), (&"bf16".into(), &"f32".into()));
+}

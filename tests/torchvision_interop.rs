@@ -54,6 +54,54 @@ fn every_architecture_loads_into_torchvision_with_the_same_logits() {
     }
 }
 
+/// Weights trained with channels-last batches in bf16 autocast (what `channels_last = "auto"`
+/// does for densenet121 on a CPU) are saved in torchvision's contiguous layout: they strict-load
+/// into torchvision and give sac's f32 logits.
+#[test]
+fn weights_trained_on_channels_last_batches_in_bf16_load_into_torchvision() {
+    tch::set_num_threads(1);
+    tch::manual_seed(11);
+    let dir = tempfile::tempdir().unwrap();
+    let (arch, classes) = (Arch::Densenet, 4);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = sac::models::build(&vs.root(), arch, classes);
+    let numerics = sac::precision::Numerics { bf16: true, channels_last: true, reason: String::new() };
+    let labels = Tensor::from_slice(&[0i64, 1, 2, 3]);
+    for _ in 0..3 {
+        let x = Tensor::randn([4, 3, 64, 64], (Kind::Float, Device::Cpu));
+        let loss = numerics.forward(&*net, &x, true).unwrap().cross_entropy_for_logits(&labels);
+        for mut v in vs.trainable_variables() {
+            v.zero_grad();
+        }
+        loss.backward();
+        tch::no_grad(|| {
+            for mut v in vs.trainable_variables() {
+                let next = &v - v.grad() * 0.05;
+                v.copy_(&next);
+            }
+        });
+    }
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let strided: Vec<&String> = vars.iter().filter(|(_, t)| !t.is_contiguous()).map(|(n, _)| n).collect();
+    assert!(strided.is_empty(), "weights left in another layout: {strided:?}");
+    let input = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let logits = tch::no_grad(|| net.forward_t(&input, false));
+    let (model_file, case_file) = (dir.path().join("model.safetensors"), dir.path().join("case.safetensors"));
+    write_atomic(&model_file, &to_safetensors(&with_batch_counters(&vars, 3), &BTreeMap::new()).unwrap()).unwrap();
+    let case = vec![("input".to_string(), input), ("logits".to_string(), logits)];
+    write_atomic(&case_file, &to_safetensors(&case, &BTreeMap::new()).unwrap()).unwrap();
+    let out = Command::new(python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/torchvision_logits.py"))
+        .args([arch.name(), &classes.to_string()])
+        .arg(&model_file)
+        .arg(&case_file)
+        .output()
+        .expect("running the venv's python (run scripts/setup.sh)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{arch}: {text}");
+    eprint!("{text}");
+}
+
 /// One tensor's figures, as tests/python/init_stats.py writes them (population std).
 #[derive(Debug, Clone, serde::Deserialize)]
 struct Stats {

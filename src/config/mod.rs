@@ -37,6 +37,9 @@ pub struct Settings {
     pub config: Config,
     /// The file it came from.
     pub file: PathBuf,
+    /// The keys this command line's `--set`s name (`train.precision`): what the user asked of
+    /// this run in particular.
+    pub set_keys: Vec<String>,
 }
 
 impl Settings {
@@ -58,7 +61,13 @@ impl Settings {
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
         let base = std::path::absolute(&base).with_context(|| format!("resolving {}", base.display()))?;
         config.resolve_paths(&base);
-        Ok(Settings { config, file: file.to_path_buf() })
+        let set_keys = sets.iter().filter_map(|s| s.split_once('=')).map(|(k, _)| k.trim().to_owned()).collect();
+        Ok(Settings { config, file: file.to_path_buf(), set_keys })
+    }
+
+    /// Whether this command line sets `key` with `--set`.
+    pub fn sets(&self, key: &str) -> bool {
+        self.set_keys.iter().any(|k| k == key)
     }
 
     pub fn data_dir(&self) -> &Path {

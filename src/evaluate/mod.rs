@@ -169,8 +169,17 @@ impl<'a> Job<'a> {
         dist.log_placement(threads);
         let device = crate::infra::process::pick_device("train.device", cfg.train.device, dist.local_rank())?;
         let ec = &cfg.evaluate;
-        let numerics =
-            crate::train::agreed_numerics(dist, "evaluate.precision", ec.precision, ec.channels_last, device)?;
+        let numerics = crate::train::agreed_numerics(
+            dist,
+            "evaluate.precision",
+            ec.precision,
+            ec.channels_last,
+            crate::precision::Workload {
+                device,
+                arch: cfg.model.name,
+                side: cfg.image.width.min(cfg.image.height) as i64,
+            },
+        )?;
         let ckpt = s.eval_checkpoint();
         let csv = format!("{}.csv", split.name());
         let (mut classes, mut rows, mut header) = (Vec::new(), Vec::new(), Vec::new());

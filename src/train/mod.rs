@@ -49,8 +49,9 @@ pub use setup::{agreed_numerics, device_name, loader_threads, Mode};
 
 /// The subcommand: the job's outline. Every step is a collective unless it says otherwise.
 pub fn run(dist: &Dist, s: &Settings, mode: Mode) -> Result<()> {
-    let env = setup::Env::prepare(dist, s, mode)?;
+    let mut env = setup::Env::prepare(dist, s, mode)?;
     let setup::Start { model, opt, state, ema } = setup::restore(dist, s, &env, mode.resume)?;
+    env.keep_precision_of(&state, s, mode.resume);
     let epochs = s.config.train.epochs;
     if state.epoch >= epochs {
         info!(

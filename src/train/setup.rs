@@ -26,7 +26,7 @@ use crate::checkpoint;
 use crate::config::{OptimizerKind, Settings, TrainCfg};
 use crate::data::{self, Geometry, ImageStore, Row};
 use crate::infra::dist::Dist;
-use crate::precision::Numerics;
+use crate::precision::{Numerics, Workload};
 use crate::record::State;
 
 /// How a run treats a checkpoint already in its directory: `--resume` continues it, `--overwrite`
@@ -59,7 +59,8 @@ impl Env {
         let threads = crate::infra::process::set_threads(tc.threads, dist.cores_per_rank());
         dist.log_placement(threads);
         let device = crate::infra::process::pick_device("train.device", tc.device, dist.local_rank())?;
-        let numerics = agreed_numerics(dist, "train.precision", tc.precision, tc.channels_last, device)?;
+        let on = Workload { device, arch: cfg.model.name, side: cfg.image.width.min(cfg.image.height) as i64 };
+        let numerics = agreed_numerics(dist, "train.precision", tc.precision, tc.channels_last, on)?;
         let stop = crate::infra::process::stop_on_signals()?;
         let dir = s.model_dir();
         let store = checkpoint::Store::new(&dir);
@@ -87,6 +88,21 @@ impl Env {
             numerics.reason
         );
         Ok(Env { device, numerics, stop, dir, store, shard })
+    }
+
+    /// `--resume` goes on in the number format the resumed run's last epoch computed in, unless
+    /// this command line sets `train.precision`: a run started with `--set train.precision="bf16"`
+    /// and resumed with `--resume` alone stays bf16, and a run resumes exactly within a precision.
+    /// `state` is the same on every rank (broadcast), so is the outcome.
+    pub fn keep_precision_of(&mut self, state: &State, s: &Settings, resume: bool) {
+        const KEY: &str = "train.precision";
+        let recorded = state.history.last().and_then(|e| e.precision.as_deref());
+        let Some(was_bf16) = recorded.map(|p| p == "bf16") else { return };
+        if !resume || s.sets(KEY) || was_bf16 == self.numerics.bf16 {
+            return;
+        }
+        self.numerics = crate::precision::kept(KEY, was_bf16, state.epoch, &self.numerics);
+        info!("resuming in {}", self.numerics.reason);
     }
 }
 
@@ -347,9 +363,10 @@ pub fn agreed_numerics(
     key: &str,
     precision: crate::precision::Precision,
     channels_last: crate::precision::ChannelsLast,
-    device: tch::Device,
+    on: Workload,
 ) -> Result<crate::precision::Numerics> {
-    let n = crate::precision::resolve(key, precision, channels_last, device, || crate::precision::device_bf16(device));
+    let support = || crate::precision::device_bf16(on.device);
+    let n = crate::precision::resolve(key, precision, channels_last, on, support);
     let mine = f64::from(u8::from(n.bf16));
     let (least, most) = (dist.min_f64(mine), -dist.min_f64(-mine));
     if least != most {
