@@ -5,10 +5,12 @@ Each subcommand prints one JSON line on stdout (rank 0 only), read by bench/run.
   ddp       PyTorch DistributedDataParallel training (gloo, CPU), launched by torchrun:
             PIL decode, torchvision Resize/ToTensor/Normalize, DistributedSampler, one thread
             per rank, resnet18 from scratch, Adam, one epoch over data/train.csv
-            (--compress bf16: gradients exchanged as bfloat16 by DDP's bf16_compress_hook)
+            (--compress bf16: gradients exchanged as bfloat16 by DDP's bf16_compress_hook;
+            --precision bf16: forward under torch.autocast("cpu", torch.bfloat16), as PyTorch's
+            performance guide advises; --channels-last: model and batches in channels-last)
   compute   the compute limit: one process, pre-loaded random tensors, forward + backward +
             Adam step of the model (--no-step: forward + backward alone), no data loading, no
-            communication
+            communication; --precision and --channels-last as for ddp
   infer     PyTorch batched inference over data/test.csv in one process (PIL + transforms),
             with sac's checkpoint loaded into the torchvision model
   decode    PIL decode + resize of JPEG files, with and without Image.draft
@@ -81,7 +83,9 @@ def ddp(a):
     sampler = DistributedSampler(ds, shuffle=True, seed=a.seed)
     sampler.set_epoch(0)
     loader = DataLoader(ds, batch_size=a.batch, sampler=sampler, num_workers=0)
-    model = DistributedDataParallel(torchvision.models.resnet18(num_classes=classes(a.data)))
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    net = torchvision.models.resnet18(num_classes=classes(a.data)).to(memory_format=fmt)
+    model = DistributedDataParallel(net)
     if a.compress == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
         model.register_comm_hook(None, default_hooks.bf16_compress_hook)
@@ -92,7 +96,9 @@ def ddp(a):
     for _ in range(a.epochs):
         for x, y in loader:
             opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+                out = model(x.contiguous(memory_format=fmt))
+            F.cross_entropy(out.float(), y).backward()
             opt.step()
             seen += len(y)
     dist.barrier()
@@ -106,6 +112,7 @@ def ddp(a):
         images = total.item()
         print(json.dumps({
             "what": "train", "impl": "ddp", "n": world, "images": images, "compress": a.compress,
+            "precision": a.precision, "channels_last": a.channels_last, "size": a.size,
             "images_per_second": images / wall, "seconds": wall,
             "peak_rss_mib": [r for r, _ in per_rank],
             "cpu_seconds_per_image": sum(c for _, c in per_rank) / images,
@@ -125,14 +132,17 @@ def ddp(a):
 def compute(a):
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    model = torchvision.models.resnet18(num_classes=10).to(memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
-    x = torch.randn(a.batch, 3, a.size, a.size)
+    x = torch.randn(a.batch, 3, a.size, a.size).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (a.batch,))
 
     def step():
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
         if not a.no_step:
             opt.step()
 
@@ -143,6 +153,7 @@ def compute(a):
         step()
     wall = time.perf_counter() - t0
     print(json.dumps({"what": "compute", "impl": "torch-fwd-bwd" if a.no_step else "torch", "n": 1,
+                      "precision": a.precision, "channels_last": a.channels_last, "size": a.size,
                       "images_per_second": a.steps * a.batch / wall}), flush=True)
 
 
@@ -222,6 +233,9 @@ def main():
         s.add_argument("--checkpoint", default="")
         s.add_argument("--timeout", type=int, default=300, help="seconds to wait for a peer (ddp)")
         s.add_argument("--no-step", action="store_true", help="compute: forward + backward only, no optimizer step")
+        s.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                       help="ddp, compute: f32, or the forward under bfloat16 autocast")
+        s.add_argument("--channels-last", action="store_true", help="ddp, compute: channels-last model and batches")
         s.add_argument("--compress", choices=["none", "bf16"], default="none",
                        help="ddp: exchange gradients as they are or as bfloat16 (bf16_compress_hook)")
     s = sub.add_parser("decode")

@@ -29,3 +29,5 @@ stage "scheduler test: jobs/*.pbs and jobs/*.slurm on a one-node Slurm (installs
 # Each harness step has its own time bound (bench/run.sh); this one bounds the whole smoke run.
 stage "benchmark harness, smoke mode (checks the harness runs, not speeds)" \
   timeout --kill-after=30 1200 bash bench/run.sh --smoke >/dev/null
+stage "CPU precision harness, smoke mode (sac f32/auto against DDP and the limits; checks it runs)" \
+  timeout --kill-after=30 600 bash bench/cpu_precision.sh --smoke >/dev/null
