@@ -265,7 +265,7 @@ fn alexnet(p: &nn::Path, classes: i64) -> nn::SequentialT {
         .add(conv(&f / "8", 384, 256, 3, 1, 1, true))
         .add_fn(|x| x.relu())
         .add(conv(&f / "10", 256, 256, 3, 1, 1, true))
-        .add_fn(move |x| pool(&x.relu()).adaptive_avg_pool2d([6, 6]).flat_view())
+        .add_fn(move |x| pool(&x.relu()).adaptive_avg_pool2d([6, 6]).flatten(1, -1))
         .add_fn_t(|x, train| x.dropout(0.5, train))
         .add(nn::linear(&c / "1", 256 * 6 * 6, 4096, Default::default()))
         .add_fn(|x| x.relu())
@@ -296,7 +296,7 @@ fn vgg11_bn(p: &nn::Path, classes: i64) -> nn::SequentialT {
         seq = seq.add_fn(|x| x.max_pool2d_default(2));
         idx += 1;
     }
-    seq.add_fn(|x| x.adaptive_avg_pool2d([7, 7]).flat_view())
+    seq.add_fn(|x| x.adaptive_avg_pool2d([7, 7]).flatten(1, -1))
         .add(nn::linear(&c / "0", 512 * 7 * 7, 4096, Default::default()))
         .add_fn(|x| x.relu())
         .add_fn_t(|x, train| x.dropout(0.5, train))
@@ -345,7 +345,7 @@ fn densenet121(p: &nn::Path, classes: i64) -> nn::SequentialT {
         }
     }
     seq.add(nn::batch_norm2d(&f / "norm5", c, Default::default()))
-        .add_fn(|x| x.relu().adaptive_avg_pool2d([1, 1]).flat_view())
+        .add_fn(|x| x.relu().adaptive_avg_pool2d([1, 1]).flatten(1, -1))
         .add(nn::linear(p / "classifier", c, classes, Default::default()))
 }
 
@@ -368,6 +368,29 @@ mod tests {
             let names = vs.variables();
             let head = head_prefix(arch);
             assert!(names.keys().any(|k| k.starts_with(head)), "{arch}: no variable under {head}");
+        }
+    }
+
+    /// Channels-last batches (`channels_last`) go through every architecture, forward and
+    /// backward, at its minimum input size and at 64 px, and give the logits of contiguous ones:
+    /// the classifier flattens as torchvision does (`torch.flatten`), not with a view that needs
+    /// contiguous features.
+    #[test]
+    fn every_architecture_takes_channels_last_batches_with_the_same_logits() {
+        tch::set_num_threads(1);
+        tch::manual_seed(3);
+        for arch in Arch::ALL {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = build(&vs.root(), arch, 5);
+            let (w, h) = min_input_size(arch);
+            for side in [w.max(h) as i64, 64.max(w.max(h) as i64)] {
+                let x = Tensor::randn([2, 3, side, side], (Kind::Float, Device::Cpu));
+                let nhwc = crate::precision::to_channels_last(&x).unwrap();
+                let (a, b) = (net.forward_t(&x, false), net.forward_t(&nhwc, false));
+                let diff = (&a - &b).abs().max().double_value(&[]);
+                assert!(diff <= 1e-4 * a.abs().max().double_value(&[]).max(1.0), "{arch} at {side} px: {diff}");
+                net.forward_t(&nhwc, true).sum(Kind::Float).backward();
+            }
         }
     }
 }
