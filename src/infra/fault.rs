@@ -12,7 +12,8 @@
 //!
 //! Points: `step` (start of each training step), `loss` (the training loss, for `nan`),
 //! `save-between-files` (after each file of a checkpoint is written), `validate` (each validation
-//! batch), `save` (start of a checkpoint save), `predict` (each batch of an evaluate predictor rank).
+//! batch), `save` (start of a checkpoint save), `predict` (each batch an evaluate predictor
+//! takes: a rank of the pipeline, or rank 0's predicting thread under 4 ranks).
 
 #[cfg(feature = "fault-injection")]
 mod imp {

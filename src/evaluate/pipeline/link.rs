@@ -17,8 +17,10 @@ use crate::infra::logging::Progress;
 
 /// Where a stage's batches go.
 pub trait Outlet<T> {
-    /// Waits until the next stage has room for batch `seq`, before the batch is made, so that a
-    /// reader reads no further ahead than its consumer allows. `send` waits where this did not.
+    /// Where the link can wait apart from sending (MPI credits), waits until the next stage has
+    /// room for batch `seq` before the batch is made, so that a reader reads no further ahead
+    /// than its consumer allows. Optional: the default (and a channel) does nothing here, and
+    /// `send` waits.
     fn reserve(&mut self, _seq: u64) -> Result<()> {
         Ok(())
     }

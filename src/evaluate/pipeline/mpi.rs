@@ -131,8 +131,8 @@ struct ToRanks<'a> {
     dist: &'a Dist,
     ctx: &'a Ctx<'a>,
     peers: Vec<usize>,
-    /// The next stage, for the timeline: "the decoder", "a predictor".
-    who: &'static str,
+    /// The timeline's names of this link's spans.
+    spans: Spans,
     tag: i32,
     credits: bool,
     /// Credits taken and batches sent, per rank.
@@ -140,19 +140,28 @@ struct ToRanks<'a> {
     sent: Vec<usize>,
     /// The rank a `reserve` took a credit of.
     reserved: Option<usize>,
-    /// Work to do in every wait (rank 0 collects results): no cycle of ranks can then block each
-    /// other whatever the MPI library's eager limit.
+    /// Work to do in every wait (rank 0 collects results), so that no cycle of ranks can block
+    /// each other on a batch or a result whatever the MPI library's eager limit. (Credits are
+    /// empty messages, always below it.)
     meanwhile: Option<&'a mut dyn FnMut() -> Result<()>>,
 }
 
+/// The timeline's span names of a link: waiting for a credit, sending (`ToRanks`), receiving
+/// (`FromRank`).
+#[derive(Clone, Copy)]
+struct Spans {
+    wait: &'static str,
+    send: &'static str,
+}
+
 impl<'a> ToRanks<'a> {
-    fn new(dist: &'a Dist, ctx: &'a Ctx<'a>, peers: Vec<usize>, who: &'static str, tag: i32) -> Self {
+    fn new(dist: &'a Dist, ctx: &'a Ctx<'a>, peers: Vec<usize>, spans: Spans, tag: i32) -> Self {
         let n = dist.size();
         ToRanks {
             dist,
             ctx,
             peers,
-            who,
+            spans,
             tag,
             credits: true,
             taken: vec![0; n],
@@ -162,8 +171,9 @@ impl<'a> ToRanks<'a> {
         }
     }
 
-    /// Sends without credits (results to rank 0, which takes whatever comes).
+    /// Sends without credits (results to rank 0, which takes whatever comes), to one rank.
     fn without_credits(mut self) -> Self {
+        assert_eq!(self.peers.len(), 1, "a link without credits goes to one rank");
         self.credits = false;
         self
     }
@@ -192,7 +202,7 @@ impl<'a> ToRanks<'a> {
         let t = Instant::now();
         let from = if self.peers.len() == 1 { Some(self.peers[0]) } else { None };
         let giver = self.take_credit(from)?;
-        self.ctx.mark("wait", &format!("wait for {}", self.who), t, seq);
+        self.ctx.mark("wait", self.spans.wait, t, seq);
         Ok(giver)
     }
 
@@ -228,7 +238,7 @@ impl<T: Wire> Outlet<T> for ToRanks<'_> {
         let t = Instant::now();
         self.send_message(dest, &item.to_message())?;
         self.sent[dest] += 1;
-        self.ctx.mark("send", &format!("send to {} (until it takes the batch)", self.who), t, seq);
+        self.ctx.mark("send", self.spans.send, t, seq);
         Ok(true)
     }
 
@@ -255,17 +265,17 @@ struct FromRank<'a> {
     dist: &'a Dist,
     ctx: &'a Ctx<'a>,
     peer: usize,
-    /// The previous stage, for the timeline: "the reader".
-    who: &'static str,
+    /// The timeline's name of the wait for a batch: "receive from the reader".
+    span: &'static str,
     owed: bool,
 }
 
 impl<'a> FromRank<'a> {
-    fn new(dist: &'a Dist, ctx: &'a Ctx<'a>, peer: usize, who: &'static str) -> Self {
+    fn new(dist: &'a Dist, ctx: &'a Ctx<'a>, peer: usize, span: &'static str) -> Self {
         for _ in 0..IN_FLIGHT {
             dist.send_bytes(peer, TAG_CREDIT, &[]);
         }
-        FromRank { dist, ctx, peer, who, owed: false }
+        FromRank { dist, ctx, peer, span, owed: false }
     }
 }
 
@@ -277,7 +287,7 @@ impl<T: Wire> Inlet<T> for FromRank<'_> {
         let t = Instant::now();
         let (_, _, bytes) = self.dist.recv_bytes(Some(self.peer), TAG_FORWARD);
         let Some(item) = T::from_message(&bytes)? else { return Ok(None) };
-        self.ctx.mark("wait", &format!("receive from {}", self.who), t, item.meta().seq);
+        self.ctx.mark("wait", self.span, t, item.meta().seq);
         self.owed = true;
         Ok(Some(item))
     }
@@ -299,17 +309,21 @@ pub fn mpi_pipeline(
             (Some(outcome), st)
         }
         Stage::Decode => {
-            let mut from = FromRank::new(dist, ctx, 0, "the reader");
-            (None, run_decode(ctx, &mut from, &mut ToRanks::new(dist, ctx, vec![2], "the normalizer", TAG_FORWARD))?)
+            let mut from = FromRank::new(dist, ctx, 0, "receive from the reader");
+            let spans =
+                Spans { wait: "wait for the normalizer", send: "send to the normalizer (until it takes the batch)" };
+            (None, run_decode(ctx, &mut from, &mut ToRanks::new(dist, ctx, vec![2], spans, TAG_FORWARD))?)
         }
         Stage::Normalize => {
-            let mut from = FromRank::new(dist, ctx, 1, "the decoder");
-            let mut to = ToRanks::new(dist, ctx, (3..=last).collect(), "a predictor", TAG_FORWARD);
+            let mut from = FromRank::new(dist, ctx, 1, "receive from the decoder");
+            let spans = Spans { wait: "wait for a predictor", send: "send to a predictor (until it takes the batch)" };
+            let mut to = ToRanks::new(dist, ctx, (3..=last).collect(), spans, TAG_FORWARD);
             (None, run_normalize(ctx, &mut from, &mut to)?)
         }
         Stage::Predict => {
-            let mut from = FromRank::new(dist, ctx, 2, "the normalizer");
-            let mut to = ToRanks::new(dist, ctx, vec![0], "rank 0", TAG_RESULT).without_credits();
+            let mut from = FromRank::new(dist, ctx, 2, "receive from the normalizer");
+            let spans = Spans { wait: "", send: "send the result to rank 0" };
+            let mut to = ToRanks::new(dist, ctx, vec![0], spans, TAG_RESULT).without_credits();
             (None, run_predict(ctx, &mut from, predictor, &mut to)?)
         }
     })
@@ -356,7 +370,8 @@ fn reader_rank(
     let mut results = Results { out: Outcome::default(), ended: 0, predictors: dist.size() - 3, progress };
     let st = {
         let mut collect = || results.collect(dist);
-        let mut to = ToRanks::new(dist, ctx, vec![1], "the decoder", TAG_FORWARD).meanwhile(&mut collect);
+        let spans = Spans { wait: "wait for the decoder", send: "send to the decoder (until it takes the batch)" };
+        let mut to = ToRanks::new(dist, ctx, vec![1], spans, TAG_FORWARD).meanwhile(&mut collect);
         run_read(ctx, rows, batch, &mut to)?
     };
     results.finish(dist)?;
