@@ -36,22 +36,36 @@ fn every_architecture_loads_into_torchvision_with_the_same_logits() {
         let input = Tensor::randn([2, 3, h, w], (Kind::Float, Device::Cpu));
         let logits = tch::no_grad(|| net.forward_t(&input, false));
         let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-        let model_file = dir.path().join(format!("{arch}.safetensors"));
-        let case_file = dir.path().join(format!("{arch}-case.safetensors"));
-        write_atomic(&model_file, &to_safetensors(&with_batch_counters(&vars, 2), &BTreeMap::new()).unwrap()).unwrap();
-        let case = vec![("input".to_string(), input), ("logits".to_string(), logits)];
-        write_atomic(&case_file, &to_safetensors(&case, &BTreeMap::new()).unwrap()).unwrap();
-        let out = Command::new(python())
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/torchvision_logits.py"))
-            .args([arch.name(), &classes.to_string()])
-            .arg(&model_file)
-            .arg(&case_file)
-            .output()
-            .expect("running the venv's python (run scripts/setup.sh)");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "{arch}: {text}");
-        eprint!("{text}");
+        assert_torchvision_agrees(dir.path(), arch, classes, &with_batch_counters(&vars, 2), input, logits);
     }
+}
+
+/// Writes `vars` (sac's checkpoint of `arch` with `classes` classes) and the case (`input`, the
+/// `logits` sac computed) into `dir`; tests/python/torchvision_logits.py strict-loads them into
+/// torchvision and must give the same logits.
+fn assert_torchvision_agrees(
+    dir: &std::path::Path,
+    arch: Arch,
+    classes: i64,
+    vars: &[(String, Tensor)],
+    input: Tensor,
+    logits: Tensor,
+) {
+    let model_file = dir.join(format!("{arch}.safetensors"));
+    let case_file = dir.join(format!("{arch}-case.safetensors"));
+    write_atomic(&model_file, &to_safetensors(vars, &BTreeMap::new()).unwrap()).unwrap();
+    let case = vec![("input".to_string(), input), ("logits".to_string(), logits)];
+    write_atomic(&case_file, &to_safetensors(&case, &BTreeMap::new()).unwrap()).unwrap();
+    let out = Command::new(python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/torchvision_logits.py"))
+        .args([arch.name(), &classes.to_string()])
+        .arg(&model_file)
+        .arg(&case_file)
+        .output()
+        .expect("running the venv's python (run scripts/setup.sh)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{arch}: {text}");
+    eprint!("{text}");
 }
 
 /// Weights trained with channels-last batches in bf16 autocast (what `channels_last = "auto"`
@@ -86,20 +100,7 @@ fn weights_trained_on_channels_last_batches_in_bf16_load_into_torchvision() {
     assert!(strided.is_empty(), "weights left in another layout: {strided:?}");
     let input = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
     let logits = tch::no_grad(|| net.forward_t(&input, false));
-    let (model_file, case_file) = (dir.path().join("model.safetensors"), dir.path().join("case.safetensors"));
-    write_atomic(&model_file, &to_safetensors(&with_batch_counters(&vars, 3), &BTreeMap::new()).unwrap()).unwrap();
-    let case = vec![("input".to_string(), input), ("logits".to_string(), logits)];
-    write_atomic(&case_file, &to_safetensors(&case, &BTreeMap::new()).unwrap()).unwrap();
-    let out = Command::new(python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/torchvision_logits.py"))
-        .args([arch.name(), &classes.to_string()])
-        .arg(&model_file)
-        .arg(&case_file)
-        .output()
-        .expect("running the venv's python (run scripts/setup.sh)");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{arch}: {text}");
-    eprint!("{text}");
+    assert_torchvision_agrees(dir.path(), arch, classes, &with_batch_counters(&vars, 3), input, logits);
 }
 
 /// One tensor's figures, as tests/python/init_stats.py writes them (population std).
