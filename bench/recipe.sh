@@ -11,6 +11,7 @@
 #   bench/recipe.sh                                   # 15 epochs, seeds 0 1 2, 2 ranks
 #   bench/recipe.sh --epochs 15 --seeds "0 1 2" --ranks 2
 #   bench/recipe.sh --resume bench/results/recipe-<timestamp>.json   # add the runs it lacks
+#   bench/recipe.sh --frameworks sac --recipes full --precisions "f32 bf16"   # bf16 vs f32 accuracy
 #   bench/recipe.sh --smoke      # plumbing check: 1 epoch, the first seed only, a 1 % sample (~1 min)
 #   KEEP=1 bench/recipe.sh ...   # keep the work dir (data, configs, logs, per-run JSON)
 #
@@ -34,6 +35,11 @@
 #          image.cache_size = 64 makes sac cut its random crops from the whole 28x28 image (its
 #          short side is below 64, so it is kept as it is), as torchvision's RandomResizedCrop does;
 #          with the default 0 sac would crop from the 64x64 centre-cropped image instead.
+#
+# Precisions (--precisions, sac only; default f32): each sac run is repeated per precision with
+# `--set train.precision=<p>` (f32, bf16 = CPU autocast, auto); validation runs in that precision
+# too. PyTorch runs stay f32, once per recipe and seed. Runs of older results without a precision
+# are f32 runs.
 #
 # Seeds: sac's training seed IS dataset.seed (tch::manual_seed(dataset.seed) for the initial
 # weights, and dataset.seed for the data order, augmentation and per-epoch torch seeds), and
@@ -66,12 +72,15 @@ for arg in "$@"; do
   [[ $arg == *[[:space:]]* ]] && arg="\"$arg\""
   command_line+=" $arg"
 done
-epochs=15 seeds="0 1 2" ranks=2 smoke=0 resume=
+epochs=15 seeds="0 1 2" ranks=2 smoke=0 resume= frameworks="sac pytorch" recipes="plain full" precisions=f32
 while (($#)); do
   case $1 in
     --epochs) epochs=${2:?--epochs needs a value}; shift 2 ;;
     --seeds) seeds=${2:?--seeds needs a value}; shift 2 ;;
     --ranks) ranks=${2:?--ranks needs a value}; shift 2 ;;
+    --frameworks) frameworks=${2:?--frameworks needs a value}; shift 2 ;;
+    --recipes) recipes=${2:?--recipes needs a value}; shift 2 ;;
+    --precisions) precisions=${2:?--precisions needs a value}; shift 2 ;;
     --smoke) smoke=1; shift ;;
     --resume) resume=${2:?--resume needs a results file}; shift 2 ;;
     -h | --help) usage 0 ;;
@@ -85,6 +94,20 @@ read -r -a seed_list <<<"$seeds"
 for s in "${seed_list[@]}"; do
   [[ $s =~ ^[0-9]+$ ]] || { echo "recipe.sh: seed '$s' is not a non-negative integer" >&2; exit 2; }
 done
+read -r -a framework_list <<<"$frameworks"
+read -r -a recipe_list <<<"$recipes"
+read -r -a precision_list <<<"$precisions"
+for f in "${framework_list[@]}"; do
+  [[ $f == sac || $f == pytorch ]] || { echo "recipe.sh: framework '$f' is neither sac nor pytorch" >&2; exit 2; }
+done
+for r in "${recipe_list[@]}"; do
+  [[ $r == plain || $r == full ]] || { echo "recipe.sh: recipe '$r' is neither plain nor full" >&2; exit 2; }
+done
+for p in "${precision_list[@]}"; do
+  [[ $p == f32 || $p == bf16 || $p == auto ]] || { echo "recipe.sh: precision '$p' is not f32, bf16 or auto" >&2; exit 2; }
+done
+((${#framework_list[@]} && ${#recipe_list[@]} && ${#precision_list[@]})) ||
+  { echo "recipe.sh: --frameworks, --recipes and --precisions each need at least one value" >&2; exit 2; }
 if ((smoke)); then
   epochs=1 seed_list=("${seed_list[0]}") sample=0.01
 else
@@ -95,7 +118,9 @@ sac=$root/target/release/sac
 py=$root/.venv/bin/python
 [[ -x $sac ]] || { echo "recipe.sh: $sac is missing: build sac first (cargo build --release)" >&2; exit 2; }
 [[ -x $py ]] || { echo "recipe.sh: $py is missing: run scripts/setup.sh first" >&2; exit 2; }
-command -v mpiexec >/dev/null || { echo "recipe.sh: mpiexec is not on PATH" >&2; exit 2; }
+# MPICH's launcher by its own name where Debian has it (Open MPI beside it moves `mpiexec`).
+mpiexec=$(command -v mpiexec.mpich || command -v mpiexec) ||
+  { echo "recipe.sh: mpiexec is not on PATH" >&2; exit 2; }
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 ((smoke)) && stamp=$stamp-smoke
@@ -241,23 +266,28 @@ torch_full=(--optimizer sgd --lr 0.1 --lr-scaling linear --momentum 0.9 --nester
 commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 git -C "$root" diff --quiet HEAD -- src Cargo.toml Cargo.lock bench 2>/dev/null || commit="$commit (with local changes)"
 
-# record FRAMEWORK RECIPE SEED SECONDS FILE: appends one run to $results (rewritten atomically).
+# record FRAMEWORK RECIPE SEED PRECISION SECONDS FILE: appends one run to $results (rewritten atomically).
 [[ -n $resume ]] || echo "[]" >"$results"
 record() {
   "$py" - "$results" "$@" "$epochs" "$ranks" "$sample" "$commit" <<'EOF'
 import json, os, sys
-results, framework, recipe, seed, seconds, path, epochs, ranks, sample, commit = sys.argv[1:]
+results, framework, recipe, seed, precision, seconds, path, epochs, ranks, sample, commit = sys.argv[1:]
 d = json.load(open(path))
 if framework == "sac":  # <checkpoint_dir>/resnet18/state.json
     last = d["history"][-1]
     done, top1, top5 = last["epoch"], last["top1"], last["top5"]
+    ran = last.get("precision", d.get("precision"))
+    if ran is not None and precision != "auto" and ran != precision:
+        sys.exit(f"recipe.sh: {path}: asked for precision {precision}, the run says {ran}")
+    if precision == "auto" and ran is not None:
+        precision = f"auto ({ran})"
 else:  # recipe_torch.py --out
     done = len(d["epochs"])
     top1, top5 = (d["final"] or {}).get("top1"), (d["final"] or {}).get("top5")
 if done != int(epochs) or top1 is None:
     sys.exit(f"recipe.sh: {path}: {done} epoch(s) of {epochs}, top-1 {top1}: the run is incomplete")
 runs = json.load(open(results))
-runs.append({"framework": framework, "recipe": recipe, "seed": int(seed), "epochs": done,
+runs.append({"framework": framework, "recipe": recipe, "seed": int(seed), "precision": precision, "epochs": done,
              "top1": top1, "top5": top5, "seconds": round(float(seconds), 1),
              "ranks": int(ranks), "sample": float(sample), "commit": commit})
 with open(results + ".tmp", "w") as f:
@@ -272,16 +302,17 @@ now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 # Paths in the configs are relative to their directory ($work): data/, checkpoints/, sac.log.
-run_sac() { # run_sac RECIPE SEED
-  local recipe=$1 seed=$2 logf=$work/sac-$1-s$2.log state=$work/sac-$1-s$2.state.json t0 seconds line
+run_sac() { # run_sac RECIPE SEED PRECISION
+  local recipe=$1 seed=$2 precision=$3 logf=$work/sac-$1-s$2-$3.log state=$work/sac-$1-s$2-$3.state.json t0 seconds line
   rm -rf "$work/checkpoints"
   t0=$(now)
-  step "$logf" mpiexec -n "$ranks" "$sac" --config "$work/$recipe.toml" --set "dataset.seed=$seed" train
+  step "$logf" "$mpiexec" -n "$ranks" "$sac" --config "$work/$recipe.toml" --set "dataset.seed=$seed" \
+    --set "train.precision=$precision" train
   seconds=$(since "$t0")
   cp "$work/checkpoints/resnet18/state.json" "$state"
   rm -rf "$work/checkpoints" # a resnet18 checkpoint per epoch; only state.json is needed
-  line=$(record sac "$recipe" "$seed" "$seconds" "$state")
-  log "  sac $recipe seed $seed: $line"
+  line=$(record sac "$recipe" "$seed" "$precision" "$seconds" "$state")
+  log "  sac $recipe seed $seed $precision: $line"
 }
 
 run_torch() { # run_torch RECIPE SEED
@@ -292,7 +323,7 @@ run_torch() { # run_torch RECIPE SEED
     "$root/bench/recipe_torch.py" --ddp --data-dir "$work/data" --out "$out" --epochs "$epochs" \
     --seed "$seed" --batch-size 64 --threads 1 "${opts[@]}"
   seconds=$(since "$t0")
-  line=$(record pytorch "$recipe" "$seed" "$seconds" "$out")
+  line=$(record pytorch "$recipe" "$seed" f32 "$seconds" "$out")
   log "  PyTorch $recipe seed $seed: $line"
 }
 
@@ -303,24 +334,31 @@ n_train=$(($(wc -l <"$work/data/train.csv") - 1)) n_test=$(($(wc -l <"$work/data
 log "data dir: $n_train train / $n_test test images"
 # Seed by seed, each recipe by both frameworks in turn, so that drift of the machine's speed (and a
 # run that fails late) hits both alike.
-# done_already FRAMEWORK RECIPE SEED: whether $results has that run already (--resume).
+# done_already FRAMEWORK RECIPE SEED PRECISION: whether $results has that run already (--resume);
+# a run without a precision is an f32 run, and "auto" matches "auto (<what it chose>)".
 done_already() {
   "$py" -c 'import json, sys
-sys.exit(0 if any((r["framework"], r["recipe"], r["seed"]) == (sys.argv[2], sys.argv[3], int(sys.argv[4]))
-                  for r in json.load(open(sys.argv[1]))) else 1)' "$results" "$@"
+want = (sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+have = lambda r: (r["framework"], r["recipe"], r["seed"], r.get("precision", "f32").split(" ")[0])
+sys.exit(0 if any(have(r) == want for r in json.load(open(sys.argv[1]))) else 1)' "$results" "$@"
 }
 for seed in "${seed_list[@]}"; do
-  for recipe in plain full; do
-    if done_already sac "$recipe" "$seed"; then
-      log "  sac $recipe seed $seed: in $results already"
-    else
-      run_sac "$recipe" "$seed"
-    fi
-    if done_already pytorch "$recipe" "$seed"; then
-      log "  PyTorch $recipe seed $seed: in $results already"
-    else
-      run_torch "$recipe" "$seed"
-    fi
+  for recipe in "${recipe_list[@]}"; do
+    for framework in "${framework_list[@]}"; do
+      if [[ $framework == sac ]]; then
+        for precision in "${precision_list[@]}"; do
+          if done_already sac "$recipe" "$seed" "$precision"; then
+            log "  sac $recipe seed $seed $precision: in $results already"
+          else
+            run_sac "$recipe" "$seed" "$precision"
+          fi
+        done
+      elif done_already pytorch "$recipe" "$seed" f32; then
+        log "  PyTorch $recipe seed $seed: in $results already"
+      else
+        run_torch "$recipe" "$seed"
+      fi
+    done
   done
 done
 
