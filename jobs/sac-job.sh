@@ -9,6 +9,10 @@
 #   SAC_STALL_ABORT  seconds after which a rank that stops answering (a hung node, a stopped
 #             process) ends the job instead of holding the allocation until the walltime
 #             (train.stall_abort; default 900; 0: never). A --set in SAC_ARGS wins over it.
+#   SAC_RESTARTS  how often a failed training restarts itself with --resume (default 2; 0: never).
+#             See "Restarts" below.
+#   SAC_MPIEXEC  the launcher and its flags (default mpiexec; e.g. "mpiexec.openmpi --map-by core"
+#             for a build against Open MPI where mpiexec is another MPI's)
 # Rank count: PBS_NP, else the lines of PBS_NODEFILE (Torque/PBS), else SLURM_NTASKS (Slurm, and
 # Slurm's qsub wrapper, which sets no PBS_* variables), else 1.
 #
@@ -19,6 +23,17 @@
 # shell). The scheduler's SIGKILL follows after a grace period (Slurm KillWait, 30 s by default;
 # PBS kill_delay, often a few seconds): a training step must end within it for the clean stop. A
 # rank that waits for peers which do not come ends the job itself 20 s after the signal.
+#
+# Restarts: a training that fails after it began (a rank died, panicked, ran out of memory or
+# stalled past stall_abort; a non-finite loss under nonfinite = "fail") starts again in the same
+# allocation with --resume from its last complete epoch, up to SAC_RESTARTS times. Not restarted:
+# a configuration or data error (sac exits 2 before the first step: a restart fails the same way),
+# a stop on a signal (exit 130: the walltime or qdel/scancel; resubmit, or let the scheduler
+# requeue), and an attempt that saved no new epoch (it would only fail again at the same place).
+# Each restart is logged with its cause and the epoch it resumes from. rank 0 reports its progress
+# in the file SAC_EPOCH_FILE (.sac-job.<job id>.epochs in the submit directory, removed after a
+# success). A job that Slurm requeues (sbatch --requeue: a failed node, preemption) finds that file
+# again and resumes by itself.
 set -uo pipefail
 
 say() { printf 'sac-job: %s\n' "$*" >&2; }
@@ -50,34 +65,109 @@ np="${np//[[:space:]]/}"
 
 [[ -x $sac ]] || die "no sac binary at $sac: run \`cargo build --release\` in $PWD, or set SAC_BIN"
 [[ -f $config ]] || die "no config file $config (in $PWD): set CONFIG, e.g. qsub -v CONFIG=/path/to/config.toml"
-command -v mpiexec >/dev/null || die "mpiexec is not on PATH: load your site's MPI module in the job script"
+# Deliberately split on spaces: SAC_MPIEXEC may hold flags (e.g. "mpiexec.openmpi --oversubscribe").
+read -ra launcher <<<"${SAC_MPIEXEC:-mpiexec}"
+((${#launcher[@]})) || die "SAC_MPIEXEC is empty"
+mpiexec="${launcher[*]}"
+command -v "${launcher[0]}" >/dev/null ||
+  die "${launcher[0]} is not on PATH: load your site's MPI module in the job script"
+restarts="${SAC_RESTARTS:-2}"
+[[ $restarts =~ ^[0-9]+$ ]] || die "SAC_RESTARTS must be a whole number (got '$restarts')"
+launch=("${launcher[@]}" -n "$np")
+openmpi=""
+if "${launcher[0]}" --version 2>&1 | grep -q 'Open MPI\|OpenRTE'; then
+  # Open MPI's launcher: it passes only the variables named with -x to ranks on other nodes; it
+  # answers SIGTERM by killing the ranks (SIGCONT, then SIGTERM after odls_base_sigkill_timeout
+  # seconds, SIGKILL after as long again) but passes SIGUSR1 on at once, which sac takes as a stop
+  # too: the stop this script passes on goes to it as SIGUSR1. The timeout (1 s by default) is
+  # also how long the ranks of a failed job outlive a dead one, and how long ranks the scheduler
+  # signalled itself at the time limit have to finish their step: 5 s by default here.
+  openmpi=1
+  launch+=(-x SAC_EPOCH_FILE)
+  export OMPI_MCA_odls_base_sigkill_timeout="${OMPI_MCA_odls_base_sigkill_timeout:-5}"
+fi
 
-job_id="${PBS_JOBID:-${SLURM_JOB_ID:-none}}"
+job_id="${PBS_JOBID:-${SLURM_JOB_ID:-local-$$}}"
 say "job $job_id on $(hostname), $(date '+%F %T'), in $PWD"
 stall="${SAC_STALL_ABORT:-900}"
 [[ $stall =~ ^[0-9]+$ ]] || die "SAC_STALL_ABORT must be a whole number of seconds (got '$stall')"
-say "mpiexec -n $np $sac --config $config --set train.stall_abort=$stall $cmd ${extra[*]+${extra[*]}}"
-start=$SECONDS
+export SAC_EPOCH_FILE="${SAC_EPOCH_FILE:-$PWD/.sac-job.${job_id//\//_}.epochs}"
 
-mpiexec -n "$np" "$sac" --config "$config" --set "train.stall_abort=$stall" "$cmd" ${extra[@]+"${extra[@]}"} &
-pid=$!
+# epochs_field N: field N of the epoch file (1 saved, 2 of, 3 started from), or nothing.
+epochs_field() { [[ -r $SAC_EPOCH_FILE ]] && awk -v n="$1" 'NR == 1 { print $n }' "$SAC_EPOCH_FILE"; }
+has_arg() { local a; for a in ${extra[@]+"${extra[@]}"}; do [[ $a == "$1" ]] && return 0; done; return 1; }
+# with_resume: the flags of a restart: --resume added, --overwrite dropped (the run to continue is
+# the one this job started).
+with_resume() {
+  local a kept=()
+  for a in ${extra[@]+"${extra[@]}"}; do [[ $a == --overwrite ]] || kept+=("$a"); done
+  has_arg --resume || kept+=(--resume)
+  extra=(${kept[@]+"${kept[@]}"})
+}
+# A job the scheduler requeued (Slurm counts it in SLURM_RESTART_COUNT) continues what it saved.
+if [[ $cmd == train && ${SLURM_RESTART_COUNT:-0} -gt 0 && $(epochs_field 1) =~ ^[1-9] ]]; then
+  say "requeued (SLURM_RESTART_COUNT=$SLURM_RESTART_COUNT): resuming after epoch $(epochs_field 1)"
+  with_resume
+fi
+
+signalled=""
 forward() {
-  say "received SIG$1: passing it on to mpiexec and waiting for sac to stop at a safe point"
-  kill -s "$1" "$pid" 2>/dev/null
+  signalled=$1
+  local as=$1
+  [[ -n $openmpi ]] && as=USR1
+  say "received SIG$1: passing it on to mpiexec (as SIG$as) and waiting for sac to stop at a safe point"
+  kill -s "$as" "$pid" 2>/dev/null
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
 
-# `wait` returns early (status > 128) when a trapped signal arrives: wait again until mpiexec is
-# gone, then once more to read the exit status bash kept for it.
-while kill -0 "$pid" 2>/dev/null; do
-  wait "$pid"
-done
-wait "$pid"
-rc=$?
-trap - TERM INT
+# cause_of RC: what an exit status of the launcher most likely means.
+cause_of() {
+  case $1 in
+    1) echo "a rank failed or the job was aborted (an error, a stall past stall_abort, a non-finite loss: see above)" ;;
+    101) echo "a rank panicked" ;;
+    9 | 137) echo "a rank was killed (SIGKILL: out of memory, a lost node, or by hand)" ;;
+    *) echo "the launcher exited with status $1" ;;
+  esac
+}
 
-say "sac $cmd exited with status $rc after $((SECONDS - start)) s"
+attempt=0
+start=$SECONDS
+while :; do
+  say "$mpiexec -n $np $sac --config $config --set train.stall_abort=$stall $cmd ${extra[*]+${extra[*]}}"
+  began=$SECONDS
+  "${launch[@]}" "$sac" --config "$config" --set "train.stall_abort=$stall" "$cmd" ${extra[@]+"${extra[@]}"} &
+  pid=$!
+  # `wait` returns early (status > 128) when a trapped signal arrives: wait again until mpiexec is
+  # gone, then once more to read the exit status bash kept for it.
+  while kill -0 "$pid" 2>/dev/null; do
+    wait "$pid"
+  done
+  wait "$pid"
+  rc=$?
+  say "sac $cmd exited with status $rc after $((SECONDS - began)) s"
+  [[ $cmd == train && $rc != 0 && $rc != 130 && -z $signalled ]] || break
+  if [[ $rc == 2 ]]; then
+    say "not restarting: the configuration, command line or data is wrong (exit 2, before the first step); fix it and resubmit"
+    break
+  fi
+  saved=$(epochs_field 1) from=$(epochs_field 3)
+  if [[ ! $saved =~ ^[0-9]+$ || ! $from =~ ^[0-9]+$ ]] || ((saved <= from)); then
+    say "not restarting: this attempt saved no new epoch (it would fail at the same place again)"
+    break
+  fi
+  if ((attempt >= restarts)); then
+    say "not restarting: the restarts are used up (SAC_RESTARTS=$restarts)"
+    break
+  fi
+  attempt=$((attempt + 1))
+  say "restart $attempt of $restarts after $(cause_of "$rc"): resuming after epoch $saved (of $(epochs_field 2))"
+  with_resume
+done
+trap - TERM INT
+((attempt > 0)) && say "the job ran $((SECONDS - start)) s in all, with $attempt restart(s)"
+[[ $rc == 0 ]] && rm -f "$SAC_EPOCH_FILE"
+
 if [[ $cmd == train && $rc == 130 ]]; then
   say "training stopped on a signal (walltime or qdel/scancel); the last complete epoch's checkpoint is intact."
   say "continue it by resubmitting with --resume, e.g.:"

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what sac needs and skips what is already there. Safe to run again.
 #   - Debian packages: MPICH (+ libclang for rsmpi's bindgen), libjpeg-turbo's TurboJPEG, Fashion-MNIST,
-#     pkg-config; iproute2 and util-linux for the emulated cluster of tests/multinode
+#     pkg-config; iproute2 and util-linux for the emulated cluster of tests/multinode; Open MPI for
+#     the tests' Open MPI stage (scripts/build.sh --mpi openmpi)
+#   - Debian's mpicc/mpiexec alternatives set to MPICH's (installing Open MPI moves them to its own):
+#     `cargo build` and every `mpiexec` of the tests and scripts stay MPICH's
 #   - .venv/ with torch==2.11.0 (libtorch for tch 0.24; the CUDA 13.0 wheel) and the test/benchmark Python packages
 # Set SAC_SKIP_APT=1 on a machine where you cannot use apt (a cluster): then provide MPI yourself.
 set -euo pipefail
@@ -10,10 +13,25 @@ cd "$root"
 
 log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 
-apt_pkgs=(mpich libmpich-dev libclang-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist fonts-dejavu-core iproute2 util-linux)
+apt_pkgs=(mpich libmpich-dev libclang-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist fonts-dejavu-core iproute2 util-linux
+  openmpi-bin libopenmpi-dev)
 if [[ "${SAC_SKIP_APT:-0}" != 1 ]]; then
   bash scripts/apt-ensure.sh "${apt_pkgs[@]}" # says what failed, and exits non-zero then
   log "Debian packages present"
+  # Which MPI `mpicc`, `mpiexec` and <mpi.h> are depends on which of the two apt installed last:
+  # name MPICH's, so that nothing depends on that order.
+  if [[ $(id -u) == 0 ]] && command -v update-alternatives >/dev/null; then
+    pin() { # pin GROUP PATH: the alternative GROUP points at PATH (if Debian offers it)
+      if update-alternatives --query "$1" 2>/dev/null | grep -qx "Alternative: $2"; then
+        [[ $(update-alternatives --query "$1" | sed -n 's/^Value: //p') == "$2" ]] ||
+          update-alternatives --quiet --set "$1" "$2"
+      fi
+    }
+    pin mpi /usr/bin/mpicc.mpich
+    pin mpirun /usr/bin/mpirun.mpich
+    pin mpi-x86_64-linux-gnu /usr/include/x86_64-linux-gnu/mpich
+    log "mpicc, mpiexec and mpi.h are MPICH's ($(readlink -f /usr/bin/mpiexec)); Open MPI's: mpicc.openmpi, mpiexec.openmpi"
+  fi
 fi
 
 venv="$root/.venv"

@@ -67,11 +67,12 @@ pub fn run(cli: Cli) -> ExitCode {
             } else {
                 eprintln!("error: {msg}");
             }
+            let code = crate::infra::process::failure_code();
             if dist.size() > 1 {
                 // The other ranks may be inside a collective: end them all.
-                dist.abort(1);
+                dist.abort(code);
             }
-            ExitCode::FAILURE
+            ExitCode::from(code as u8)
         }
     }
 }
@@ -120,10 +121,14 @@ fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
             if dist.size() > 1 {
                 anyhow::bail!("create-dataset runs on one rank: start it without mpiexec");
             }
+            crate::infra::process::work_under_way();
             dataset::create(&settings)
         }
         Command::Train(a) => train::run(dist, &settings, train::Mode { resume: a.resume, overwrite: a.overwrite }),
-        Command::Evaluate(a) => evaluate::run(dist, &settings, a.split),
+        Command::Evaluate(a) => {
+            crate::infra::process::work_under_way();
+            evaluate::run(dist, &settings, a.split)
+        }
         Command::MpiCheck(_) => unreachable!("handled above"),
     }
 }

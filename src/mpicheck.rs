@@ -70,9 +70,10 @@ pub fn placement_and_links(dist: &Dist, measure: bool) {
             .filter_map(|v| std::env::var(v).ok().map(|x| format!("{v}={x}")))
             .collect();
         println!(
-            "MPI library: {}{}",
+            "MPI library: {}{}; thread level: {}",
             dist.library().unwrap_or_else(|| "none (one process)".into()),
-            if ucx.is_empty() { String::new() } else { format!(" ({})", ucx.join(", ")) }
+            if ucx.is_empty() { String::new() } else { format!(" ({})", ucx.join(", ")) },
+            dist.thread_level()
         );
         if let Some(aware) = dist.cuda_aware() {
             println!(

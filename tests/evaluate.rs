@@ -391,7 +391,9 @@ fn pipeline_on_4_and_6_ranks_gives_the_predictions_of_one_process() {
 /// Above the MPI library's eager limit a send completes only once its receiver takes the message
 /// (rendezvous), as between nodes with 8–16 KB eager limits. Debian's MPICH moves even the
 /// messages between ranks of one host through UCX, whose rendezvous threshold `UCX_RNDV_THRESH`
-/// sets; at 1 KiB every batch message of the pipeline needs its receiver. Many large batches
+/// sets; at 1 KiB every batch message of the pipeline needs its receiver (Open MPI: the same
+/// variable for its UCX transport, and the eager limit of its shared-memory one, vader, where it
+/// takes that instead). Many large batches
 /// through 4 and 5 ranks: no cycle of ranks waiting on each other may close (rank 0 once stopped
 /// taking results while it sent, and a predictor blocked on its result held back the credit the
 /// chain needed), and the predictions are the single-process ones.
@@ -403,7 +405,13 @@ fn pipeline_under_forced_rendezvous_with_many_large_batches_finishes_with_the_sa
     let one = fx.evaluate_ok(1, ckpt, "out-1", &batch);
     for ranks in [4, 5] {
         let t = Instant::now();
-        let run = fx.evaluate_ok_env(ranks, ckpt, &format!("out-{ranks}"), &batch, &[("UCX_RNDV_THRESH", "1024")]);
+        let run = fx.evaluate_ok_env(
+            ranks,
+            ckpt,
+            &format!("out-{ranks}"),
+            &batch,
+            &[("UCX_RNDV_THRESH", "1024"), ("OMPI_MCA_btl_vader_eager_limit", "1024")],
+        );
         eprintln!("-n {ranks} under rendezvous from 1 KiB: {:?}", t.elapsed());
         assert_eq!(
             String::from_utf8_lossy(&run.predictions_bytes()),

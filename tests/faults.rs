@@ -184,7 +184,7 @@ fn sigterm_while_a_peer_hangs_ends_the_job_after_the_grace_naming_the_peer() {
     let mut signalled: Option<Instant> = None;
     let run = train_watched(&p, 2, &["--epochs", "2"], &[("SAC_FAULT", "step:stop@1#3")], "fault injection", |c| {
         std::thread::sleep(Duration::from_secs(1));
-        signal_group(c, libc::SIGTERM);
+        signal_group(c, stop_signal());
         signalled = Some(Instant::now());
     });
     let text = assert_fault_ends_job(&p, &run, Duration::from_secs(20 + 10), &["a stop signal arrived", "rank 1"]);
@@ -203,7 +203,7 @@ fn sigterm_during_validation_saves_the_epoch_and_stops_and_resume_matches() {
     let mut extra = vec!["--epochs", "3"];
     extra.extend_from_slice(&val);
     let run = train_watched(&p, 2, &extra, &[("SAC_FAULT", "validate:pause")], "pause at validate", |c| {
-        signal_group(c, libc::SIGTERM);
+        signal_group(c, stop_signal());
     });
     let took = run.fault_to_end.expect("validation was reached");
     eprintln!("job ended {took:?} after the signal, exit code {:?}", run.out.status.code());
@@ -219,7 +219,7 @@ fn sigterm_during_validation_saves_the_epoch_and_stops_and_resume_matches() {
 fn sigterm_during_saving_finishes_the_save_then_stops() {
     let p = project();
     let run = train_watched(&p, 2, &["--epochs", "3"], &[("SAC_FAULT", "save:pause")], "pause at save", |c| {
-        signal_group(c, libc::SIGTERM);
+        signal_group(c, stop_signal());
     });
     let took = run.fault_to_end.expect("the save was reached");
     eprintln!("job ended {took:?} after the signal, exit code {:?}", run.out.status.code());

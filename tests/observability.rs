@@ -135,7 +135,7 @@ fn a_2_rank_run_logs_progress_lines_metrics_and_a_timeline_with_every_span_kind(
     let t = Instant::now();
     let full = p.args(&args);
     let mut cmd = std::process::Command::new("sh");
-    cmd.args(["-c", "exec mpiexec -n 2 \"$0\" \"$@\" 2>\"$SAC_JOB_LOG\"", env!("CARGO_BIN_EXE_sac")]).args(&full);
+    cmd.args(["-c", "exec \"$@\" 2>\"$SAC_JOB_LOG\"", "sh"]).args(launcher(2)).arg(sac_bin()).args(&full);
     cmd.env("SAC_JOB_LOG", &job_log);
     let out = wait_with_timeout(spawn(&mut cmd, p.path()), &strs(&full), RUN_TIMEOUT);
     p.assert_no_rank_left();
@@ -212,7 +212,7 @@ fn metrics_jsonl_continues_on_resume_without_duplicate_or_missing_intervals() {
     let out = wait_with_timeout_and(child, &strs(&args), RUN_TIMEOUT, |c| {
         if !signalled && fs::read_to_string(&log).is_ok_and(|t| t.contains("pause at step")) {
             signalled = true;
-            signal_group(c, libc::SIGTERM);
+            signal_group(c, stop_signal());
         }
     });
     p.assert_no_rank_left();

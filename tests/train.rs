@@ -490,7 +490,7 @@ fn sigterm_to_mpiexec_stops_every_rank_and_leaves_the_last_complete_checkpoint_r
     }
     // mpiexec leads the process group; hydra's proxy and the ranks run in sessions of their own,
     // so the ranks get the signal only because mpiexec forwards it to them (hydra does).
-    signal_group(&child, libc::SIGTERM);
+    signal_group(&child, stop_signal());
     let t = Instant::now();
     let out = wait_with_timeout(child, &strs(&args), Duration::from_secs(60));
     let stopped_in = t.elapsed();

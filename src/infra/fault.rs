@@ -10,6 +10,9 @@
 //! - `pause`: sleep 4 s (a slow validation or save, for a test to signal the job meanwhile);
 //! - `nan`: `poison` returns true there (the caller makes its value NaN).
 //!
+//! With `SAC_FAULT_ONCE=<file>` a fault fires only where that file does not exist yet, and the
+//! first to fire creates it: a restarted job (jobs/sac-job.sh) then runs without the fault.
+//!
 //! Points: `step` (start of each training step), `loss` (the training loss, for `nan`),
 //! `save-between-files` (after each file of a checkpoint is written), `validate` (each validation
 //! batch), `save` (start of a checkpoint save), `predict` (each batch an evaluate predictor
@@ -64,6 +67,10 @@ mod imp {
             .into_iter()
             .find(|f| f.point == point && f.nth == n && f.rank.is_none_or(|r| r == rank))
             .map(|f| f.action)?;
+        if let Some(once) = std::env::var_os("SAC_FAULT_ONCE") {
+            // create_new: of two ranks that fire at once, one fires.
+            std::fs::OpenOptions::new().write(true).create_new(true).open(once).ok()?;
+        }
         if crate::infra::logging::is_on() {
             tracing::warn!("fault injection: {action} at {point}");
         } else {

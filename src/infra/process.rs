@@ -16,17 +16,43 @@ pub fn resource_usage() -> (f64, f64) {
     (ru.ru_maxrss as f64 / 1024.0, tv(ru.ru_utime) + tv(ru.ru_stime))
 }
 
+/// The exit code of a job that failed before its work began: the configuration or command line is
+/// wrong, or training could not start (its data, checkpoint or model were found wanting before the
+/// first step). A restart would fail the same way: jobs/sac-job.sh does not retry it. (2 is also
+/// what the command-line parser exits with.)
+pub const EXIT_INPUT: i32 = 2;
+
+static UNDER_WAY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The job's work has begun (training's first epoch, evaluation's pipeline): from now on a failure
+/// exits with 1, which a restart may get past, instead of [`EXIT_INPUT`].
+pub fn work_under_way() {
+    UNDER_WAY.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The exit code of an error now: [`EXIT_INPUT`] before [`work_under_way`], else 1.
+pub fn failure_code() -> i32 {
+    if UNDER_WAY.load(std::sync::atomic::Ordering::SeqCst) {
+        1
+    } else {
+        EXIT_INPUT
+    }
+}
+
 static STOP: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
 
-/// A flag that SIGTERM (what schedulers send at walltime and on cancel) and SIGINT (Ctrl-C) raise,
-/// for long commands to stop at a safe point instead of dying mid-write. The same flag for every
-/// caller; the handlers are installed on the first call.
+/// A flag that SIGTERM (what schedulers send at walltime and on cancel), SIGINT (Ctrl-C) and
+/// SIGUSR1 raise, for long commands to stop at a safe point instead of dying mid-write. SIGUSR1:
+/// Open MPI's mpirun passes it on to every rank at once, while it answers SIGTERM by killing the
+/// ranks (SIGTERM, then SIGKILL after `odls_base_sigkill_timeout`, 1 s by default), so
+/// jobs/sac-job.sh stops an Open MPI job with it; Slurm's `--signal=USR1@<seconds>` sends it ahead
+/// of the time limit. The same flag for every caller; the handlers are installed on the first call.
 pub fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
     if let Some(stop) = STOP.get() {
         return Ok(std::sync::Arc::clone(stop));
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGUSR1] {
         signal_hook::flag::register(sig, std::sync::Arc::clone(&stop))
             .map_err(|e| anyhow::anyhow!("installing the signal handler: {e}"))?;
     }

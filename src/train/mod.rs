@@ -62,12 +62,17 @@ pub fn run(dist: &Dist, s: &Settings, mode: Mode) -> Result<()> {
         return Ok(());
     }
     let mut job = Trainer::new(dist, s, &env, &model, opt, ema, state, mode)?;
+    // From here on a failure may be one a restart gets past (exit 1, not 2).
+    crate::infra::process::work_under_way();
+    let started_from = job.state.epoch;
+    note_epochs_saved(dist, started_from, epochs, started_from);
     for epoch in job.first_epoch..=epochs {
         let trained = job.train_epoch(epoch)?;
         let validated = job.validate(epoch)?;
         let record = job.record(epoch, &trained, &validated);
         job.log_epoch(&record, &trained);
         job.save(record, &trained, &validated)?;
+        note_epochs_saved(dist, epoch, epochs, started_from);
         if job.agree_to_stop(epoch)? && epoch < epochs {
             warn!(
                 "stopping after epoch {epoch} on a signal; its checkpoint in {} is complete; continue with \
@@ -80,6 +85,25 @@ pub fn run(dist: &Dist, s: &Settings, mode: Mode) -> Result<()> {
     crate::infra::logging::progress_clock(Duration::ZERO);
     log_done(dist, &format!("checkpoints in {}", env.dir.display()));
     Ok(())
+}
+
+/// The environment variable that names the file where rank 0 keeps `<epochs saved> <epochs>
+/// <epoch this run started from>` (0 for a fresh run): written when training begins and after
+/// every epoch's checkpoint is complete. jobs/sac-job.sh reads it to tell whether a failed attempt
+/// made progress and where a restart resumes.
+pub const EPOCH_FILE_VAR: &str = "SAC_EPOCH_FILE";
+
+/// Writes `saved epochs from` to the file `SAC_EPOCH_FILE` names, if any (rank 0; replaced whole,
+/// so a reader never sees half of it). A failure to write it is logged, not fatal.
+fn note_epochs_saved(dist: &Dist, saved: u32, epochs: u32, from: u32) {
+    let Some(path) = std::env::var_os(EPOCH_FILE_VAR).filter(|_| dist.is_root()) else { return };
+    let path = PathBuf::from(path);
+    let tmp = path.with_extension("tmp");
+    let written =
+        std::fs::write(&tmp, format!("{saved} {epochs} {from}\n")).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        warn!("could not write {EPOCH_FILE_VAR} = {}: {e}", path.display());
+    }
 }
 
 /// A training run from its first epoch on: what the epochs share and change.

@@ -34,22 +34,92 @@ pub fn run_sac_with_timeout(dir: &Path, args: &[&str], timeout: Duration) -> Out
     wait_with_timeout(spawn_sac(dir, args), args, timeout)
 }
 
+/// The MPI the tests run under. `SAC_TEST_MPI=openmpi` runs the Open MPI build of sac
+/// (`scripts/build.sh --mpi openmpi`: target/openmpi/release/sac, or `SAC_TEST_BIN`) under Open
+/// MPI's launcher (scripts/test.sh's Open MPI stage); otherwise the tests run the binary cargo
+/// built, against MPICH, under MPICH's launcher, whichever `mpiexec` Debian's alternatives name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mpi {
+    Mpich,
+    OpenMpi,
+}
+
+pub fn mpi() -> Mpi {
+    match std::env::var("SAC_TEST_MPI").as_deref() {
+        Ok("openmpi") => Mpi::OpenMpi,
+        Ok("mpich") | Ok("") | Err(_) => Mpi::Mpich,
+        Ok(other) => panic!("SAC_TEST_MPI={other}: mpich or openmpi"),
+    }
+}
+
+/// The sac binary under test (see [`mpi`]).
+pub fn sac_bin() -> PathBuf {
+    match mpi() {
+        Mpi::Mpich => PathBuf::from(env!("CARGO_BIN_EXE_sac")),
+        Mpi::OpenMpi => {
+            let bin = std::env::var_os("SAC_TEST_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/openmpi/release/sac"));
+            assert!(bin.is_file(), "{}: no Open MPI build of sac (scripts/build.sh --mpi openmpi)", bin.display());
+            bin
+        }
+    }
+}
+
+/// The launcher of the MPI under test with its flags, up to `-n <ranks>`: MPICH's
+/// `mpiexec.mpich` (Debian's name, which stays MPICH's whatever `mpiexec` points at) or `mpiexec`;
+/// Open MPI's `mpiexec.openmpi` or `mpiexec`, with `--oversubscribe` (tests start more ranks than
+/// this machine has cores) and, as root, `--allow-run-as-root`.
+pub fn launcher(ranks: usize) -> Vec<String> {
+    let mut cmd = launcher_flags();
+    cmd.extend(["-n".to_string(), ranks.to_string()]);
+    cmd
+}
+
+/// [`launcher`] without `-n <ranks>`: what jobs/sac-job.sh takes in `SAC_MPIEXEC`.
+pub fn launcher_flags() -> Vec<String> {
+    let named = |name: &str| {
+        let on_path =
+            std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()));
+        if on_path { name } else { "mpiexec" }.to_string()
+    };
+    match mpi() {
+        Mpi::Mpich => vec![named("mpiexec.mpich")],
+        Mpi::OpenMpi => {
+            let mut v = vec![named("mpiexec.openmpi"), "--oversubscribe".to_string()];
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                v.push("--allow-run-as-root".to_string());
+            }
+            v
+        }
+    }
+}
+
+/// `launcher(ranks)` as a `Command`, followed by the sac binary under test.
+pub fn mpi_command(ranks: usize) -> Command {
+    let l = launcher(ranks);
+    let mut cmd = Command::new(&l[0]);
+    cmd.args(&l[1..]).arg(sac_bin());
+    cmd
+}
+
 /// Starts `sac args…` in `dir` with stdin closed and stdout/stderr piped, outside any MPI launcher.
 pub fn spawn_sac(dir: &Path, args: &[&str]) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sac"));
+    let mut cmd = Command::new(sac_bin());
     spawn(cmd.args(args), dir)
 }
 
 /// Starts `mpiexec -n <ranks> sac args…` in `dir`, like `spawn_sac`.
 pub fn spawn_mpi(dir: &Path, ranks: usize, args: &[&str]) -> Child {
-    let mut cmd = Command::new("mpiexec");
-    spawn(cmd.args(["-n", &ranks.to_string(), env!("CARGO_BIN_EXE_sac")]).args(args), dir)
+    spawn(mpi_command(ranks).args(args), dir)
 }
 
-/// `spawn_mpi` with extra environment variables for every rank (hydra passes its environment on).
+/// `spawn_mpi` with extra environment variables for every rank (both launchers pass their
+/// environment on to the ranks of their own node).
 pub fn spawn_mpi_env(dir: &Path, ranks: usize, args: &[&str], env: &[(&str, &str)]) -> Child {
-    let mut cmd = Command::new("mpiexec");
-    cmd.args(["-n", &ranks.to_string(), env!("CARGO_BIN_EXE_sac")]).args(args);
+    let mut cmd = mpi_command(ranks);
+    cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -81,6 +151,16 @@ pub fn spawn(cmd: &mut Command, dir: &Path) -> Child {
         cmd.env_remove(v);
     }
     cmd.spawn().expect("starting sac (or mpiexec)")
+}
+
+/// The signal that asks a job under the launcher of [`mpi`] to stop at a safe point: SIGTERM to
+/// MPICH's mpiexec, which passes it on; SIGUSR1 to Open MPI's, which passes that on at once but
+/// answers SIGTERM by killing the ranks (jobs/sac-job.sh does the same).
+pub fn stop_signal() -> i32 {
+    match mpi() {
+        Mpi::Mpich => libc::SIGTERM,
+        Mpi::OpenMpi => libc::SIGUSR1,
+    }
 }
 
 /// Sends `signal` to the child's process group (mpiexec, which forwards SIGTERM/SIGINT to the ranks, or sac).

@@ -113,10 +113,26 @@ impl Dist {
         }
         let places = self.places(threads);
         if self.is_root() {
+            if let Some(library) = self.library() {
+                tracing::info!("MPI: {library}; thread level {}", self.thread_level());
+            }
             tracing::info!("placement: {}", describe_placement(&places));
             if let Some(w) = grouping_mismatch(&places) {
                 tracing::warn!("{w}");
             }
+        }
+    }
+
+    /// The thread support MPI gave, by its MPI name (sac asks for MPI_THREAD_MULTIPLE: the
+    /// exchange's progress thread needs it, and runs without that thread below it).
+    pub fn thread_level(&self) -> &'static str {
+        use mpi::environment::Threading;
+        match self.threading {
+            None => "none (one process)",
+            Some(Threading::Single) => "MPI_THREAD_SINGLE",
+            Some(Threading::Funneled) => "MPI_THREAD_FUNNELED",
+            Some(Threading::Serialized) => "MPI_THREAD_SERIALIZED",
+            Some(Threading::Multiple) => "MPI_THREAD_MULTIPLE",
         }
     }
 

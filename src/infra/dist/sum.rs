@@ -39,14 +39,22 @@ struct SumShared {
 
 #[derive(Default)]
 struct SumRequests {
-    pending: Vec<mpi::ffi::MPI_Request>,
+    pending: Vec<Pending>,
     quit: bool,
 }
+
+/// A request of a sum in flight. MPICH's `MPI_Request` is an integer, Open MPI's a pointer, which
+/// Rust does not let cross threads on its own.
+struct Pending(mpi::ffi::MPI_Request);
+
+// SAFETY: a request is a handle that MPI at MPI_THREAD_MULTIPLE lets any thread test; the engine
+// tests it only under its mutex, so one thread at a time.
+unsafe impl Send for Pending {}
 
 impl SumRequests {
     /// Tests every pending request once (this is what moves them); drops the completed ones.
     fn test(&mut self) {
-        self.pending.retain_mut(|req| {
+        self.pending.retain_mut(|Pending(req)| {
             let mut flag = 0;
             // SAFETY: a live request of a started sum; MPI sets it to MPI_REQUEST_NULL when done.
             unsafe { mpi::ffi::MPI_Test(req, &mut flag, mpi::ffi::RSMPI_STATUS_IGNORE) };
@@ -148,7 +156,7 @@ impl SumEngine {
         let req = m.world.immediate_all_reduce_into(StaticScope, send, recv, op(m));
         // SAFETY: completed by `finish` (or `test`) while the buffers live, as the caller promised.
         let (raw, _, _) = unsafe { req.into_raw() };
-        r.pending.push(raw);
+        r.pending.push(Pending(raw));
         drop(r);
         self.shared.wake.notify_one();
     }
