@@ -25,15 +25,16 @@ stage "cargo test" cargo test --release --features fault-injection -- --test-thr
 # tests that cover what differs between the two MPIs, run with it under Open MPI's launcher
 # (tests/common: SAC_TEST_MPI): mpi-check, training at 1, 2, 4 ranks and resume, the overlapped
 # exchange, evaluate's pipeline at 4-6 ranks (also under forced rendezvous), the fault cases and
-# stop signals, and the job script's restarts.
+# stop signals, the job script's restarts, and the emulated two-host cluster (tests/multinode).
 stage "Open MPI: build (scripts/build.sh --mpi openmpi)" \
   bash scripts/build.sh --mpi openmpi --features fault-injection
 stage "Open MPI: tests" env SAC_TEST_MPI=openmpi cargo test --release --features fault-injection \
-  --test mpi --test restarts --test train --test evaluate --test faults -- --test-threads=1 \
+  --test mpi --test restarts --test train --test evaluate --test faults --test multinode -- --test-threads=1 \
   mpi_check_is_exact the_mpi_under_test_trains a_rank_killed_in_epoch_2 a_configuration_error_exits_2 restarts_stop_when \
   an_attempt_that_saves gradient_averaged uneven_shards resuming_after_one_epoch exchange_during_backward \
   sigterm_to_mpiexec missing_train_csv pipeline_on_4_and_6 pipeline_under_forced panic_on_one_rank \
-  kill_9_of_one_rank sigstop_of_one_rank sigterm_during_validation sigterm_during_saving sigterm_while_a_peer
+  kill_9_of_one_rank sigstop_of_one_rank sigterm_during_validation sigterm_during_saving sigterm_while_a_peer \
+  mpi_check_across_two_hosts training_and_evaluation_across_two_hosts the_cluster_is_removed
 # In the release profile, after the tests' build: it reuses its build scripts (libtorch's C++ shim),
 # which a dev-profile clippy would compile again.
 stage "cargo clippy" cargo clippy --release --all-targets --all-features -- -D warnings

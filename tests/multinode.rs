@@ -1,6 +1,7 @@
 //! sac across hosts, on the emulated cluster of `tests/multinode/run.sh` (network namespaces with
-//! their own hostnames and cores, joined by tc-shaped veth links, MPICH's Hydra launching through
-//! a stand-in for ssh): the short profile of the issue "Across nodes for real". Needs root.
+//! their own hostnames and cores, joined by tc-shaped veth links, MPICH's Hydra or Open MPI's
+//! launcher starting through a stand-in for ssh): the short profile of the issue "Across nodes for
+//! real". Needs root. Under the MPI of the tests (common::mpi).
 //!
 //! - mpi-check across 2 hosts: exact averaging, the placement (hosts, local ranks, threads) right,
 //!   and the traffic between hosts really on the shaped link (its bandwidth follows the shaping);
@@ -61,8 +62,22 @@ fn assert_cluster_removed(out: &Output) {
     );
 }
 
-fn sac() -> &'static str {
-    env!("CARGO_BIN_EXE_sac")
+fn sac() -> String {
+    sac_bin().to_str().expect("utf-8 path").to_string()
+}
+
+/// The command line up to sac's arguments that starts `ranks` ranks of the MPI under test
+/// (common::mpi) on the emulated hosts: Hydra's `mpiexec -f HOSTFILE`, or Open MPI's
+/// `mpiexec.openmpi --hostfile HOSTFILE` (run.sh adds what makes either launch through its
+/// stand-in for ssh, and gives Open MPI a host file of its own format).
+fn launch(ranks: usize) -> Vec<String> {
+    let head: [&str; 3] = match mpi() {
+        Mpi::Mpich => ["mpiexec", "-f", "HOSTFILE"],
+        Mpi::OpenMpi => ["mpiexec.openmpi", "--hostfile", "HOSTFILE"],
+    };
+    let mut v: Vec<String> = head.iter().map(|s| s.to_string()).collect();
+    v.extend(["-n".to_string(), ranks.to_string(), sac()]);
+    v
 }
 
 /// The number after `key` in `line` ("bandwidth 0.94 Gb/s" → 0.94).
@@ -80,7 +95,7 @@ fn mpi_check(rate: &str) -> String {
     let out = on_cluster(
         dir.path(),
         &["--hosts", "2", "--ranks-per-host", "2", "--cores-per-host", "2", "--profile", rate],
-        &["mpiexec", "-f", "HOSTFILE", "-n", "4", sac(), "mpi-check", "--reps", "1"],
+        &strs(&[launch(4), vec!["mpi-check".into(), "--reps".into(), "1".into()]].concat()),
     );
     assert_success(&out);
     stdout(&out)
@@ -126,19 +141,16 @@ fn training_and_evaluation_across_two_hosts_equal_the_one_host_run() {
     let out = p.train_mpi(4, &one);
     assert_success(&out);
     // On two hosts of 1 core each: 2 ranks per host, so again 1 thread each.
-    let mut multi = vec!["mpiexec", "-f", "HOSTFILE", "-n", "4", sac(), "--config", config, "train"];
-    multi.extend([
-        "--set",
-        "train.threads=0",
-        "--set",
-        "paths.checkpoint_dir=multi",
-        "--set",
-        "paths.log_file=multi.log",
-    ]);
+    let mut multi = launch(4);
+    multi.extend(
+        ["--config", config, "train", "--set", "train.threads=0", "--set", "paths.checkpoint_dir=multi"]
+            .map(String::from),
+    );
+    multi.extend(["--set", "paths.log_file=multi.log"].map(String::from));
     let out = on_cluster(
         p.path(),
         &["--hosts", "2", "--ranks-per-host", "2", "--cores-per-host", "1", "--profile", "1g"],
-        &multi,
+        &strs(&multi),
     );
     assert_success(&out);
     let log = fs::read_to_string(p.path().join("multi.log")).unwrap();
@@ -177,7 +189,7 @@ fn training_and_evaluation_across_two_hosts_equal_the_one_host_run() {
     };
     let args = eval("eval_one");
     assert_success(&run_mpi(p.path(), 4, &strs(&args), RUN_TIMEOUT));
-    let mut multi = vec!["mpiexec".to_string(), "-f".into(), "HOSTFILE".into(), "-n".into(), "4".into(), sac().into()];
+    let mut multi = launch(4);
     multi.extend(eval("eval_multi"));
     let out = on_cluster(p.path(), &["--hosts", "2", "--ranks-per-host", "2", "--cores-per-host", "1"], &strs(&multi));
     assert_success(&out);
@@ -206,7 +218,7 @@ fn the_cluster_is_removed_when_the_command_fails_or_times_out() {
     let out = on_cluster(
         dir.path(),
         &["--hosts", "2"],
-        &["mpiexec", "-f", "HOSTFILE", "-n", "2", sac(), "--config", "no-such.toml", "train"],
+        &strs(&[launch(2), ["--config", "no-such.toml", "train"].map(String::from).to_vec()].concat()),
     );
     assert_fails_with(&out, &["no-such.toml"]);
     // A command that outlives the time limit: killed, exit 124, and still torn down.

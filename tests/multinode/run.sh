@@ -7,13 +7,16 @@
 #
 #   tests/multinode/run.sh [options] -- mpiexec -f HOSTFILE -n 4 sac mpi-check
 #   tests/multinode/run.sh --hosts 2 --profile 1g -- mpiexec -f HOSTFILE -n 2 -ppn 1 sac train
+#   tests/multinode/run.sh -- mpiexec.openmpi --hostfile HOSTFILE -n 4 target/openmpi/release/sac mpi-check
 #
 # In COMMAND, the word HOSTFILE becomes the path of the cluster's host file (one line per host,
 # "name:ranks-per-host"), and `mpiexec` gets what makes MPICH's Hydra start its proxies on the
 # emulated hosts: `-launcher ssh -launcher-exec <enter>` (enter plays ssh: it runs the proxy in
 # the host's namespaces, as sshd would on a real node) and the environment below. Nothing else
 # differs from the command a user types on a real cluster (where HOSTFILE is, e.g.,
-# $PBS_NODEFILE, or Slurm's nodes). The files are shared, as on a cluster with a shared file
+# $PBS_NODEFILE, or Slurm's nodes). Open MPI's launcher (`mpiexec.openmpi`) gets a host file of
+# its own format ("name slots=N"), `--mca plm_rsh_agent <enter>`, the interface its daemons and
+# its TCP transport use (eth0), and the same UCX variables with -x. The files are shared, as on a cluster with a shared file
 # system: every host sees this machine's paths.
 #
 # Options:
@@ -35,7 +38,7 @@
 # machine; MPICH itself uses shared memory only between ranks that Hydra placed on the same host
 # (by hostname), as on a real cluster.
 #
-# Needs root (namespaces, links, tc), iproute2, util-linux (unshare, taskset) and MPICH's Hydra.
+# Needs root (namespaces, links, tc), iproute2, util-linux (unshare, taskset) and the launcher.
 # Exit status: the command's, 124 when it timed out, 2 for a bad option or a missing tool.
 set -euo pipefail
 
@@ -71,7 +74,7 @@ case $profile in
   *) die "--profile $profile: none, 1g, 10g or a tc rate such as 2500mbit" ;;
 esac
 ((EUID == 0)) || die "needs root (network namespaces, links, tc)"
-for tool in ip tc unshare taskset mpiexec hydra_pmi_proxy; do
+for tool in ip tc unshare taskset "$1"; do
   command -v "$tool" >/dev/null || die "$tool is not on PATH"
 done
 
@@ -155,12 +158,23 @@ echo "multinode: $hosts host(s) ($(host_name 0) .. $(host_name $((hosts - 1)))),
   "$per_host slot(s) each, links: ${rate:-unshaped veth}; host file $hostfile" >&2
 
 # ---- the command, on host 0 ---------------------------------------------------------------------
+# Open MPI's launcher (mpiexec.openmpi, mpirun.openmpi) reads "name slots=N" host files, starts
+# its daemons through plm_rsh_agent (enter, as for Hydra), and is told which interface its own
+# traffic (oob) and the ranks' (btl tcp; UCX for its ucx pml) may use; its ranks on one emulated
+# host use shared memory, those on different ones the shaped link, as on a real cluster.
+sed 's/:\([0-9]*\)$/ slots=\1/' "$hostfile" >"$hostfile.openmpi"
+openmpi=0
+for a in "$@"; do [[ $a == mpiexec.openmpi || $a == */mpiexec.openmpi || $a == mpirun.openmpi ]] && openmpi=1; done
 args=()
 for a in "$@"; do
   [[ $a == HOSTFILE ]] && a=$hostfile
+  ((openmpi)) && [[ $a == "$hostfile" ]] && a=$hostfile.openmpi
   args+=("$a")
   if [[ $a == mpiexec || $a == */mpiexec ]]; then
     args+=(-launcher ssh -launcher-exec "$enter" -genv UCX_TLS tcp -genv UCX_NET_DEVICES eth0)
+  elif [[ $a == mpiexec.openmpi || $a == */mpiexec.openmpi || $a == mpirun.openmpi ]]; then
+    args+=(--mca plm_rsh_agent "$enter" --mca oob_tcp_if_include eth0 --mca btl_tcp_if_include eth0
+      -x UCX_TLS=tcp -x UCX_NET_DEVICES=eth0 -x SAC_MULTINODE_CPUS_DIR --allow-run-as-root)
   fi
 done
 echo "multinode: on $(host_name 0): ${args[*]}" >&2
