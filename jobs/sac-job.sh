@@ -93,7 +93,8 @@ stall="${SAC_STALL_ABORT:-900}"
 [[ $stall =~ ^[0-9]+$ ]] || die "SAC_STALL_ABORT must be a whole number of seconds (got '$stall')"
 export SAC_EPOCH_FILE="${SAC_EPOCH_FILE:-$PWD/.sac-job.${job_id//\//_}.epochs}"
 
-# epochs_field N: field N of the epoch file (1 saved, 2 of, 3 started from), or nothing.
+# epochs_field N: field N of the epoch file (1 saved, 2 of, 3 started from, 4 "stopped" after a
+# clean stop on a signal), or nothing.
 epochs_field() { [[ -r $SAC_EPOCH_FILE ]] && awk -v n="$1" 'NR == 1 { print $n }' "$SAC_EPOCH_FILE"; }
 has_arg() { local a; for a in ${extra[@]+"${extra[@]}"}; do [[ $a == "$1" ]] && return 0; done; return 1; }
 # with_resume: the flags of a restart: --resume added, --overwrite dropped (the run to continue is
@@ -166,6 +167,12 @@ while :; do
 done
 trap - TERM INT
 ((attempt > 0)) && say "the job ran $((SECONDS - start)) s in all, with $attempt restart(s)"
+# After a signal the launcher's status can hide a clean stop (Open MPI's says 1 once it was
+# signalled itself, MPICH 4.0's Hydra sometimes 0): rank 0's note says what happened.
+if [[ $cmd == train && -n $signalled && $rc != 130 && $(epochs_field 4) == stopped ]]; then
+  say "mpiexec exited with status $rc, but every rank stopped at a safe point on the signal (rank 0's note): exit 130"
+  rc=130
+fi
 [[ $rc == 0 ]] && rm -f "$SAC_EPOCH_FILE"
 
 if [[ $cmd == train && $rc == 130 ]]; then

@@ -65,22 +65,33 @@ pub fn run(dist: &Dist, s: &Settings, mode: Mode) -> Result<()> {
     // From here on a failure may be one a restart gets past (exit 1, not 2).
     crate::infra::process::work_under_way();
     let started_from = job.state.epoch;
-    note_epochs_saved(dist, started_from, epochs, started_from);
-    for epoch in job.first_epoch..=epochs {
-        let trained = job.train_epoch(epoch)?;
-        let validated = job.validate(epoch)?;
-        let record = job.record(epoch, &trained, &validated);
-        job.log_epoch(&record, &trained);
-        job.save(record, &trained, &validated)?;
-        note_epochs_saved(dist, epoch, epochs, started_from);
-        if job.agree_to_stop(epoch)? && epoch < epochs {
-            warn!(
-                "stopping after epoch {epoch} on a signal; its checkpoint in {} is complete; continue with \
-                 `sac train --resume`",
-                env.dir.display()
-            );
-            return Err(Interrupted.into());
+    note_epochs_saved(dist, started_from, epochs, started_from, false);
+    let mut epochs_run = || -> Result<()> {
+        for epoch in job.first_epoch..=epochs {
+            let trained = job.train_epoch(epoch)?;
+            let validated = job.validate(epoch)?;
+            let record = job.record(epoch, &trained, &validated);
+            job.log_epoch(&record, &trained);
+            job.save(record, &trained, &validated)?;
+            note_epochs_saved(dist, epoch, epochs, started_from, false);
+            if job.agree_to_stop(epoch)? && epoch < epochs {
+                warn!(
+                    "stopping after epoch {epoch} on a signal; its checkpoint in {} is complete; continue with \
+                     `sac train --resume`",
+                    env.dir.display()
+                );
+                return Err(Interrupted.into());
+            }
         }
+        Ok(())
+    };
+    if let Err(e) = epochs_run() {
+        if e.is::<Interrupted>() {
+            // For the job script: every rank stopped at a safe point, whatever exit status the
+            // launcher makes of it (Open MPI's says 1 once it was signalled itself).
+            note_epochs_saved(dist, job.state.epoch, epochs, started_from, true);
+        }
+        return Err(e);
     }
     crate::infra::logging::progress_clock(Duration::ZERO);
     log_done(dist, &format!("checkpoints in {}", env.dir.display()));
@@ -88,19 +99,20 @@ pub fn run(dist: &Dist, s: &Settings, mode: Mode) -> Result<()> {
 }
 
 /// The environment variable that names the file where rank 0 keeps `<epochs saved> <epochs>
-/// <epoch this run started from>` (0 for a fresh run): written when training begins and after
-/// every epoch's checkpoint is complete. jobs/sac-job.sh reads it to tell whether a failed attempt
-/// made progress and where a restart resumes.
+/// <epoch this run started from>` (0 for a fresh run), and ` stopped` after them once every rank
+/// stopped on a signal at a safe point: written when training begins, after every epoch's
+/// checkpoint is complete and at such a stop. jobs/sac-job.sh reads it to tell whether a failed
+/// attempt made progress, where a restart resumes, and whether a signalled job stopped cleanly.
 pub const EPOCH_FILE_VAR: &str = "SAC_EPOCH_FILE";
 
 /// Writes `saved epochs from` to the file `SAC_EPOCH_FILE` names, if any (rank 0; replaced whole,
 /// so a reader never sees half of it). A failure to write it is logged, not fatal.
-fn note_epochs_saved(dist: &Dist, saved: u32, epochs: u32, from: u32) {
+fn note_epochs_saved(dist: &Dist, saved: u32, epochs: u32, from: u32, stopped: bool) {
     let Some(path) = std::env::var_os(EPOCH_FILE_VAR).filter(|_| dist.is_root()) else { return };
     let path = PathBuf::from(path);
     let tmp = path.with_extension("tmp");
-    let written =
-        std::fs::write(&tmp, format!("{saved} {epochs} {from}\n")).and_then(|()| std::fs::rename(&tmp, &path));
+    let written = std::fs::write(&tmp, format!("{saved} {epochs} {from}{}\n", if stopped { " stopped" } else { "" }))
+        .and_then(|()| std::fs::rename(&tmp, &path));
     if let Err(e) = written {
         warn!("could not write {EPOCH_FILE_VAR} = {}: {e}", path.display());
     }

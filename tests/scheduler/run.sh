@@ -10,6 +10,7 @@
 #      SIGTERM to every process of the job and SIGKILL after KillWait, exactly as at the time
 #      limit. The job must end with sac's status 130, the last checkpoint loadable and the log
 #      saying how to resume.
+#   4. The same with the Open MPI build under Open MPI's launcher (skipped without that build).
 # For each job: its final state and exit code, the directives it was given (name, tasks,
 # time limit), the files it wrote (checkpoint, state.json, output/metrics.json) and its log.
 #
@@ -471,63 +472,85 @@ fi
 # 3. SIGTERM as at the time limit: resume the Slurm chain's checkpoint towards many epochs, let it
 # write one more, then scancel (SIGCONT + SIGTERM to every process of the job, SIGKILL after
 # KillWait — the sequence slurmd also sends at the time limit).
+# term_job NAME LOG EXPORTS: sbatch jobs/train.slurm --resume (EXPORTS: more NAME=VALUE, comma-led),
+# scancel it once it has checkpointed a new epoch, and check the clean stop.
+term_job() {
+  local name=$1 tlog=$2 exports=$3 ck="$proj/checkpoints-slurm/resnet18" resume_line tid epoch start t0 waited msg
+  begin "$name"
+  resume_line='continue with `sac train --resume`'
+  start="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["epoch"])' "$ck/state.json" 2>/dev/null || echo 0)"
+  tid="$(sbatch --parsable -o "$tlog" --export="ALL,CONFIG=$proj/slurm.toml,SAC_ARGS=--resume --epochs 1000$exports" jobs/train.slurm 2>&1)"
+  if [[ ! $tid =~ ^[0-9]+$ ]]; then
+    fail "sbatch train.slurm: $tid"
+    return
+  fi
+  epoch=0
+  t0=$SECONDS
+  while ((SECONDS - t0 < 120)); do
+    epoch="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["epoch"])' "$ck/state.json" 2>/dev/null || echo 0)"
+    ((epoch >= start + 1)) && break
+    case "$(job_field "$tid" JobState)" in PENDING | RUNNING | CONFIGURING) ;; *) break ;; esac
+    sleep 0.5
+  done
+  if ((epoch < start + 1)); then
+    fail "no checkpoint of epoch $((start + 1)) within 120 s (job state $(job_field "$tid" JobState))"
+    tail -n 30 "$tlog" >&2 2>/dev/null
+    scancel "$tid"
+    return
+  fi
+  say "epoch $epoch checkpointed; scancel $tid"
+  scancel "$tid"
+  t0=$SECONDS
+  wait_jobs 45 "$tid" # KillWait (15 s) and a margin
+  waited=$?
+  say "job $tid: $(job_field "$tid" JobState), exit code $(job_field "$tid" ExitCode), $((SECONDS - t0)) s after scancel"
+  if ((waited)); then
+    fail "job $tid not finished $((SECONDS - t0)) s after scancel"
+  elif ! msg="$(expect_job "$tid" "$tlog" CANCELLED 130:0 sac-train)"; then
+    fail "$msg (sac exits 130 after a clean stop; sac-job.sh passes it on)"
+    tail -n 30 "$tlog" >&2
+  elif ! grep -q "resuming after epoch $start" "$tlog"; then
+    fail "the job log does not show --resume from epoch $start"
+    tail -n 30 "$tlog" >&2
+  # (Open MPI's launcher, signalled itself, no longer forwards the ranks' output: sac's log file
+  # has the line then.)
+  elif ! grep -qF "$resume_line" "$tlog" "$proj/slurm.log"; then
+    fail "neither the job log nor sac's log has sac's line on how to resume"
+    tail -n 30 "$tlog" >&2
+  elif ! grep -q 'sac-job: continue it by resubmitting with --resume' "$tlog"; then
+    fail "the job log lacks sac-job's resubmission hint"
+    tail -n 30 "$tlog" >&2
+  elif ! msg="$(check_json "$ck/state.json" "d[\"epoch\"] >= $((start + 1))" 2>&1)"; then
+    fail "$msg"
+  # The checkpoint left behind is complete: sac evaluates it (one process, no scheduler).
+  elif ! "$sac" -q --config "$proj/slurm.toml" --set paths.output_dir=output-term evaluate >"$tmp/log/evaluate-term.out" 2>&1; then
+    fail "sac evaluate cannot use the checkpoint left after SIGTERM"
+    tail -n 20 "$tmp/log/evaluate-term.out" >&2
+  else
+    pass
+  fi
+}
+
 name="SIGTERM: scancel a training job (--resume) after a new epoch"
 if ((!slurm_ok)); then
   skip "$name" "needs the Slurm chain's checkpoint"
 else
-  begin "$name"
-  ck="$proj/checkpoints-slurm/resnet18"
-  # shellcheck disable=SC2016 # the backquotes are part of sac's log line
-  resume_line='continue with `sac train --resume`'
-  tlog="$tmp/jobs/train-term.log"
-  tid="$(sbatch --parsable -o "$tlog" --export="ALL,CONFIG=$proj/slurm.toml,SAC_ARGS=--resume --epochs 1000" jobs/train.slurm 2>&1)"
-  if [[ ! $tid =~ ^[0-9]+$ ]]; then
-    fail "sbatch train.slurm: $tid"
-  else
-    epoch=0
-    t0=$SECONDS
-    while ((SECONDS - t0 < 120)); do
-      epoch="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["epoch"])' "$ck/state.json" 2>/dev/null || echo 0)"
-      ((epoch >= 2)) && break
-      case "$(job_field "$tid" JobState)" in PENDING | RUNNING | CONFIGURING) ;; *) break ;; esac
-      sleep 0.5
-    done
-    if ((epoch < 2)); then
-      fail "no checkpoint of epoch 2 within 120 s (job state $(job_field "$tid" JobState))"
-      tail -n 30 "$tlog" >&2 2>/dev/null
-      scancel "$tid"
-    else
-      say "epoch $epoch checkpointed; scancel $tid"
-      scancel "$tid"
-      t0=$SECONDS
-      wait_jobs 45 "$tid" # KillWait (15 s) and a margin
-      waited=$?
-      say "job $tid: $(job_field "$tid" JobState), exit code $(job_field "$tid" ExitCode), $((SECONDS - t0)) s after scancel"
-      if ((waited)); then
-        fail "job $tid not finished $((SECONDS - t0)) s after scancel"
-      elif ! msg="$(expect_job "$tid" "$tlog" CANCELLED 130:0 sac-train)"; then
-        fail "$msg (sac exits 130 after a clean stop; sac-job.sh passes it on)"
-        tail -n 30 "$tlog" >&2
-      elif ! grep -q 'resuming after epoch 1' "$tlog"; then
-        fail "the job log does not show --resume from epoch 1"
-        tail -n 30 "$tlog" >&2
-      elif ! grep -qF "$resume_line" "$tlog"; then
-        fail "the job log lacks sac's line on how to resume"
-        tail -n 30 "$tlog" >&2
-      elif ! grep -q 'sac-job: continue it by resubmitting with --resume' "$tlog"; then
-        fail "the job log lacks sac-job's resubmission hint"
-        tail -n 30 "$tlog" >&2
-      elif ! msg="$(check_json "$ck/state.json" 'd["epoch"] >= 2' 2>&1)"; then
-        fail "$msg"
-      # The checkpoint left behind is complete: sac evaluates it (one process, no scheduler).
-      elif ! "$sac" -q --config "$proj/slurm.toml" --set paths.output_dir=output-term evaluate >"$tmp/log/evaluate-term.out" 2>&1; then
-        fail "sac evaluate cannot use the checkpoint left after SIGTERM"
-        tail -n 20 "$tmp/log/evaluate-term.out" >&2
-      else
-        pass
-      fi
-    fi
-  fi
+  term_job "$name" "$tmp/jobs/train-term.log" ""
+fi
+
+# The same under Open MPI: the Open MPI build (scripts/build.sh --mpi openmpi) through Open MPI's
+# launcher, which Slurm's allocation tells where to start the ranks. Slurm signals every process of
+# the job; sac-job.sh passes the stop on to mpirun as SIGUSR1 (mpirun answers SIGTERM by killing).
+name="Open MPI: the same scancel of a training job with target/openmpi/release/sac"
+ompi_sac="$root/target/openmpi/release/sac"
+if ((!slurm_ok)); then
+  skip "$name" "needs the Slurm chain's checkpoint"
+elif [[ ! -x $ompi_sac ]] || ! command -v mpiexec.openmpi >/dev/null; then
+  skip "$name" "no Open MPI build ($ompi_sac: scripts/build.sh --mpi openmpi) or no mpiexec.openmpi"
+else
+  term_job "$name" "$tmp/jobs/train-term-openmpi.log" \
+    ",SAC_BIN=$ompi_sac,SAC_MPIEXEC=mpiexec.openmpi --allow-run-as-root --oversubscribe"
+  grep -q 'MPI: Open MPI' "$proj/slurm.log" || fail "the Open MPI job's log does not name Open MPI"
 fi
 
 ((failed)) && show_logs
