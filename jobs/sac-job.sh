@@ -22,7 +22,8 @@
 # sac to finish instead of exiting first (`qsig` on PBS and `scancel -b` on Slurm signal only this
 # shell). The scheduler's SIGKILL follows after a grace period (Slurm KillWait, 30 s by default;
 # PBS kill_delay, often a few seconds): a training step must end within it for the clean stop. A
-# rank that waits for peers which do not come ends the job itself 20 s after the signal.
+# rank that waits for peers which do not come ends the job itself 20 s after the signal. SIGUSR1 to
+# this shell (`sbatch --signal=B:USR1@300`: five minutes before the time limit) stops it the same way.
 #
 # Restarts: a training that fails after it began (a rank died, panicked, ran out of memory or
 # stalled past stall_abort; a non-finite loss under nonfinite = "fail") starts again in the same
@@ -75,7 +76,8 @@ restarts="${SAC_RESTARTS:-2}"
 [[ $restarts =~ ^[0-9]+$ ]] || die "SAC_RESTARTS must be a whole number (got '$restarts')"
 launch=("${launcher[@]}" -n "$np")
 openmpi=""
-if "${launcher[0]}" --version 2>&1 | grep -q 'Open MPI\|OpenRTE'; then
+launcher_version=$("${launcher[0]}" --version 2>&1 || true)
+if [[ $launcher_version == *"Open MPI"* || $launcher_version == *OpenRTE* ]]; then
   # Open MPI's launcher: it passes only the variables named with -x to ranks on other nodes; it
   # answers SIGTERM by killing the ranks (SIGCONT, then SIGTERM after odls_base_sigkill_timeout
   # seconds, SIGKILL after as long again) but passes SIGUSR1 on at once, which sac takes as a stop
@@ -111,16 +113,27 @@ if [[ $cmd == train && ${SLURM_RESTART_COUNT:-0} -gt 0 && $(epochs_field 1) =~ ^
   with_resume
 fi
 
-signalled=""
+# A stop signal (the scheduler's SIGTERM at the time limit or on cancel, SIGINT, or SIGUSR1 ahead
+# of the time limit: `sbatch --signal=B:USR1@300`) goes on to mpiexec as the one its ranks get at
+# once: SIGUSR1 for Open MPI's, SIGTERM for Hydra (sac stops on either).
+signalled="" pid=""
+pass_on() {
+  local as=TERM
+  [[ -n $openmpi ]] && as=USR1
+  [[ -n $pid ]] && kill -s "$as" "$pid" 2>/dev/null
+}
 forward() {
   signalled=$1
-  local as=$1
-  [[ -n $openmpi ]] && as=USR1
-  say "received SIG$1: passing it on to mpiexec (as SIG$as) and waiting for sac to stop at a safe point"
-  kill -s "$as" "$pid" 2>/dev/null
+  say "received SIG$1: passing it on to mpiexec and waiting for sac to stop at a safe point"
+  pass_on
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
+trap 'forward USR1' USR1
+# Whether rank 0 wrote the epoch file during the attempt now ending (else it is an earlier one's).
+stamp=$(mktemp "${TMPDIR:-/tmp}/sac-job.XXXXXX")
+trap 'rm -f "$stamp"' EXIT
+fresh() { [[ -r $SAC_EPOCH_FILE && $SAC_EPOCH_FILE -nt $stamp ]]; }
 
 # cause_of RC: what an exit status of the launcher most likely means.
 cause_of() {
@@ -137,8 +150,12 @@ start=$SECONDS
 while :; do
   say "$mpiexec -n $np $sac --config $config --set train.stall_abort=$stall $cmd ${extra[*]+${extra[*]}}"
   began=$SECONDS
+  touch "$stamp"
+  sleep 0.01 # a write in this attempt is newer than the stamp, also on coarse file-system clocks
   "${launch[@]}" "$sac" --config "$config" --set "train.stall_abort=$stall" "$cmd" ${extra[@]+"${extra[@]}"} &
   pid=$!
+  # A signal that came while no mpiexec ran (between two attempts) goes to this one.
+  [[ -n $signalled ]] && pass_on
   # `wait` returns early (status > 128) when a trapped signal arrives: wait again until mpiexec is
   # gone, then once more to read the exit status bash kept for it.
   while kill -0 "$pid" 2>/dev/null; do
@@ -153,7 +170,7 @@ while :; do
     break
   fi
   saved=$(epochs_field 1) from=$(epochs_field 3)
-  if [[ ! $saved =~ ^[0-9]+$ || ! $from =~ ^[0-9]+$ ]] || ((saved <= from)); then
+  if ! fresh || [[ ! $saved =~ ^[0-9]+$ || ! $from =~ ^[0-9]+$ ]] || ((saved <= from)); then
     say "not restarting: this attempt saved no new epoch (it would fail at the same place again)"
     break
   fi
@@ -165,11 +182,11 @@ while :; do
   say "restart $attempt of $restarts after $(cause_of "$rc"): resuming after epoch $saved (of $(epochs_field 2))"
   with_resume
 done
-trap - TERM INT
+trap - TERM INT USR1
 ((attempt > 0)) && say "the job ran $((SECONDS - start)) s in all, with $attempt restart(s)"
 # After a signal the launcher's status can hide a clean stop (Open MPI's says 1 once it was
 # signalled itself, MPICH 4.0's Hydra sometimes 0): rank 0's note says what happened.
-if [[ $cmd == train && -n $signalled && $rc != 130 && $(epochs_field 4) == stopped ]]; then
+if [[ $cmd == train && -n $signalled && $rc != 130 ]] && fresh && [[ $(epochs_field 4) == stopped ]]; then
   say "mpiexec exited with status $rc, but every rank stopped at a safe point on the signal (rank 0's note): exit 130"
   rc=130
 fi

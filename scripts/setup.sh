@@ -22,14 +22,16 @@ if [[ "${SAC_SKIP_APT:-0}" != 1 ]]; then
   # name MPICH's, so that nothing depends on that order.
   if [[ $(id -u) == 0 ]] && command -v update-alternatives >/dev/null; then
     pin() { # pin GROUP PATH: the alternative GROUP points at PATH (if Debian offers it)
-      if update-alternatives --query "$1" 2>/dev/null | grep -qx "Alternative: $2"; then
-        [[ $(update-alternatives --query "$1" | sed -n 's/^Value: //p') == "$2" ]] ||
-          update-alternatives --quiet --set "$1" "$2"
+      local q
+      q=$(update-alternatives --query "$1" 2>/dev/null || true)
+      if [[ $'\n'$q$'\n' == *$'\n'"Alternative: $2"$'\n'* ]]; then
+        [[ $(sed -n 's/^Value: //p' <<<"$q") == "$2" ]] || update-alternatives --quiet --set "$1" "$2"
       fi
     }
+    arch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -dumpmachine)
     pin mpi /usr/bin/mpicc.mpich
     pin mpirun /usr/bin/mpirun.mpich
-    pin mpi-x86_64-linux-gnu /usr/include/x86_64-linux-gnu/mpich
+    pin "mpi-$arch" "/usr/include/$arch/mpich"
     log "mpicc, mpiexec and mpi.h are MPICH's ($(readlink -f /usr/bin/mpiexec)); Open MPI's: mpicc.openmpi, mpiexec.openmpi"
   fi
 fi

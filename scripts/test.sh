@@ -31,7 +31,7 @@ stage "Open MPI: build (scripts/build.sh --mpi openmpi)" \
 stage "Open MPI: tests" env SAC_TEST_MPI=openmpi cargo test --release --features fault-injection \
   --test mpi --test restarts --test train --test evaluate --test faults --test multinode -- --test-threads=1 \
   mpi_check_is_exact the_mpi_under_test_trains a_rank_killed_in_epoch_2 a_configuration_error_exits_2 restarts_stop_when \
-  an_attempt_that_saves gradient_averaged uneven_shards resuming_after_one_epoch exchange_during_backward \
+  an_attempt_that_saves usr1_to_the_job_script gradient_averaged uneven_shards resuming_after_one_epoch exchange_during_backward \
   sigterm_to_mpiexec missing_train_csv pipeline_on_4_and_6 pipeline_under_forced panic_on_one_rank \
   kill_9_of_one_rank sigstop_of_one_rank sigterm_during_validation sigterm_during_saving sigterm_while_a_peer \
   mpi_check_across_two_hosts training_and_evaluation_across_two_hosts the_cluster_is_removed

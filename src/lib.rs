@@ -43,8 +43,10 @@ pub fn run(cli: Cli) -> ExitCode {
     let mut logging = false;
     // A panic with more than one rank ends the job in the hook (MPI_Abort); with one, it is
     // reported here like any other error.
+    let mut panicked = false;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(&dist, cli, &mut logging)))
         .unwrap_or_else(|_| {
+            panicked = true;
             Err(anyhow::anyhow!(dist::take_panic_message().unwrap_or_else(|| "a panic without a message".into())))
         });
     match result {
@@ -67,7 +69,9 @@ pub fn run(cli: Cli) -> ExitCode {
             } else {
                 eprintln!("error: {msg}");
             }
-            let code = crate::infra::process::failure_code();
+            // A panic (libtorch out of memory, a bug) is never a configuration error: 101, as the
+            // panic hook's abort with more than one rank.
+            let code = if panicked { 101 } else { crate::infra::process::failure_code() };
             if dist.size() > 1 {
                 // The other ranks may be inside a collective: end them all.
                 dist.abort(code);
@@ -125,10 +129,7 @@ fn dispatch(dist: &Dist, cli: Cli, logging: &mut bool) -> Result<()> {
             dataset::create(&settings)
         }
         Command::Train(a) => train::run(dist, &settings, train::Mode { resume: a.resume, overwrite: a.overwrite }),
-        Command::Evaluate(a) => {
-            crate::infra::process::work_under_way();
-            evaluate::run(dist, &settings, a.split)
-        }
+        Command::Evaluate(a) => evaluate::run(dist, &settings, a.split),
         Command::MpiCheck(_) => unreachable!("handled above"),
     }
 }

@@ -21,6 +21,11 @@ fn project() -> Project {
 
 /// `bash jobs/sac-job.sh train` on 2 ranks with `SAC_ARGS` = batch 4 + `args`, and `env`.
 fn job(p: &Project, args: &str, env: &[(&str, &str)]) -> Output {
+    job_and(p, args, env, |_| {})
+}
+
+/// `job`, calling `tick(&child)` every few milliseconds while the job script runs.
+fn job_and(p: &Project, args: &str, env: &[(&str, &str)], tick: impl FnMut(&std::process::Child)) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs/sac-job.sh");
     let mut cmd = Command::new("bash");
     cmd.arg(script).arg("train");
@@ -37,7 +42,8 @@ fn job(p: &Project, args: &str, env: &[(&str, &str)]) -> Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = wait_with_timeout(spawn(&mut cmd, p.path()), &["sac-job.sh", "train"], Duration::from_secs(300));
+    let out =
+        wait_with_timeout_and(spawn(&mut cmd, p.path()), &["sac-job.sh", "train"], Duration::from_secs(300), tick);
     p.assert_no_rank_left();
     out
 }
@@ -125,4 +131,30 @@ fn an_attempt_that_saves_no_epoch_is_not_restarted() {
     assert!(!out.status.success(), "the job should have failed:\n{err}");
     assert_eq!(attempts(&out), 1, "{err}");
     assert!(err.contains("not restarting: this attempt saved no new epoch"), "{err}");
+}
+
+/// `sbatch --signal=B:USR1@<s>` signals the job script ahead of the time limit: it passes the stop
+/// on to the launcher in the form its ranks get at once, every rank stops at a safe point, and the
+/// job ends with 130 (not restarted) and its last checkpoint intact.
+#[test]
+fn usr1_to_the_job_script_stops_every_rank_at_a_safe_point_with_130_and_no_restart() {
+    let p = project();
+    let state = p.model_dir("resnet18").join("state.json");
+    let mut sent = false;
+    let out = job_and(&p, "--epochs 1000", &[], |child| {
+        if !sent && state.exists() {
+            // SAFETY: kill(2) on the job script's own pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+            sent = true;
+        }
+    });
+    let err = stderr(&out);
+    assert!(sent, "no epoch was saved:\n{err}");
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert_eq!(attempts(&out), 1, "{err}");
+    assert!(err.contains("received SIGUSR1"), "{err}");
+    assert!(err.contains("continue it by resubmitting with --resume"), "{err}");
+    let log = std::fs::read_to_string(p.path().join("sac.log")).unwrap();
+    assert_eq!(log.matches("on a signal").count(), 2, "both ranks stop at a safe point:\n{log}");
+    assert!(epoch_of(&p) >= 1);
 }

@@ -447,6 +447,9 @@ fn missing_train_csv_is_named_and_no_rank_is_left_waiting() {
     let out = p.train_mpi(2, &["--epochs", "1"]);
     assert!(t.elapsed() < FAILS_WITHIN, "the job took {:?} to end", t.elapsed());
     assert_job_fails_with(&out, &p, &[train_csv.to_str().unwrap(), "not found"]);
+    // Found by rank 0 alone before the first step: the launcher passes on its exit code 2 (a job
+    // script does not retry it).
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
 
 /// An error that ends an MPI job must reach the user's terminal, not only the log file: the rank

@@ -123,6 +123,8 @@ pub fn run(dist: &Dist, s: &Settings, split: EvalSplit) -> Result<()> {
     let t_start = Instant::now();
     let job = Job::prepare(dist, s, split)?;
     let model = job.predictor(dist)?;
+    // From here on a failure is not one of the configuration, data or checkpoint (exit 1, not 2).
+    crate::infra::process::work_under_way();
     job.log_plan(dist);
     let (outcome, mine) = job.execute(dist, model.as_ref())?;
     let reports = job.gather(dist, &mine)?;

@@ -24,7 +24,8 @@ pub const EXIT_INPUT: i32 = 2;
 
 static UNDER_WAY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The job's work has begun (training's first epoch, evaluation's pipeline): from now on a failure
+/// The job's work has begun (training's first epoch, evaluation's pipeline once its checkpoint is
+/// loaded, create-dataset once its config is): from now on a failure
 /// exits with 1, which a restart may get past, instead of [`EXIT_INPUT`].
 pub fn work_under_way() {
     UNDER_WAY.store(true, std::sync::atomic::Ordering::SeqCst);

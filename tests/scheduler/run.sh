@@ -472,14 +472,17 @@ fi
 # 3. SIGTERM as at the time limit: resume the Slurm chain's checkpoint towards many epochs, let it
 # write one more, then scancel (SIGCONT + SIGTERM to every process of the job, SIGKILL after
 # KillWait — the sequence slurmd also sends at the time limit).
-# term_job NAME LOG EXPORTS: sbatch jobs/train.slurm --resume (EXPORTS: more NAME=VALUE, comma-led),
-# scancel it once it has checkpointed a new epoch, and check the clean stop.
+# term_job NAME LOG EXPORTS SACLOG MPI: sbatch jobs/train.slurm --resume (EXPORTS: more NAME=VALUE,
+# comma-led; SACLOG: sac's own log file, fresh for this job), scancel it once it has checkpointed a
+# new epoch, and check the clean stop, and that sac's log names the MPI library MPI.
 term_job() {
-  local name=$1 tlog=$2 exports=$3 ck="$proj/checkpoints-slurm/resnet18" resume_line tid epoch start t0 waited msg
+  local name=$1 tlog=$2 exports=$3 saclog=$4 want_mpi=$5 ck="$proj/checkpoints-slurm/resnet18"
+  local resume_line tid epoch start t0 waited msg
   begin "$name"
   resume_line='continue with `sac train --resume`'
   start="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["epoch"])' "$ck/state.json" 2>/dev/null || echo 0)"
-  tid="$(sbatch --parsable -o "$tlog" --export="ALL,CONFIG=$proj/slurm.toml,SAC_ARGS=--resume --epochs 1000$exports" jobs/train.slurm 2>&1)"
+  rm -f "$saclog"
+  tid="$(sbatch --parsable -o "$tlog" --export="ALL,CONFIG=$proj/slurm.toml,SAC_ARGS=--resume --epochs 1000 --set paths.log_file=$saclog$exports" jobs/train.slurm 2>&1)"
   if [[ ! $tid =~ ^[0-9]+$ ]]; then
     fail "sbatch train.slurm: $tid"
     return
@@ -514,7 +517,7 @@ term_job() {
     tail -n 30 "$tlog" >&2
   # (Open MPI's launcher, signalled itself, no longer forwards the ranks' output: sac's log file
   # has the line then.)
-  elif ! grep -qF "$resume_line" "$tlog" "$proj/slurm.log"; then
+  elif ! grep -qF "$resume_line" "$tlog" "$saclog"; then
     fail "neither the job log nor sac's log has sac's line on how to resume"
     tail -n 30 "$tlog" >&2
   elif ! grep -q 'sac-job: continue it by resubmitting with --resume' "$tlog"; then
@@ -522,6 +525,8 @@ term_job() {
     tail -n 30 "$tlog" >&2
   elif ! msg="$(check_json "$ck/state.json" "d[\"epoch\"] >= $((start + 1))" 2>&1)"; then
     fail "$msg"
+  elif ! grep -q "MPI: $want_mpi" "$saclog"; then
+    fail "sac's log $saclog does not name $want_mpi"
   # The checkpoint left behind is complete: sac evaluates it (one process, no scheduler).
   elif ! "$sac" -q --config "$proj/slurm.toml" --set paths.output_dir=output-term evaluate >"$tmp/log/evaluate-term.out" 2>&1; then
     fail "sac evaluate cannot use the checkpoint left after SIGTERM"
@@ -535,7 +540,7 @@ name="SIGTERM: scancel a training job (--resume) after a new epoch"
 if ((!slurm_ok)); then
   skip "$name" "needs the Slurm chain's checkpoint"
 else
-  term_job "$name" "$tmp/jobs/train-term.log" ""
+  term_job "$name" "$tmp/jobs/train-term.log" "" "$proj/term.log" MPICH
 fi
 
 # The same under Open MPI: the Open MPI build (scripts/build.sh --mpi openmpi) through Open MPI's
@@ -549,8 +554,8 @@ elif [[ ! -x $ompi_sac ]] || ! command -v mpiexec.openmpi >/dev/null; then
   skip "$name" "no Open MPI build ($ompi_sac: scripts/build.sh --mpi openmpi) or no mpiexec.openmpi"
 else
   term_job "$name" "$tmp/jobs/train-term-openmpi.log" \
-    ",SAC_BIN=$ompi_sac,SAC_MPIEXEC=mpiexec.openmpi --allow-run-as-root --oversubscribe"
-  grep -q 'MPI: Open MPI' "$proj/slurm.log" || fail "the Open MPI job's log does not name Open MPI"
+    ",SAC_BIN=$ompi_sac,SAC_MPIEXEC=mpiexec.openmpi --allow-run-as-root --oversubscribe" \
+    "$proj/term-openmpi.log" "Open MPI"
 fi
 
 ((failed)) && show_logs
