@@ -10,7 +10,8 @@
 #      SIGTERM to every process of the job and SIGKILL after KillWait, exactly as at the time
 #      limit. The job must end with sac's status 130, the last checkpoint loadable and the log
 #      saying how to resume.
-#   4. The same with the Open MPI build under Open MPI's launcher (skipped without that build).
+#   4. Open MPI: the Slurm chain of 2. and the cancel of 3. with the Open MPI build under Open MPI's
+#      launcher (skipped without that build: scripts/build.sh --mpi openmpi).
 # For each job: its final state and exit code, the directives it was given (name, tasks,
 # time limit), the files it wrote (checkpoint, state.json, output/metrics.json) and its log.
 #
@@ -277,7 +278,7 @@ fi
 # The fixture: 200 Fashion-MNIST images at 32x32, one config per chain (shared data dir).
 begin "fixture: sac create-dataset --sample 200"
 proj="$tmp/proj"
-for chain in pbs slurm; do
+for chain in pbs slurm openmpi; do
   cat >"$proj/$chain.toml" <<EOF
 [paths]
 data_dir = "data"
@@ -536,6 +537,27 @@ term_job() {
   fi
 }
 
+# The Slurm chain again with the Open MPI build under Open MPI's launcher, which takes the
+# allocation from Slurm's environment.
+ompi_sac="$root/target/openmpi/release/sac"
+ompi_exports="SAC_BIN=$ompi_sac,SAC_MPIEXEC=mpiexec.openmpi --allow-run-as-root --oversubscribe"
+name="Open MPI: sbatch jobs/train.slurm; sbatch --dependency=afterok:<id> jobs/evaluate.slurm"
+if [[ ! -x $ompi_sac ]] || ! command -v mpiexec.openmpi >/dev/null; then
+  skip "$name" "no Open MPI build ($ompi_sac: scripts/build.sh --mpi openmpi) or no mpiexec.openmpi"
+else
+  begin "$name"
+  tlog="$tmp/jobs/train-openmpi.log"
+  elog="$tmp/jobs/evaluate-openmpi.log"
+  tid="$(sbatch --parsable -o "$tlog" --export="ALL,CONFIG=$proj/openmpi.toml,SAC_ARGS=--epochs 1,$ompi_exports" jobs/train.slurm 2>&1)"
+  eid="$(sbatch --parsable -o "$elog" --dependency=afterok:"$tid" --export="ALL,CONFIG=$proj/openmpi.toml,$ompi_exports" jobs/evaluate.slurm 2>&1)"
+  if [[ ! $tid =~ ^[0-9]+$ || ! $eid =~ ^[0-9]+$ ]]; then
+    fail "sbatch: $tid $eid"
+  elif run_chain openmpi "$tid" "$eid" "$tlog" "$elog" sac-train sac-evaluate &&
+    ! grep -q 'MPI: Open MPI' "$proj/openmpi.log"; then
+    fail "sac's log $proj/openmpi.log does not name Open MPI"
+  fi
+fi
+
 name="SIGTERM: scancel a training job (--resume) after a new epoch"
 if ((!slurm_ok)); then
   skip "$name" "needs the Slurm chain's checkpoint"
@@ -547,14 +569,13 @@ fi
 # launcher, which Slurm's allocation tells where to start the ranks. Slurm signals every process of
 # the job; sac-job.sh passes the stop on to mpirun as SIGUSR1 (mpirun answers SIGTERM by killing).
 name="Open MPI: the same scancel of a training job with target/openmpi/release/sac"
-ompi_sac="$root/target/openmpi/release/sac"
 if ((!slurm_ok)); then
   skip "$name" "needs the Slurm chain's checkpoint"
 elif [[ ! -x $ompi_sac ]] || ! command -v mpiexec.openmpi >/dev/null; then
   skip "$name" "no Open MPI build ($ompi_sac: scripts/build.sh --mpi openmpi) or no mpiexec.openmpi"
 else
   term_job "$name" "$tmp/jobs/train-term-openmpi.log" \
-    ",SAC_BIN=$ompi_sac,SAC_MPIEXEC=mpiexec.openmpi --allow-run-as-root --oversubscribe" \
+    ",$ompi_exports" \
     "$proj/term-openmpi.log" "Open MPI"
 fi
 
