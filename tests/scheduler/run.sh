@@ -10,7 +10,7 @@
 #      SIGTERM to every process of the job and SIGKILL after KillWait, exactly as at the time
 #      limit. The job must end with sac's status 130, the last checkpoint loadable and the log
 #      saying how to resume.
-#   4. Open MPI: the Slurm chain of 2. and the cancel of 3. with the Open MPI build under Open MPI's
+#   4. Open MPI: the chains of 1. and 2. and the cancel of 3. with the Open MPI build under Open MPI's
 #      launcher (skipped without that build: scripts/build.sh --mpi openmpi).
 # For each job: its final state and exit code, the directives it was given (name, tasks,
 # time limit), the files it wrote (checkpoint, state.json, output/metrics.json) and its log.
@@ -278,7 +278,7 @@ fi
 # The fixture: 200 Fashion-MNIST images at 32x32, one config per chain (shared data dir).
 begin "fixture: sac create-dataset --sample 200"
 proj="$tmp/proj"
-for chain in pbs slurm openmpi; do
+for chain in pbs slurm openmpi pbs-openmpi; do
   cat >"$proj/$chain.toml" <<EOF
 [paths]
 data_dir = "data"
@@ -555,6 +555,27 @@ else
   elif run_chain openmpi "$tid" "$eid" "$tlog" "$elog" sac-train sac-evaluate &&
     ! grep -q 'MPI: Open MPI' "$proj/openmpi.log"; then
     fail "sac's log $proj/openmpi.log does not name Open MPI"
+  fi
+fi
+
+# And the PBS chain. Slurm's qsub wrapper passes no spaces in -v values: Open MPI's permission to
+# run as root comes in its environment variables instead of --allow-run-as-root (the allocation's
+# 4 slots need no --oversubscribe).
+name="Open MPI: qsub jobs/train.pbs; qsub -W depend=afterok:<id> jobs/evaluate.pbs"
+if [[ ! -x $ompi_sac ]] || ! command -v mpiexec.openmpi >/dev/null; then
+  skip "$name" "no Open MPI build ($ompi_sac: scripts/build.sh --mpi openmpi) or no mpiexec.openmpi"
+else
+  begin "$name"
+  tlog="$tmp/jobs/train-pbs-openmpi.log"
+  elog="$tmp/jobs/evaluate-pbs-openmpi.log"
+  pbs_env="SAC_BIN=$ompi_sac,SAC_MPIEXEC=mpiexec.openmpi,OMPI_ALLOW_RUN_AS_ROOT=1,OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
+  tid="$(qsub -j oe -o "$tlog" -v "CONFIG=$proj/pbs-openmpi.toml,SAC_ARGS=-e1,$pbs_env" jobs/train.pbs 2>&1)"
+  eid="$(qsub -j oe -o "$elog" -W depend=afterok:"$tid" -v "CONFIG=$proj/pbs-openmpi.toml,$pbs_env" jobs/evaluate.pbs 2>&1)"
+  if [[ ! $tid =~ ^[0-9]+$ || ! $eid =~ ^[0-9]+$ ]]; then
+    fail "qsub: $tid $eid"
+  elif run_chain pbs-openmpi "$tid" "$eid" "$tlog" "$elog" sac-train sac-evaluate &&
+    ! grep -q 'MPI: Open MPI' "$proj/pbs-openmpi.log"; then
+    fail "sac's log $proj/pbs-openmpi.log does not name Open MPI"
   fi
 fi
 
