@@ -54,7 +54,9 @@ fn job_lines(out: &Output) -> Vec<String> {
 }
 
 fn attempts(out: &Output) -> usize {
-    job_lines(out).iter().filter(|l| l.contains("exited with status")).count()
+    // "sac-job: sac train exited with status N after S s", once per attempt (not the line that
+    // reads a clean stop behind the launcher's status: "mpiexec exited with status 0, but ...").
+    job_lines(out).iter().filter(|l| l.starts_with("sac-job: sac train exited with status")).count()
 }
 
 fn epoch_of(p: &Project) -> u64 {
