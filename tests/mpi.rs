@@ -44,11 +44,7 @@ fn train_with(p: &Project, mut cmd: std::process::Command, name: &str) -> (Vec<f
 
 /// MPICH's own launcher and build (the reference of the test below, whatever MPI is under test).
 fn mpich_command(ranks: usize) -> std::process::Command {
-    let mut cmd = std::process::Command::new(if std::path::Path::new("/usr/bin/mpiexec.mpich").exists() {
-        "mpiexec.mpich"
-    } else {
-        "mpiexec"
-    });
+    let mut cmd = std::process::Command::new(mpich_launcher());
     cmd.args(["-n", &ranks.to_string(), env!("CARGO_BIN_EXE_sac")]);
     cmd
 }

@@ -76,17 +76,23 @@ pub fn launcher(ranks: usize) -> Vec<String> {
     cmd
 }
 
+/// `name` if it is on PATH (Debian's own name of one MPI's launcher), else `mpiexec`.
+fn launcher_named(name: &str) -> String {
+    let on_path = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()));
+    if on_path { name } else { "mpiexec" }.to_string()
+}
+
+/// MPICH's launcher, whatever MPI is under test: `mpiexec.mpich` where Debian has it.
+pub fn mpich_launcher() -> String {
+    launcher_named("mpiexec.mpich")
+}
+
 /// [`launcher`] without `-n <ranks>`: what jobs/sac-job.sh takes in `SAC_MPIEXEC`.
 pub fn launcher_flags() -> Vec<String> {
-    let named = |name: &str| {
-        let on_path =
-            std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()));
-        if on_path { name } else { "mpiexec" }.to_string()
-    };
     match mpi() {
-        Mpi::Mpich => vec![named("mpiexec.mpich")],
+        Mpi::Mpich => vec![mpich_launcher()],
         Mpi::OpenMpi => {
-            let mut v = vec![named("mpiexec.openmpi"), "--oversubscribe".to_string()];
+            let mut v = vec![launcher_named("mpiexec.openmpi"), "--oversubscribe".to_string()];
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } == 0 {
                 v.push("--allow-run-as-root".to_string());

@@ -537,33 +537,43 @@ term_job() {
   fi
 }
 
-# The Slurm chain again with the Open MPI build under Open MPI's launcher, which takes the
-# allocation from Slurm's environment.
+# The chains again with the Open MPI build under Open MPI's launcher, which takes the allocation
+# from Slurm's environment.
 ompi_sac="$root/target/openmpi/release/sac"
 ompi_exports="SAC_BIN=$ompi_sac,SAC_MPIEXEC=mpiexec.openmpi --allow-run-as-root --oversubscribe"
+ompi_missing=""
+[[ -x $ompi_sac ]] && command -v mpiexec.openmpi >/dev/null ||
+  ompi_missing="no Open MPI build ($ompi_sac: scripts/build.sh --mpi openmpi) or no mpiexec.openmpi"
+# openmpi_chain CHAIN TID EID TLOG ELOG: run_chain of the submitted jobs, then sac's log
+# (<CHAIN>.log) must name Open MPI.
+openmpi_chain() {
+  local chain=$1 tid=$2 eid=$3
+  if [[ ! $tid =~ ^[0-9]+$ || ! $eid =~ ^[0-9]+$ ]]; then
+    fail "submitting the $chain jobs: $tid $eid"
+  elif run_chain "$chain" "$tid" "$eid" "$4" "$5" sac-train sac-evaluate &&
+    ! grep -q 'MPI: Open MPI' "$proj/$chain.log"; then
+    fail "sac's log $proj/$chain.log does not name Open MPI"
+  fi
+}
+
 name="Open MPI: sbatch jobs/train.slurm; sbatch --dependency=afterok:<id> jobs/evaluate.slurm"
-if [[ ! -x $ompi_sac ]] || ! command -v mpiexec.openmpi >/dev/null; then
-  skip "$name" "no Open MPI build ($ompi_sac: scripts/build.sh --mpi openmpi) or no mpiexec.openmpi"
+if [[ -n $ompi_missing ]]; then
+  skip "$name" "$ompi_missing"
 else
   begin "$name"
   tlog="$tmp/jobs/train-openmpi.log"
   elog="$tmp/jobs/evaluate-openmpi.log"
   tid="$(sbatch --parsable -o "$tlog" --export="ALL,CONFIG=$proj/openmpi.toml,SAC_ARGS=--epochs 1,$ompi_exports" jobs/train.slurm 2>&1)"
   eid="$(sbatch --parsable -o "$elog" --dependency=afterok:"$tid" --export="ALL,CONFIG=$proj/openmpi.toml,$ompi_exports" jobs/evaluate.slurm 2>&1)"
-  if [[ ! $tid =~ ^[0-9]+$ || ! $eid =~ ^[0-9]+$ ]]; then
-    fail "sbatch: $tid $eid"
-  elif run_chain openmpi "$tid" "$eid" "$tlog" "$elog" sac-train sac-evaluate &&
-    ! grep -q 'MPI: Open MPI' "$proj/openmpi.log"; then
-    fail "sac's log $proj/openmpi.log does not name Open MPI"
-  fi
+  openmpi_chain openmpi "$tid" "$eid" "$tlog" "$elog"
 fi
 
 # And the PBS chain. Slurm's qsub wrapper passes no spaces in -v values: Open MPI's permission to
 # run as root comes in its environment variables instead of --allow-run-as-root (the allocation's
 # 4 slots need no --oversubscribe).
 name="Open MPI: qsub jobs/train.pbs; qsub -W depend=afterok:<id> jobs/evaluate.pbs"
-if [[ ! -x $ompi_sac ]] || ! command -v mpiexec.openmpi >/dev/null; then
-  skip "$name" "no Open MPI build ($ompi_sac: scripts/build.sh --mpi openmpi) or no mpiexec.openmpi"
+if [[ -n $ompi_missing ]]; then
+  skip "$name" "$ompi_missing"
 else
   begin "$name"
   tlog="$tmp/jobs/train-pbs-openmpi.log"
@@ -571,12 +581,7 @@ else
   pbs_env="SAC_BIN=$ompi_sac,SAC_MPIEXEC=mpiexec.openmpi,OMPI_ALLOW_RUN_AS_ROOT=1,OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
   tid="$(qsub -j oe -o "$tlog" -v "CONFIG=$proj/pbs-openmpi.toml,SAC_ARGS=-e1,$pbs_env" jobs/train.pbs 2>&1)"
   eid="$(qsub -j oe -o "$elog" -W depend=afterok:"$tid" -v "CONFIG=$proj/pbs-openmpi.toml,$pbs_env" jobs/evaluate.pbs 2>&1)"
-  if [[ ! $tid =~ ^[0-9]+$ || ! $eid =~ ^[0-9]+$ ]]; then
-    fail "qsub: $tid $eid"
-  elif run_chain pbs-openmpi "$tid" "$eid" "$tlog" "$elog" sac-train sac-evaluate &&
-    ! grep -q 'MPI: Open MPI' "$proj/pbs-openmpi.log"; then
-    fail "sac's log $proj/pbs-openmpi.log does not name Open MPI"
-  fi
+  openmpi_chain pbs-openmpi "$tid" "$eid" "$tlog" "$elog"
 fi
 
 name="SIGTERM: scancel a training job (--resume) after a new epoch"
@@ -592,8 +597,8 @@ fi
 name="Open MPI: the same scancel of a training job with target/openmpi/release/sac"
 if ((!slurm_ok)); then
   skip "$name" "needs the Slurm chain's checkpoint"
-elif [[ ! -x $ompi_sac ]] || ! command -v mpiexec.openmpi >/dev/null; then
-  skip "$name" "no Open MPI build ($ompi_sac: scripts/build.sh --mpi openmpi) or no mpiexec.openmpi"
+elif [[ -n $ompi_missing ]]; then
+  skip "$name" "$ompi_missing"
 else
   term_job "$name" "$tmp/jobs/train-term-openmpi.log" \
     ",$ompi_exports" \
