@@ -42,10 +42,22 @@ want="$(sha256sum requirements.txt | cut -d' ' -f1)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   log "Python virtualenv up to date (.venv)"
 else
+  # The CUDA wheel and its nvidia-* libraries unpack to about 4.7 GiB; pip also needs room for the
+  # downloads while it installs, and the release build (MPICH and Open MPI) about 6 GiB more. A full
+  # disk half-way through leaves a venv that fails later in confusing ways: say so before starting.
+  need_gib=${SAC_SETUP_MIN_FREE_GIB:-12}
+  for dir in "$root" "${TMPDIR:-/tmp}"; do
+    free_kib=$(df -Pk "$dir" | awk 'NR == 2 { print $4 }')
+    if [[ -n "$free_kib" ]] && ((free_kib < need_gib * 1024 * 1024)); then
+      log "error: $dir has $((free_kib / 1024 / 1024)) GiB free; installing torch into .venv and building sac need about $need_gib GiB (df -h $dir shows what is there; SAC_SETUP_MIN_FREE_GIB changes the bound)"
+      exit 1
+    fi
+  done
   log "creating .venv and installing requirements.txt (torch is a large download, about a minute)"
   [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -r requirements.txt
+  # --no-cache-dir: pip's cache would keep a second copy of the multi-GiB wheels.
+  "$venv/bin/python" -m pip install -q --no-cache-dir --upgrade pip
+  "$venv/bin/python" -m pip install -q --no-cache-dir -r requirements.txt
   echo "$want" >"$stamp"
 fi
 # A stable path to the wheel's libtorch (include/ + lib/) for .cargo/config.toml, whatever the Python version.
