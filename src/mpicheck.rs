@@ -65,16 +65,14 @@ pub fn placement_and_links(dist: &Dist, measure: bool) {
         if let Some(w) = crate::infra::dist::grouping_mismatch(&places) {
             println!("warning: {w}");
         }
-        let ucx: Vec<String> = ["UCX_TLS", "UCX_NET_DEVICES", "FI_PROVIDER"]
-            .iter()
-            .filter_map(|v| std::env::var(v).ok().map(|x| format!("{v}={x}")))
-            .collect();
         println!(
-            "MPI library: {}{}; thread level: {}",
+            "MPI library: {}; thread level: {}",
             dist.library().unwrap_or_else(|| "none (one process)".into()),
-            if ucx.is_empty() { String::new() } else { format!(" ({})", ucx.join(", ")) },
             dist.thread_level()
         );
+        if let Some(transport) = dist.transport() {
+            println!("MPI transport: {transport}");
+        }
         if let Some(aware) = dist.cuda_aware() {
             println!(
                 "MPI and GPU memory: the library says it is {}CUDA-aware (sac sums gradients in host memory either way)",

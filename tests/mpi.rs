@@ -19,7 +19,22 @@ fn mpi_check_is_exact_over_4_ranks_and_names_the_library_under_test() {
         Mpi::OpenMpi => "Open MPI",
     };
     assert!(library.contains(family), "testing {family}, but sac found {library}");
+    assert!(!text.contains('\0'), "a NUL in the output: {text:?}");
     assert!(text.contains("thread level: MPI_THREAD_MULTIPLE"), "the thread level MPI gave:\n{text}");
+    // What carries the messages: MPICH's device from its version text; Open MPI's selected
+    // point-to-point layer and its byte-transfer layers from the tool interface (MPI_T). On one
+    // host with Debian's defaults Open MPI selects ob1 over self, shared memory (vader) and TCP.
+    let transport = text.lines().find(|l| l.starts_with("MPI transport: ")).unwrap_or_else(|| panic!("{text}"));
+    match mpi() {
+        Mpi::Mpich => assert!(transport.contains("device ch4:"), "{transport}"),
+        Mpi::OpenMpi => {
+            let layers = transport.split(';').next().unwrap();
+            assert!(
+                layers.contains("pml ob1 over btl ") && layers.contains("self") && layers.contains("vader"),
+                "{transport}"
+            );
+        }
+    }
 }
 
 /// Trains 2 epochs on `ranks` ranks with `cmd` (a launcher and sac binary, or sac alone) into

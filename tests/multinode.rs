@@ -117,7 +117,7 @@ fn mpi_check_across_two_hosts_is_exact_places_the_ranks_and_uses_the_shaped_link
         assert!(placement.contains("-h0: rank(s) 0, 1 (1 thread(s) each)"), "{placement}");
         assert!(placement.contains("-h1: rank(s) 2, 3 (1 thread(s) each)"), "{placement}");
         assert!(!text.contains("warning"), "{text}");
-        assert!(line("MPI library:").contains("UCX_TLS=tcp"), "{text}");
+        assert!(line("MPI transport:").contains("UCX_TLS=tcp"), "{text}");
         // Rank 0 to rank 2 crosses the link: at most its shaped rate (10 % for the measurement),
         // which a path around it (shared memory, loopback: several Gb/s here) would exceed.
         let far = line("link rank 0 <-> rank 2");

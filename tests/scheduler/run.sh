@@ -475,7 +475,7 @@ fi
 # KillWait — the sequence slurmd also sends at the time limit).
 # term_job NAME LOG EXPORTS SACLOG MPI: sbatch jobs/train.slurm --resume (EXPORTS: more NAME=VALUE,
 # comma-led; SACLOG: sac's own log file, fresh for this job), scancel it once it has checkpointed a
-# new epoch, and check the clean stop, and that sac's log names the MPI library MPI.
+# new epoch, and check the clean stop, and that sac's log names the MPI library MPI and its transport.
 term_job() {
   local name=$1 tlog=$2 exports=$3 saclog=$4 want_mpi=$5 ck="$proj/checkpoints-slurm/resnet18"
   local resume_line tid epoch start t0 waited msg
@@ -526,8 +526,8 @@ term_job() {
     tail -n 30 "$tlog" >&2
   elif ! msg="$(check_json "$ck/state.json" "d[\"epoch\"] >= $((start + 1))" 2>&1)"; then
     fail "$msg"
-  elif ! grep -q "MPI: $want_mpi" "$saclog"; then
-    fail "sac's log $saclog does not name $want_mpi"
+  elif ! grep -q "MPI: $want_mpi.*; transport: \(pml\|device\) [a-z]" "$saclog"; then
+    fail "sac's log $saclog does not name $want_mpi and its transport"
   # The checkpoint left behind is complete: sac evaluates it (one process, no scheduler).
   elif ! "$sac" -q --config "$proj/slurm.toml" --set paths.output_dir=output-term evaluate >"$tmp/log/evaluate-term.out" 2>&1; then
     fail "sac evaluate cannot use the checkpoint left after SIGTERM"

@@ -26,7 +26,9 @@
 //! - `collective.rs`: barrier, allreduce, broadcast, scatter/gather, one-value sums and agreements;
 //! - `p2p.rs`: point-to-point messages (send, receive, poll for a receive) and timed round trips;
 //! - `sum.rs`: the fused-sum engine (`SumEngine`) that sums gradients while backward runs;
-//! - `place.rs`: placement (`Place`, `describe_placement`, `grouping_mismatch`), the MPI library.
+//! - `place.rs`: placement (`Place`, `describe_placement`, `grouping_mismatch`), the MPI library;
+//! - `transport.rs`: what carries the messages (the library's selected layers through MPI_T, and
+//!   the environment variables that choose a transport).
 // `Dist` is defined in `world.rs`, not here: the submodules name it, and tests/modules.rs allows
 // no module that names a module naming it (this one names them in its re-exports).
 mod abort;
@@ -35,6 +37,7 @@ mod p2p;
 mod place;
 mod stall;
 mod sum;
+mod transport;
 mod wait;
 mod world;
 

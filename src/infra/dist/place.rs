@@ -114,7 +114,8 @@ impl Dist {
         let places = self.places(threads);
         if self.is_root() {
             if let Some(library) = self.library() {
-                tracing::info!("MPI: {library}; thread level {}", self.thread_level());
+                let transport = self.transport().unwrap_or_default();
+                tracing::info!("MPI: {library}; thread level {}; transport: {transport}", self.thread_level());
             }
             tracing::info!("placement: {}", describe_placement(&places));
             if let Some(w) = grouping_mismatch(&places) {
@@ -140,7 +141,8 @@ impl Dist {
     pub fn library(&self) -> Option<String> {
         self.mpi.as_ref()?;
         // MPICH: "MPICH Version:\t4.0.2", …, "MPICH Device:\tch4:ucx"; Open MPI: one line.
-        let text = mpi::environment::library_version().ok()?;
+        // Open MPI's text ends in the C string's NUL, which would end up in logs and terminals.
+        let text = mpi::environment::library_version().ok()?.replace('\0', "");
         let lines: Vec<String> = text
             .lines()
             .enumerate()
