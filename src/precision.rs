@@ -34,8 +34,9 @@ pub enum Precision {
     Auto,
 }
 
-/// `channels_last`: batches in channels-last memory format (`true`, `false`, or `"auto"`: on for
-/// CUDA devices; on a CPU where `cpu_channels_last_pays` measured it faster).
+/// `channels_last`: batches and convolution weights in channels-last memory format (`true`,
+/// `false`, or `"auto"`: on for CUDA devices; on a CPU where `cpu_channels_last_pays` measured it
+/// faster).
 pub type ChannelsLast = crate::switch::Switch;
 
 /// What a run computes in, resolved for its device.
@@ -43,7 +44,7 @@ pub type ChannelsLast = crate::switch::Switch;
 pub struct Numerics {
     /// Autocast to bfloat16.
     pub bf16: bool,
-    /// Batches in channels-last format.
+    /// Batches and convolution weights in channels-last format.
     pub channels_last: bool,
     /// Why, for the log: `bf16 autocast (train.precision = "auto": the CPU has avx512_bf16)`.
     pub reason: String,
@@ -146,14 +147,16 @@ pub struct Workload {
     pub side: i64,
 }
 
-/// Whether channels-last batches make training faster on a CPU, in f32 and in bf16 alike, as
-/// measured with bench/channels_last.py (forward + backward, one thread; BENCHMARKS.md
-/// "Channels-last on the CPU"). At 64 px the median gain was at least 4 % in both precisions for
-/// squeezenet1_0 (1.5-1.6x), inception_v3 (1.2x), densenet121 (1.2-1.3x), vgg11_bn and resnet50
-/// (1.04-1.1x), while resnet18, resnet34 and alexnet stayed within the rounds' noise (0.9-1.06x);
-/// at 128 px those three gained too (1.05-1.13x).
+/// Whether channels-last (batches and weights) makes training faster on a CPU, in f32 and in bf16
+/// alike, as measured with bench/channels_last.py (forward + backward, one thread; BENCHMARKS.md
+/// "Channels-last on the CPU"). With the weights channels-last as well as the batches, every
+/// architecture but alexnet gained at 64 px in both precisions (medians of 2 rounds: resnet18
+/// 1.09-1.10x, resnet34 1.04-1.05x, resnet50 1.05-1.12x, vgg11_bn 1.08-1.10x, squeezenet1_0,
+/// densenet121 and inception_v3 1.22-1.59x); alexnet's 1.02-1.03x is within its rounds' noise
+/// (its time is in its fully connected layers). At 128 px all gained, with the batches alone
+/// already (1.05-1.13x).
 pub fn cpu_channels_last_pays(arch: Arch, side: i64) -> bool {
-    side >= 128 || matches!(arch, Arch::Resnet50 | Arch::Vgg11Bn | Arch::Squeezenet | Arch::Densenet | Arch::Inception)
+    side >= 128 || arch != Arch::Alexnet
 }
 
 /// Resolves the settings of `arch` on `device`: `key` names the config key in the log
@@ -186,7 +189,7 @@ pub fn resolve(
             " (\"auto\": measured faster for this architecture and input size on the CPU)",
         ),
     };
-    let reason = if channels_last { format!("{reason}, channels-last batches{why}") } else { reason };
+    let reason = if channels_last { format!("{reason}, channels-last batches and weights{why}") } else { reason };
     Numerics { bf16, channels_last, reason }
 }
 
@@ -196,7 +199,7 @@ pub fn kept(key: &str, was_bf16: bool, epoch: u32, now: &Numerics) -> Numerics {
     let name = if was_bf16 { "bf16 autocast" } else { "f32" };
     let mut reason = format!("{name} (kept from epoch {epoch}, the run being resumed; --set {key}=... changes it)");
     if now.channels_last {
-        reason.push_str(", channels-last batches");
+        reason.push_str(", channels-last batches and weights");
     }
     Numerics { bf16: was_bf16, channels_last: now.channels_last, reason }
 }
@@ -277,6 +280,22 @@ pub fn to_channels_last(t: &Tensor) -> Result<Tensor> {
     Ok(unsafe { Tensor::from_ptr(p.cast()) })
 }
 
+/// Lays every 4-dimensional tensor of `tensors` (convolution weights) out channels-last, in place:
+/// their values, shapes and autograd identity stay, every handle to them sees the new layout. A
+/// convolution given channels-last batches and contiguous weights converts the weights at every
+/// call, forward and backward (BENCHMARKS.md: resnet18 at 64 px trained 4-5 % faster with the
+/// weights channels-last too than with the batches alone). Checkpoints stay contiguous
+/// (`checkpoint::to_safetensors` writes logical order).
+pub fn weights_channels_last<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<()> {
+    for t in tensors {
+        if t.dim() == 4 && !is_channels_last(t) {
+            let nhwc = tch::no_grad(|| to_channels_last(&t.detach()))?;
+            t.shallow_clone().set_data(&nhwc);
+        }
+    }
+    Ok(())
+}
+
 /// `t` is laid out channels-last (and not also contiguous).
 pub fn is_channels_last(t: &Tensor) -> bool {
     // SAFETY: a live tensor handle.
@@ -299,7 +318,7 @@ mod tests {
         let n = resolve("train.precision", Precision::Auto, ChannelsLast::Auto, w(Device::Cpu, Arch::Resnet18), || {
             cpu_bf16(amd)
         });
-        assert!(n.bf16 && !n.channels_last);
+        assert!(n.bf16 && n.channels_last);
         assert!(n.reason.contains("avx512_bf16") && n.reason.contains("\"auto\""), "{}", n.reason);
         assert!(
             resolve("p", Precision::Auto, ChannelsLast::Auto, w(Device::Cpu, Arch::Resnet18), || cpu_bf16(intel)).bf16
@@ -350,16 +369,22 @@ mod tests {
     #[test]
     fn auto_channels_last_on_the_cpu_is_on_where_measured_faster() {
         let cl = |arch| resolve("p", Precision::F32, ChannelsLast::Auto, w(Device::Cpu, arch), || unreachable!());
-        for arch in [Arch::Resnet50, Arch::Vgg11Bn, Arch::Squeezenet, Arch::Densenet, Arch::Inception] {
+        for arch in [
+            Arch::Resnet18,
+            Arch::Resnet34,
+            Arch::Resnet50,
+            Arch::Vgg11Bn,
+            Arch::Squeezenet,
+            Arch::Densenet,
+            Arch::Inception,
+        ] {
             let n = cl(arch);
             assert!(n.channels_last && n.reason.contains("measured faster"), "{arch}: {}", n.reason);
         }
-        for arch in [Arch::Resnet18, Arch::Resnet34, Arch::Alexnet] {
-            assert!(!cl(arch).channels_last, "{arch}");
-        }
+        assert!(!cl(Arch::Alexnet).channels_last, "alexnet at 64 px");
         let off = resolve("p", Precision::F32, ChannelsLast::Off, w(Device::Cpu, Arch::Densenet), || unreachable!());
         assert!(!off.channels_last, "false is false");
-        let big = Workload { device: Device::Cpu, arch: Arch::Resnet18, side: 128 };
+        let big = Workload { device: Device::Cpu, arch: Arch::Alexnet, side: 128 };
         assert!(resolve("p", Precision::F32, ChannelsLast::Auto, big, || unreachable!()).channels_last, "128 px");
     }
 

@@ -216,7 +216,8 @@ pub struct TrainCfg {
     pub device: DeviceKind,
     /// The model's arithmetic: "f32", "bf16" (autocast) or "auto" (bf16 where the device has it).
     pub precision: Precision,
-    /// Batches in channels-last memory format: true, false, or "auto" (on GPUs).
+    /// Batches and convolution weights in channels-last memory format: true, false, or "auto"
+    /// (on GPUs; on a CPU where measured faster).
     pub channels_last: ChannelsLast,
     pub threads: usize,
     pub cache: Cache,
@@ -320,7 +321,8 @@ pub struct EvaluateCfg {
     pub ema: bool,
     /// The predictors' arithmetic: "f32", "bf16" (autocast) or "auto" (bf16 where the device has it).
     pub precision: Precision,
-    /// Batches in channels-last memory format: true, false, or "auto" (on GPUs).
+    /// Batches and convolution weights in channels-last memory format: true, false, or "auto"
+    /// (on GPUs; on a CPU where measured faster).
     pub channels_last: ChannelsLast,
 }
 

@@ -110,6 +110,9 @@ impl Predictor {
         let vars: BTreeMap<String, tch::Tensor> = vs.variables().into_iter().collect();
         let (tensors, _) = checkpoint::read_safetensors(path)?;
         checkpoint::load_into(&vars, &tensors, &|_| false, &path.display().to_string())?;
+        if numerics.channels_last {
+            crate::precision::weights_channels_last(vars.values())?;
+        }
         Ok(Predictor { net, _vs: vs, device, classes, numerics })
     }
 

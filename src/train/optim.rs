@@ -4,7 +4,7 @@
 //! one-pass kernel on the CPU.
 use tch::{Device, Kind, Tensor};
 
-use super::exchange::{is_cpu_f32, views_into};
+use super::exchange::{is_cpu_f32, is_dense, memory_dims, memory_order, views_into};
 use crate::config::{OptimizerKind, TrainCfg};
 
 /// Below this many parameters the fused step runs on one thread (a thread costs ~20 µs to start,
@@ -65,6 +65,30 @@ pub struct Optimizer {
     pub m: Tensor,
     /// Adam: exp_avg_sq.
     pub v: Tensor,
+    /// The parameters whose elements lie in memory in another order than their logical one
+    /// (channels-last convolution weights), after [`Optimizer::adopt_layout`]: their slots of `m`
+    /// and `v` are in memory order, as those of the gradient are.
+    relaid: Vec<Relaid>,
+}
+
+/// A parameter's slot of the flat state, its shape, and the order of its dimensions in memory.
+struct Relaid {
+    off: i64,
+    size: Vec<i64>,
+    /// Dimensions from the outermost in memory to the innermost (`[0, 2, 3, 1]`: channels-last).
+    dims: Vec<i64>,
+}
+
+impl Relaid {
+    /// The slot of `flat` seen as the parameter: its shape, with its strides.
+    fn view(&self, flat: &Tensor) -> Tensor {
+        let in_memory: Vec<i64> = self.dims.iter().map(|&d| self.size[d as usize]).collect();
+        let mut back = vec![0i64; self.dims.len()];
+        for (i, &d) in self.dims.iter().enumerate() {
+            back[d as usize] = i as i64;
+        }
+        flat.narrow(0, self.off, in_memory.iter().product()).view(in_memory.as_slice()).permute(back)
+    }
 }
 
 const BETA1: f64 = 0.9;
@@ -74,7 +98,52 @@ const EPS: f64 = 1e-8;
 impl Optimizer {
     pub fn new(kind: OptimizerKind, lr: f64, hyper: Hyper, numel: usize, device: Device) -> Self {
         let z = || Tensor::zeros([numel as i64], (Kind::Float, device));
-        Optimizer { kind, lr, step: 0, hyper, m: z(), v: z(), flat: None }
+        Optimizer { kind, lr, step: 0, hyper, m: z(), v: z(), flat: None, relaid: Vec::new() }
+    }
+
+    /// Follows the parameters' memory layout: the fused step walks parameter, gradient and state
+    /// in memory order, so where a parameter is not contiguous (a convolution weight in
+    /// channels-last) its slots of `m` and `v` are reordered from logical order (a fresh or loaded
+    /// state's, and the checkpoint's, which [`Optimizer::tensors`] keeps writing) into that.
+    /// Call once, after the state is loaded and before the first step.
+    pub fn adopt_layout(&mut self, params: &[(String, Tensor)]) {
+        assert!(self.relaid.is_empty(), "the layout is adopted once");
+        let mut off = 0i64;
+        for (_, p) in params {
+            if !p.is_contiguous() {
+                assert!(is_dense(p), "a parameter in a layout with gaps");
+                let r = Relaid { off, size: p.size(), dims: memory_dims(p) };
+                debug_assert_eq!(
+                    r.view(&Tensor::zeros([off + p.numel() as i64], (Kind::Float, Device::Cpu))).stride(),
+                    p.stride()
+                );
+                self.relaid.push(r);
+            }
+            off += p.numel() as i64;
+        }
+        tch::no_grad(|| {
+            for state in [&self.m, &self.v] {
+                for r in &self.relaid {
+                    let logical = state.narrow(0, r.off, r.size.iter().product()).view(r.size.as_slice()).copy();
+                    r.view(state).copy_(&logical);
+                }
+            }
+        });
+    }
+
+    /// `state` (`m` or `v`) in the parameters' logical order: what a checkpoint holds.
+    fn logical(&self, state: &Tensor) -> Tensor {
+        if self.relaid.is_empty() {
+            return state.shallow_clone();
+        }
+        let out = state.copy();
+        tch::no_grad(|| {
+            for r in &self.relaid {
+                let n = r.size.iter().product();
+                out.narrow(0, r.off, n).copy_(&r.view(state).contiguous().reshape([-1]));
+            }
+        });
+        out
     }
 
     /// Makes `params` views into one flat tensor on their device, with their current values (in
@@ -100,11 +169,12 @@ impl Optimizer {
         };
         let tensors: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
         assert!(
-            tensors.iter().all(|p| p.device() == device && p.kind() == Kind::Float && p.is_contiguous()),
-            "flat parameters must be contiguous f32 tensors on one device"
+            tensors.iter().all(|p| p.device() == device && p.kind() == Kind::Float && is_dense(p)),
+            "flat parameters must be dense f32 tensors on one device"
         );
-        // The parameters' current values, one after the other; then they become views into them.
-        let data = tch::no_grad(|| Tensor::cat(&tensors.iter().map(|p| p.reshape([-1])).collect::<Vec<_>>(), 0));
+        // The parameters' current values, one after the other, each in its memory order; then they
+        // become views into them with their own strides.
+        let data = tch::no_grad(|| Tensor::cat(&tensors.iter().map(memory_order).collect::<Vec<_>>(), 0));
         tch::no_grad(|| views_into(&data, &tensors));
         self.flat = Some(Flat { data, decay });
     }
@@ -236,12 +306,15 @@ impl Optimizer {
         }
     }
 
+    /// The state as a checkpoint holds it: each parameter's elements in logical order, whatever
+    /// the layout adopted. Before [`Optimizer::adopt_layout`] these are `m` and `v` themselves
+    /// (shallow), so a checkpoint loads into them.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         match self.kind {
             OptimizerKind::Adam | OptimizerKind::AdamW => {
-                vec![("exp_avg".into(), self.m.shallow_clone()), ("exp_avg_sq".into(), self.v.shallow_clone())]
+                vec![("exp_avg".into(), self.logical(&self.m)), ("exp_avg_sq".into(), self.logical(&self.v))]
             }
-            OptimizerKind::Sgd => vec![("momentum_buffer".into(), self.m.shallow_clone())],
+            OptimizerKind::Sgd => vec![("momentum_buffer".into(), self.logical(&self.m))],
         }
     }
 }
@@ -440,5 +513,53 @@ mod tests {
         }
         tch::set_num_threads(before);
         assert!(results[0].equal(&results[1]));
+    }
+
+    /// A convolution weight laid out channels-last steps as its contiguous twin does, from a
+    /// state loaded in logical order (a checkpoint's), and its state is written back in that order.
+    #[test]
+    fn channels_last_parameters_step_like_contiguous_ones_and_save_logical_state() {
+        tch::manual_seed(5);
+        let cpu = (Kind::Float, Device::Cpu);
+        let (w0, b0) = (Tensor::randn([4, 3, 2, 2], cpu), Tensor::randn([4], cpu));
+        let grads: Vec<(Tensor, Tensor)> =
+            (0..2).map(|_| (Tensor::randn([4, 3, 2, 2], cpu), Tensor::randn([4], cpu))).collect();
+        let nhwc = |t: &Tensor| crate::precision::to_channels_last(t).unwrap();
+        let flat = |w: &Tensor, b: &Tensor| Tensor::cat(&[memory_order(w), b.shallow_clone()], 0);
+        let hyper = Hyper { weight_decay: 1e-2, ..Hyper::default() };
+        let n = 52;
+
+        // Contiguous: two steps.
+        let plain = vec![("w".to_string(), w0.copy()), ("b".to_string(), b0.copy())];
+        let mut a = Optimizer::new(OptimizerKind::Adam, 0.1, hyper, n, Device::Cpu);
+        a.apply(&flat(&grads[0].0, &grads[0].1), 1.0, &plain);
+        let saved: Vec<Tensor> = a.tensors().iter().map(|(_, t)| t.copy()).collect();
+        let after_one: Vec<Tensor> = plain.iter().map(|(_, t)| t.copy()).collect();
+        a.apply(&flat(&grads[1].0, &grads[1].1), 1.0, &plain);
+
+        // Channels-last: the weights and state after step one (the state as a checkpoint holds
+        // it: logical order) loaded, the layout adopted, then step two.
+        let cl = vec![("w".to_string(), nhwc(&after_one[0])), ("b".to_string(), after_one[1].copy())];
+        assert!(!cl[0].1.is_contiguous() && is_dense(&cl[0].1));
+        let mut b = Optimizer::new(OptimizerKind::Adam, 0.1, hyper, n, Device::Cpu);
+        for ((_, dst), src) in b.tensors().iter().zip(&saved) {
+            dst.shallow_clone().copy_(src);
+        }
+        b.step = 1;
+        b.adopt_layout(&cl);
+        b.apply(&flat(&nhwc(&grads[1].0), &grads[1].1), 1.0, &cl);
+
+        assert!(crate::precision::is_channels_last(&cl[0].1), "the weight keeps its layout");
+        assert!(cl[0].1.equal(&plain[0].1) && cl[1].1.equal(&plain[1].1), "the same values after the step");
+        for ((name, logical), (_, want)) in b.tensors().iter().zip(a.tensors().iter()) {
+            assert!(logical.equal(want), "{name}: the state in logical order, as the contiguous run's");
+        }
+
+        // Bound into one flat buffer (the GPU's way), a channels-last weight keeps values and layout.
+        let w = nhwc(&w0);
+        let bound = vec![("w".to_string(), w.shallow_clone()), ("b".to_string(), b0.copy())];
+        let mut f = Optimizer::new(OptimizerKind::Sgd, 0.1, Hyper::default(), n, Device::Cpu);
+        f.bind_flat(&bound);
+        assert!(bound[0].1.equal(&w0) && crate::precision::is_channels_last(&bound[0].1));
     }
 }

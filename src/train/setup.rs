@@ -158,6 +158,11 @@ pub(crate) fn restore(dist: &Dist, s: &Settings, env: &Env, resume: bool) -> Res
     dist.broadcast_slice(0, &mut step_buf);
     opt.step = step_buf[0] as i64;
     broadcast_tensors(dist, &[opt.m.shallow_clone(), opt.v.shallow_clone()]);
+    if env.numerics.channels_last {
+        // Weights in the batches' layout (checkpoints stay contiguous); the optimizer's state follows.
+        crate::precision::weights_channels_last(model.params.iter().map(|(_, t)| t))?;
+        opt.adopt_layout(&model.params);
+    }
     // The moving average starts as the weights, or as the resumed run's average.
     let ema = (tc.ema_decay > 0.0).then(|| Ema::new(&model, tc.ema_decay));
     if let Some(e) = &ema {

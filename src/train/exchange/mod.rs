@@ -18,7 +18,8 @@ use crate::config::Exchange;
 use crate::infra::dist::{Dist, SumEngine};
 pub use plan::{backward_order, describe_buckets, layout, model_backward_order, Bucket, Way, EDGE_BUCKET_FLOATS};
 pub(crate) use tensors::{
-    all_finite, average_tensors, broadcast_tensors, buffers_finite, copy_tensors, is_cpu_f32, views_into,
+    all_finite, average_tensors, broadcast_tensors, buffers_finite, copy_tensors, is_cpu_f32, is_dense, memory_dims,
+    memory_order, views_into,
 };
 
 /// Averages gradients over the ranks, weighted by each rank's image count, so the result is the
@@ -235,8 +236,8 @@ impl GradSync {
     ) -> Result<Self> {
         let numel: usize = params.iter().map(Tensor::numel).sum();
         let device = params.first().map_or(Device::Cpu, Tensor::device);
-        let on_gpu = device.is_cuda()
-            && params.iter().all(|t| t.device() == device && t.kind() == Kind::Float && t.is_contiguous());
+        let on_gpu =
+            device.is_cuda() && params.iter().all(|t| t.device() == device && t.kind() == Kind::Float && is_dense(t));
         // Page-locked host buffers where a GPU copies to and from them: copies at full speed.
         let buf = || {
             let t = Tensor::zeros([numel as i64 + EXTRAS as i64], (Kind::Float, Device::Cpu));

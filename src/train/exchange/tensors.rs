@@ -4,9 +4,38 @@ use tch::{Device, Kind, Tensor};
 
 use crate::infra::dist::Dist;
 
-/// A contiguous f32 tensor on the CPU (whose elements MPI can read and write in place).
+/// A dense f32 tensor on the CPU (whose elements MPI can read and write in place).
 pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
-    t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
+    t.device() == Device::Cpu && t.kind() == Kind::Float && is_dense(t)
+}
+
+/// The dimensions of `t` from the largest stride to the smallest (ties in dimension order): the
+/// order its elements lie in memory when it is dense. `[0, 2, 3, 1]` for a channels-last NCHW tensor.
+pub(crate) fn memory_dims(t: &Tensor) -> Vec<i64> {
+    let stride = t.stride();
+    let mut dims: Vec<usize> = (0..stride.len()).collect();
+    dims.sort_by_key(|&d| std::cmp::Reverse(stride[d]));
+    dims.into_iter().map(|d| d as i64).collect()
+}
+
+/// `t`'s elements fill a block of memory with no gap and no overlap, in some order of its
+/// dimensions: contiguous, or channels-last (a parameter in that layout; `is_contiguous` says no).
+pub(crate) fn is_dense(t: &Tensor) -> bool {
+    let (size, stride) = (t.size(), t.stride());
+    let mut expect = 1i64;
+    for d in memory_dims(t).into_iter().rev().map(|d| d as usize) {
+        if size[d] != 1 && stride[d] != expect {
+            return false;
+        }
+        expect *= size[d];
+    }
+    true
+}
+
+/// `t`'s elements as a flat tensor in the order they lie in memory (for a contiguous `t` its
+/// `reshape([-1])`): how a dense tensor's values go into the slot it becomes a view of.
+pub(crate) fn memory_order(t: &Tensor) -> Tensor {
+    t.permute(memory_dims(t)).reshape([-1])
 }
 
 /// Re-points each of `tensors` (keeping its shape and strides) at the next elements of `flat`'s
@@ -89,6 +118,20 @@ pub(crate) fn buffers_finite(buffers: &[Tensor]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dense_layouts_and_their_memory_order() {
+        let t = Tensor::arange(24, (Kind::Float, Device::Cpu)).view([2, 3, 2, 2]);
+        let nhwc = crate::precision::to_channels_last(&t).unwrap();
+        assert!(is_dense(&t) && is_dense(&nhwc) && !nhwc.is_contiguous());
+        assert_eq!(memory_dims(&nhwc), [0, 2, 3, 1]);
+        // Channels-last memory: for each image and pixel, its 3 channels.
+        let first: Vec<f32> = Vec::try_from(memory_order(&nhwc).narrow(0, 0, 6)).unwrap();
+        assert_eq!(first, [0.0, 4.0, 8.0, 1.0, 5.0, 9.0]);
+        assert!(memory_order(&t).equal(&t.reshape([-1])));
+        // Every other element: not dense.
+        assert!(!is_dense(&t.view([2, 3, 4]).slice(2, 0, 4, 2)));
+    }
 
     #[test]
     fn all_finite_finds_nan_and_both_infinities_anywhere() {
